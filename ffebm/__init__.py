@@ -1,0 +1,26 @@
+"""ffebm: feedforward-tied energy-based models with a hybrid backprop / EP gradient engine.
+
+    import ffebm
+    block = ffebm.DenseHopfield([64, 256, 128], gradient=ffebm.EP(beta=0.5))
+    y = block(x)          # equilibrium of the block's top layer; loss.backward() works
+    block.stats           # steps, residual, converged of the free relaxation
+"""
+from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
+from .compare import GradientComparison, compare_gradients
+from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d
+from .errors import AdjointNotConverged, ConvergenceWarning, NotConverged, RelaxationDiverged
+from .gradients import EP, GradientMethod, Implicit, Unrolled
+from .solvers import STEPPERS, Relaxation, SolveStats, relax
+from .utils import block_stats, energy_blocks, set_gradient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EnergyBlock", "DenseHopfield", "ConvHopfield",
+    "Coupling", "DenseCoupling", "ConvCoupling", "SoftPool2d",
+    "EP", "Implicit", "Unrolled", "GradientMethod",
+    "Relaxation", "SolveStats", "relax", "STEPPERS",
+    "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
+    "compare_gradients", "GradientComparison",
+    "energy_blocks", "set_gradient", "block_stats",
+]

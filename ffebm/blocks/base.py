@@ -1,0 +1,134 @@
+"""EnergyBlock: a Hopfield-style block whose output is the equilibrium of an energy.
+
+Layers s_0..s_{L-1} (index 0 is the block's first layer), driven by u = input_map(x):
+
+    Phi(s; u) = <s_0, u> + sum_i <s_{i+1}, f_i(s_i)>
+    E(s; u)   = sum_i |s_i|^2 / (2a) - Phi(s; u)
+    s*        = argmin over the box [0,1]^n (top layer unbounded if ``linear_top``)
+
+Calling the block returns the top layer of s*. The free solve runs without a graph; the
+gradient w.r.t. the block's parameters and its input is produced in backward by the block's
+``gradient`` method object (EP, Implicit, Unrolled), so a model mixing digital layers and
+energy blocks trains with a plain ``loss.backward()``. ``input_map`` (conv / pool / batch norm
+of the block input, folded into the first coupling) is differentiated by autograd: the energy
+is linear in u, so dL/du from the block's method back-propagated through it is the same as
+folding it into the energy.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..activations import hard_sigmoid, linear
+from ..couplings import Coupling
+from ..solvers import Relaxation, SolveStats, relax
+
+States = List[torch.Tensor]
+
+
+class EnergyBlock(nn.Module):
+    """Base class of energy blocks. Subclasses build ``input_map`` and ``couplings``."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        input_map: nn.Module,
+        couplings: Sequence[Coupling],
+        layer_shapes: Sequence[Sequence[int]],
+        gain: float = 0.5,
+        linear_top: bool = False,
+        relaxation: Optional[Relaxation] = None,
+        nudge_relaxation: Optional[Relaxation] = None,
+        gradient=None,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not gain > 0:
+            raise ValueError(f"gain must be > 0, got {gain!r}")
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.input_map = input_map
+        self.couplings = nn.ModuleList(couplings)
+        self.layer_shapes = [tuple(int(d) for d in sh) for sh in layer_shapes]
+        self.gain = float(gain)
+        self.linear_top = bool(linear_top)
+        self.relaxation = relaxation or Relaxation()
+        self.nudge_relaxation = nudge_relaxation or Relaxation(steps=20, tol=None, mode=self.relaxation.mode)
+        if gradient is None:
+            from ..gradients import EP
+
+            gradient = EP()
+        self.gradient = gradient
+        self.block_name = name
+        self.state: Optional[States] = None
+        self.stats: Optional[SolveStats] = None
+        self.backward_stats: dict = {}
+
+    # ---------------------------------------------------------------- identity and settings
+    @property
+    def name(self) -> str:
+        return self.block_name or type(self).__name__
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_shapes)
+
+    def bounded(self, i: int) -> bool:
+        return not (self.linear_top and i == self.num_layers - 1)
+
+    def energy_parameters(self) -> List[nn.Parameter]:
+        """Parameters inside the energy (the couplings), which the block's method differentiates."""
+        return [p for p in self.couplings.parameters()]
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, layers={self.layer_shapes}, gain={self.gain}, linear_top={self.linear_top}, "
+                f"gradient={self.gradient!r}")
+
+    # ---------------------------------------------------------------- the energy
+    def activate(self, i: int, v: torch.Tensor) -> torch.Tensor:
+        """sigma_i(v): hard sigmoid, or linear for an unbounded top layer."""
+        return hard_sigmoid(v, self.gain) if self.bounded(i) else linear(v, self.gain)
+
+    def primitive(self, s: States, u: torch.Tensor) -> torch.Tensor:
+        """Phi(s; u) = <s_0, u> + sum_i <s_{i+1}, f_i(s_i)>, summed over the batch."""
+        phi = (s[0] * u).sum()
+        for i, c in enumerate(self.couplings):
+            phi = phi + c.phi(s[i], s[i + 1])
+        return phi
+
+    def energy(self, s: States, u: torch.Tensor) -> torch.Tensor:
+        """E(s; u) = sum_i |s_i|^2/(2a) - Phi(s; u), summed over the batch."""
+        quad = sum((t * t).sum() for t in s) / (2 * self.gain)
+        return quad - self.primitive(s, u)
+
+    def initial_state(self, u: torch.Tensor) -> States:
+        """Neurons start at zero."""
+        return [u.new_zeros((u.shape[0], *sh)) for sh in self.layer_shapes]
+
+    # ---------------------------------------------------------------- solving
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(
+                f"block '{self.name}' expects input of shape [B, {', '.join(map(str, self.in_shape))}], "
+                f"got {list(x.shape)}")
+
+    def solve(self, u: torch.Tensor, states: Optional[States] = None, nudge: Optional[torch.Tensor] = None,
+              config: Optional[Relaxation] = None, phase: str = "free", callback=None):
+        """Relax from ``states`` (zeros by default) with an optional top-layer nudge."""
+        with torch.no_grad():
+            return relax(self, u, states, nudge, config or self.relaxation, phase, callback)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        u = self.input_map(x)
+        params = self.energy_parameters()
+        needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
+        if needs_grad:
+            from ..function import equilibrium
+
+            return equilibrium(self, u, params)
+        states, stats = self.solve(u)
+        self.state, self.stats = states, stats
+        return states[-1]

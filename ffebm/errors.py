@@ -1,0 +1,38 @@
+"""Errors and warnings raised by relaxations and gradient methods."""
+from __future__ import annotations
+
+
+class RelaxationDiverged(RuntimeError):
+    """A relaxation produced NaN or inf.
+
+    Attributes name the block, the phase ("free", "nudged+", "nudged-", ...) and the step at
+    which the first non-finite state appeared, so a training loop can report it plainly.
+    """
+
+    def __init__(self, block: str, step: int, phase: str = "free", detail: str = "") -> None:
+        self.block = block
+        self.step = step
+        self.phase = phase
+        msg = f"relaxation of block '{block}' diverged at step {step} ({phase} phase): non-finite state"
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)
+
+
+class NotConverged(RuntimeError):
+    """A strict solve hit its step budget with a residual above its tolerance."""
+
+    def __init__(self, block: str, phase: str, steps: int, residual: float, tol: float) -> None:
+        self.block, self.phase, self.steps, self.residual, self.tol = block, phase, steps, residual, tol
+        super().__init__(
+            f"relaxation of block '{block}' ({phase} phase) did not converge in {steps} steps: "
+            f"residual {residual:.3e} > tol {tol:.1e}"
+        )
+
+
+class ConvergenceWarning(UserWarning):
+    """A solve hit its step budget with a residual above its tolerance (non-strict mode)."""
+
+
+class AdjointNotConverged(RuntimeError):
+    """The implicit-differentiation adjoint solve failed (no convergence or negative curvature)."""

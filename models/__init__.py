@@ -1,0 +1,46 @@
+"""Model registry: the default digits ff-EBM, a plain DHN and the published VGG-style presets.
+
+    import models
+    model = models.build("digits")                       # default model
+    model = models.build("cifar10_l6_3blocks", t1=30)   # a preset with an override
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch.nn as nn
+
+import ffebm
+
+from .digits import digits_dhn, digits_ffebm
+from .presets import PRESETS, preset
+from .vgg import vgg_ffebm
+
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn}
+
+
+def available() -> List[str]:
+    return sorted(_BUILDERS) + sorted(PRESETS)
+
+
+def build(name: str, **overrides) -> nn.Module:
+    """Build a model by name; keyword overrides replace the preset's values."""
+    if name in _BUILDERS:
+        model = _BUILDERS[name](**overrides)
+    elif name in PRESETS:
+        cfg = preset(name)
+        unknown = set(overrides) - set(cfg) - {"in_channels", "image_size", "tol", "gain", "method", "variant",
+                                               "mode", "pool_override", "dtype"}
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for preset {name!r}")
+        cfg.update({k: v for k, v in overrides.items() if k != "dtype"})
+        model = vgg_ffebm(**cfg)
+    else:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+    if overrides.get("dtype") is not None:
+        model = model.to(overrides["dtype"])
+    list(ffebm.energy_blocks(model))  # names every block after its path
+    return model
+
+
+__all__ = ["available", "build", "PRESETS", "preset", "digits_ffebm", "digits_dhn", "vgg_ffebm"]

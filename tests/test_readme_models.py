@@ -1,0 +1,70 @@
+"""The README's API example runs; every model builds and trains one step."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ffebm
+import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_api_example_runs():
+    text = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["res"].min_cosine() > 0.5
+    assert all(p.grad is not None for p in ns["model"].parameters())
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_every_model_builds_and_trains_one_step(name):
+    torch.manual_seed(0)
+    if name in ("digits", "dhn_digits"):
+        m = models.build(name)
+        x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    else:
+        cfg = models.preset(name)
+        m = models.build(name, t1=2, t2=2, image_size=32)
+        x, y = torch.rand(2, 3, 32, 32), torch.randint(0, cfg["num_classes"], (2,))
+    out = m(x)
+    assert out.shape == (x.shape[0], 10 if name in ("digits", "dhn_digits") else cfg["num_classes"])
+    nn.functional.cross_entropy(out, y).backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    blocks = list(ffebm.energy_blocks(m))
+    assert blocks and all(b.stats is not None for _, b in blocks)
+
+
+def test_building_does_not_mutate_presets():
+    before = models.preset("cifar10_l6_3blocks")
+    models.build("cifar10_l6_3blocks", t1=3, beta=0.1)
+    assert models.preset("cifar10_l6_3blocks") == before
+
+
+def test_published_l6_split_shapes():
+    m = models.build("cifar10_l6_3blocks")
+    assert [b.layer_shapes for b in m] == [[(128, 16, 16), (256, 8, 8)], [(256, 4, 4), (512, 2, 2)],
+                                           [(512, 2, 2), (10,)]]
+    assert all(b.relaxation.steps == 60 and b.nudge_relaxation.steps == 20 for b in m)
+    assert all(b.gradient.beta == 0.2 and b.gradient.variant == "centered" for b in m)
+
+
+def test_default_model_has_two_blocks_with_digital_layers_between():
+    m = models.build("digits")
+    kinds = [isinstance(l, ffebm.EnergyBlock) for l in m]
+    assert sum(kinds) >= 2
+    first, last = kinds.index(True), len(kinds) - 1 - kinds[::-1].index(True)
+    assert not all(kinds[first:last + 1])
+
+
+def test_unknown_model_and_option_errors():
+    with pytest.raises(KeyError, match="unknown model"):
+        models.build("resnet50")
+    with pytest.raises(ValueError, match="unknown option"):
+        models.build("cifar10_l6_1block", colour="blue")

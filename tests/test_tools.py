@@ -1,0 +1,34 @@
+"""The comparison and benchmark commands run end to end and write their outputs."""
+import json
+
+import pytest
+
+from train import bench, compare
+
+
+def test_compare_command_writes_table_png_and_json(tmp_path, capsys):
+    compare.main(["--model", "digits", "--batch", "4", "--t2", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "cosine" in out and "EP(beta=0.05, variant=centered)" in out
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["traces"] and data["rows"]
+    cos = [r["cosine"] for r in data["rows"] if r["method"].endswith("centered)")]
+    assert min(cos) > 0.9
+
+
+def test_compare_rejects_bad_beta(tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--beta", "0", "--out", str(tmp_path)])
+
+
+def test_bench_quick_runs_and_ep_memory_is_flat(tmp_path):
+    out = tmp_path / "b.json"
+    bench.main(["--quick", "--only", "digits", "--json", str(out)])
+    data = json.loads(out.read_text())
+    methods = {r["method"] for r in data["results"] if "error" not in r}
+    assert methods == {"ep", "implicit", "unrolled", "feedforward"}
+    mem = {(r["method"], r["overrides"]["t1"]): r["backward_extra_mb"] for r in data["memory"]}
+    # BPTT stores every step: its backward memory grows with T1; EP's stays (within noise) flat
+    assert mem[("bptt", 100)] > mem[("bptt", 10)] + 50
+    assert mem[("ep", 100)] < mem[("ep", 10)] + 20
