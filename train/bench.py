@@ -49,7 +49,24 @@ def feedforward(model: nn.Module) -> nn.Module:
     return nn.Sequential(*[FeedForwardBlock(m) if isinstance(m, ffebm.EnergyBlock) else m for m in model])
 
 
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (Linux): a forked worker otherwise inherits its parent's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -79,6 +96,7 @@ def worker(spec: dict) -> dict:
     import ffebm
     import models
 
+    _reset_peak()
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
     kw = dict(spec.get("overrides", {}))

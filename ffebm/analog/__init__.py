@@ -1,0 +1,22 @@
+"""Simulated analog crossbar tiles: device physics, reads, pulsed updates, inference drift,
+analog training algorithms and layers."""
+from .config import InvalidSetting, IOConfig, UpdateConfig
+from .devices import (
+    DEVICE_REGISTRY, ConstantStep, DeviceArray, DeviceParams, ExpStep, IdealDevice, LinearStep,
+    PiecewiseStep, PowStep, PulsedDevice, SoftBounds, device_from_name, register_device,
+)
+from .pulses import coincidence_counts, pulse_probabilities
+from .tile import AnalogTile, find_analog_tiles, is_analog_tile, read_backward, read_forward
+from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor, evaluate_over_time
+
+# -- training algorithms, optimizer, layers, conversion
+from .algorithms import (
+    AGAD, AnalogAlgorithm, AnalogSGD, ChoppedTTv2, MixedPrecision, TikiTaka, TTv1, TTv2,
+    algorithm_from_name,
+)
+from .convert import convert_to_analog
+from .layers import (
+    AnalogConfig, AnalogConv2d, AnalogLinear, analog_parameters, digital_parameters,
+    is_analog_parameter,
+)
+from .optimizer import AnalogOptimizer

@@ -1,0 +1,357 @@
+"""Analog tiles: reads with the published non-idealities and pulsed updates.
+
+:func:`read_forward` / :func:`read_backward` model one pass through a crossbar (``W x`` or
+``W^T d``) with noise management, DAC/ADC quantisation and bounds, output noise, weight read
+noise and (forward) bound management; see :class:`~ffebm.analog.config.IOConfig`.
+
+:class:`AnalogTile` holds an ``out x in`` weight matrix as device states split over physical
+arrays of at most ``max_size x max_size`` (partial outputs summed digitally), with a digital
+per-output-column scale between tile units and network units:
+``W_network[i, :] = out_scale[i] * W_tile[i, :]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
+from .devices import ConstantStep, DeviceArray, PulsedDevice, _randn, device_from_name, make_generator
+
+__all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "find_analog_tiles"]
+
+
+# ----------------------------------------------------------------------------------------------
+# reads
+# ----------------------------------------------------------------------------------------------
+
+
+def _quantise(v: Tensor, res: float, bound: float) -> Tensor:
+    if res <= 0 or not math.isfinite(bound):
+        return v
+    step = res * 2.0 * bound
+    return torch.round(v / step) * step
+
+
+def _single_read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator]):
+    """One pass for a [N, in] block of (already noise-managed) inputs. Returns (y, clipped[N])."""
+    ib = io.inp_bound
+    xq = x.clamp(-ib, ib) if math.isfinite(ib) else x
+    xq = _quantise(xq, io.inp_res, ib)
+    if io.inp_noise > 0:
+        xq = xq + io.inp_noise * _randn(xq.shape, generator, xq)
+    y = xq @ W.t()
+    if io.w_noise > 0:
+        if io.w_noise_type == "additive":
+            s = xq.norm(dim=1, keepdim=True)
+        else:  # pcm
+            s = torch.sqrt((xq * xq) @ W.abs().t())
+        y = y + io.w_noise * s * _randn(y.shape, generator, y)
+    if io.out_noise > 0:
+        y = y + io.out_noise * _randn(y.shape, generator, y)
+    ob = io.out_bound
+    if math.isfinite(ob):
+        clipped = (y.abs() >= ob).any(dim=1)
+        y = y.clamp(-ob, ob)
+    else:
+        clipped = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    y = _quantise(y, io.out_res, ob)
+    return y, clipped
+
+
+def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
+          allow_bm: bool) -> Tensor:
+    if x.shape[-1] != W.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the matrix expects {W.shape[1]}")
+    if W.dtype != x.dtype or W.device != x.device:  # the read follows its input
+        W = W.to(device=x.device, dtype=x.dtype)
+    if io.is_perfect:
+        return x @ W.t()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if io.noise_management == "abs_max":
+        alpha = x2.abs().amax(dim=1, keepdim=True)
+        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    else:
+        alpha = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
+    xs = x2 / alpha
+    y, clipped = _single_read(W, xs, io, generator)
+    if allow_bm and io.bound_management and math.isfinite(io.out_bound):
+        max_iter = int(math.floor(math.log2(io.max_bm_factor)))
+        scale = torch.ones_like(alpha)
+        for _ in range(max_iter):
+            idx = clipped.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            scale[idx] = scale[idx] * 2.0
+            ys, cl = _single_read(W, xs[idx] / scale[idx], io, generator)
+            y[idx] = ys * scale[idx]
+            clipped = torch.zeros_like(clipped)
+            clipped[idx] = cl
+    y = y * alpha
+    return y.reshape(*lead, W.shape[0])
+
+
+def read_forward(W: Tensor, x: Tensor, io: Optional[IOConfig] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``."""
+    return _read(W, x, io if io is not None else IOConfig(), generator, allow_bm=True)
+
+
+def read_backward(W: Tensor, d: Tensor, io: Optional[IOConfig] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """``z = W^T d`` (d: [..., out]) through the read model ``io`` (no bound management, as
+    published for the backward pass)."""
+    return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# tile
+# ----------------------------------------------------------------------------------------------
+
+
+def _splits(n: int, max_size: int) -> List[int]:
+    k = max(1, math.ceil(n / max_size))
+    base, rem = divmod(n, k)
+    return [base + (1 if i < rem else 0) for i in range(k)]
+
+
+class AnalogTile(nn.Module):
+    """A weight matrix held on analog devices.
+
+    Args:
+        out_size, in_size: logical shape (network units ``W`` is ``out x in``).
+        device_cfg: a :class:`PulsedDevice` or its name (default ``ConstantStep()``).
+        io / bwd_io: read models of the forward and backward passes (bwd_io defaults to io).
+        update: :class:`UpdateConfig` of the pulsed update.
+        max_size: largest physical array (rows and columns); larger matrices are split.
+        seed / generator: randomness of the device spread, pulses and read noise.
+        weight_scaling_omega: if set, :meth:`set_weights` chooses the output scale so that the
+            largest |w| of each output row (``weight_scaling_columnwise``) or of the whole matrix
+            maps to ``omega`` tile units; otherwise the current scale is kept.
+
+    The tile moves with ``.to(device)`` and follows its inputs' device.
+    """
+
+    is_analog_tile = True
+
+    def __init__(self, out_size: int, in_size: int, device_cfg: Any = None,
+                 io: Optional[IOConfig] = None, bwd_io: Optional[IOConfig] = None,
+                 update: Optional[UpdateConfig] = None, max_size: int = 512,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 device: Any = None, dtype: torch.dtype = torch.float32,
+                 weight_scaling_omega: Optional[float] = None,
+                 weight_scaling_columnwise: bool = True) -> None:
+        super().__init__()
+        check_range("AnalogTile", "out_size", out_size, 1, None, integer=True)
+        check_range("AnalogTile", "in_size", in_size, 1, None, integer=True)
+        check_range("AnalogTile", "max_size", max_size, 1, None, integer=True)
+        if weight_scaling_omega is not None:
+            check_range("AnalogTile", "weight_scaling_omega", weight_scaling_omega, 0, None,
+                        lo_open=True)
+        if device_cfg is None:
+            device_cfg = ConstantStep()
+        elif isinstance(device_cfg, str):
+            device_cfg = device_from_name(device_cfg)
+        if not isinstance(device_cfg, PulsedDevice):
+            raise InvalidSetting("AnalogTile", "device_cfg", device_cfg, "a PulsedDevice or a device name")
+        self.out_size, self.in_size = int(out_size), int(in_size)
+        self.device_cfg = device_cfg
+        self.io = io if io is not None else IOConfig()
+        self.bwd_io = bwd_io if bwd_io is not None else self.io
+        self.update_cfg = update if update is not None else UpdateConfig()
+        self.max_size = int(max_size)
+        self.weight_scaling_omega = weight_scaling_omega
+        self.weight_scaling_columnwise = bool(weight_scaling_columnwise)
+        if generator is None:
+            generator = make_generator(seed, device)
+        self.generator = generator
+        dev = torch.device(device) if device is not None else generator.device
+        self.row_sizes = _splits(self.out_size, self.max_size)
+        self.col_sizes = _splits(self.in_size, self.max_size)
+        self.arrays: List[List[DeviceArray]] = [
+            [DeviceArray(device_cfg, (r, c), generator=generator, device=dev, dtype=dtype)
+             for c in self.col_sizes] for r in self.row_sizes]
+        self.register_buffer("out_scale", torch.ones(self.out_size, device=dev, dtype=dtype))
+
+    # -- layout helpers --------------------------------------------------------------------
+    def _row_slices(self):
+        s = 0
+        for r in self.row_sizes:
+            yield slice(s, s + r)
+            s += r
+
+    def _col_slices(self):
+        s = 0
+        for c in self.col_sizes:
+            yield slice(s, s + c)
+            s += c
+
+    @property
+    def device(self) -> torch.device:
+        return self.out_scale.device
+
+    @property
+    def n_arrays(self) -> int:
+        return len(self.row_sizes) * len(self.col_sizes)
+
+    def _follow(self, t: Tensor) -> None:
+        if t.device != self.out_scale.device:
+            self.to(t.device)
+
+    def _apply(self, fn, recurse: bool = True):  # moves device arrays with the module
+        super()._apply(fn, recurse)
+        probe = fn(torch.zeros(1, device=self.arrays[0][0].w.device, dtype=self.arrays[0][0].w.dtype))
+        for row in self.arrays:
+            for a in row:
+                a.to(probe.device, probe.dtype if probe.is_floating_point() else None)
+        if self.generator.device != probe.device:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator,
+                                     device=self.generator.device).item())
+            self.generator = make_generator(seed, probe.device)
+        return self
+
+    # -- weights ---------------------------------------------------------------------------
+    def tile_weights(self, read: bool = False) -> Tensor:
+        """Device states (tile units), assembled [out, in]; ``read=True``: what reads see."""
+        return torch.cat([torch.cat([(a.w_read if read else a.w) for a in row], dim=1)
+                          for row in self.arrays], dim=0)
+
+    def set_tile_weights(self, w: Tensor) -> None:
+        w = torch.as_tensor(w, device=self.device)
+        for row, rs in zip(self.arrays, self._row_slices()):
+            for a, cs in zip(row, self._col_slices()):
+                a.set_weights(w[rs, cs])
+
+    def get_weights(self) -> Tensor:
+        """Weights in network units: ``out_scale[:, None] * W_tile``."""
+        return self.out_scale.unsqueeze(1) * self.tile_weights()
+
+    def set_weights(self, w: Tensor) -> None:
+        """Program network-unit weights (clipped to each device's bounds in tile units)."""
+        w = torch.as_tensor(w, dtype=self.out_scale.dtype, device=self.device)
+        if w.shape != (self.out_size, self.in_size):
+            raise ValueError(f"weights of shape {tuple(w.shape)}, tile is {(self.out_size, self.in_size)}")
+        if self.weight_scaling_omega is not None:
+            if self.weight_scaling_columnwise:
+                m = w.abs().amax(dim=1)
+            else:
+                m = w.abs().amax().expand(self.out_size)
+            s = m / self.weight_scaling_omega
+            self.out_scale.copy_(torch.where(s > 0, s, torch.ones_like(s)))
+        self.set_tile_weights(w / self.out_scale.unsqueeze(1))
+
+    def symmetry_point(self) -> Optional[Tensor]:
+        """Per-device symmetry points (tile units) or None for models without one."""
+        rows = []
+        for row in self.arrays:
+            parts = [a.symmetry_point() for a in row]
+            if any(p is None for p in parts):
+                return None
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows, dim=0)
+
+    # -- passes ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """``y = W x`` for x [..., in] (network units)."""
+        self._follow(x)
+        outs = []
+        for row in self.arrays:
+            acc = None
+            for a, cs in zip(row, self._col_slices()):
+                part = read_forward(a.w_read, x[..., cs], self.io, self.generator)
+                acc = part if acc is None else acc + part
+            outs.append(acc)
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return y * self.out_scale.to(y.dtype)
+
+    def backward(self, d: Tensor) -> Tensor:
+        """``z = W^T d`` for d [..., out] (network units)."""
+        self._follow(d)
+        ds = d * self.out_scale.to(d.dtype)
+        outs = []
+        for j, cs in enumerate(self._col_slices()):
+            acc = None
+            for row, rs in zip(self.arrays, self._row_slices()):
+                part = read_backward(row[j].w_read, ds[..., rs], self.bwd_io, self.generator)
+                acc = part if acc is None else acc + part
+            outs.append(acc)
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+    @torch.no_grad()
+    def update(self, x: Tensor, d: Tensor, lr: float, cfg: Optional[UpdateConfig] = None,
+               exact: Optional[bool] = None) -> Dict[str, Tensor]:
+        """``W <- W - lr * sum_b d_b x_b^T`` (network units) by pulses on every array."""
+        self._follow(x)
+        cfg = cfg if cfg is not None else self.update_cfg
+        x = x.reshape(-1, self.in_size)
+        d = d.reshape(-1, self.out_size)
+        dt = d / self.out_scale.to(d.dtype)
+        n_up = n_down = None
+        for row, rs in zip(self.arrays, self._row_slices()):
+            for a, cs in zip(row, self._col_slices()):
+                st = a.pulsed_update(x[:, cs], dt[:, rs], lr, cfg, exact=exact)
+                n_up = st["n_up"] if n_up is None else n_up + st["n_up"]
+                n_down = st["n_down"] if n_down is None else n_down + st["n_down"]
+        return {"n_up": n_up, "n_down": n_down}
+
+    @torch.no_grad()
+    def pulse(self, n: Tensor, exact: bool = False) -> None:
+        """Signed pulse counts [out, in] (positive = up) applied to the devices."""
+        n = torch.as_tensor(n, device=self.device)
+        for row, rs in zip(self.arrays, self._row_slices()):
+            for a, cs in zip(row, self._col_slices()):
+                a.pulse(n[rs, cs], exact=exact)
+
+    # -- state -----------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"w": [[a.w.clone() for a in row] for row in self.arrays],
+                "params": [[{k: v for k, v in a.params.items()} for a in row] for row in self.arrays]}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        from .devices import DeviceParams
+
+        for row, wrow, prow in zip(self.arrays, state["w"], state["params"]):
+            for a, w, p in zip(row, wrow, prow):
+                a.params = DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)
+                                           for k, v in p.items()})
+                a.set_weights(w.to(a.w.device))
+
+    def extra_repr(self) -> str:
+        return (f"out={self.out_size}, in={self.in_size}, device={type(self.device_cfg).__name__}, "
+                f"arrays={len(self.row_sizes)}x{len(self.col_sizes)}")
+
+
+def is_analog_tile(obj: Any) -> bool:
+    """True for objects exposing the analog tile API (``is_analog_tile`` marker plus
+    ``get_weights`` / ``set_weights``)."""
+    return (getattr(type(obj), "is_analog_tile", False) is True or getattr(obj, "is_analog_tile", False) is True) \
+        and callable(getattr(obj, "get_weights", None)) and callable(getattr(obj, "set_weights", None))
+
+
+def find_analog_tiles(model: Any) -> List[Any]:
+    """All distinct analog tiles reachable from ``model``: the model itself, its sub-modules, and
+    tile objects held as plain attributes (or in lists/tuples/dicts) of those modules."""
+    found: List[Any] = []
+    seen = set()
+
+    def add(o: Any) -> None:
+        if is_analog_tile(o) and id(o) not in seen:
+            seen.add(id(o))
+            found.append(o)
+
+    mods = list(model.modules()) if isinstance(model, nn.Module) else [model]
+    for m in mods:
+        add(m)
+        for v in vars(m).values():
+            if isinstance(v, (list, tuple)):
+                for e in v:
+                    add(e)
+            elif isinstance(v, dict):
+                for e in v.values():
+                    add(e)
+            else:
+                add(v)
+    return found

@@ -1,0 +1,269 @@
+"""Device models: per-pulse response, closed forms, bounds, behaviour numbers, validation, seeds."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ffebm.analog import (ConstantStep, DeviceArray, ExpStep, IdealDevice, InvalidSetting,
+                          IOConfig, LinearStep, PiecewiseStep, PowStep, PulsedDevice, SoftBounds,
+                          UpdateConfig, device_from_name, register_device)
+
+# ---------------------------------------------------------------------------------------------
+# independent float64 per-pulse recursions, written from the equations (not from the library)
+
+
+def _clip(w, lo, hi):
+    return min(max(w, lo), hi)
+
+
+def ref_step(model, w, up, dw, lo, hi):
+    """One noiseless pulse of a nominal device, plain python floats."""
+    if isinstance(model, (ConstantStep,)):
+        s = dw
+    elif isinstance(model, LinearStep):  # includes SoftBounds
+        s = dw * max(1 - model.gamma_up * w / hi, 0) if up else dw * max(1 - model.gamma_down * w / lo, 0)
+    elif isinstance(model, ExpStep):
+        z = 2 * model.a * w / (hi - lo) + model.b
+        s = dw * max(1 - model.A_up * math.exp(model.gamma_up * z), 0) if up else \
+            dw * max(1 - model.A_down * math.exp(-model.gamma_down * z), 0)
+    elif isinstance(model, PowStep):
+        rng = hi - lo
+        s = dw * max((hi - w) / rng, 0) ** model.gamma if up else dw * max((w - lo) / rng, 0) ** model.gamma
+    elif isinstance(model, PiecewiseStep):
+        nodes = model.piecewise_up if up else model.piecewise_down
+        if len(nodes) == 1:
+            f = nodes[0]
+        else:
+            t = min(max((w - lo) / (hi - lo), 0), 1) * (len(nodes) - 1)
+            i = min(int(math.floor(t)), len(nodes) - 2)
+            fr = t - i
+            f = nodes[i] * (1 - fr) + nodes[i + 1] * fr
+        s = dw * f
+    else:
+        raise AssertionError(model)
+    return _clip(w + (s if up else -s), lo, hi)
+
+
+def ref_run(model, w0, n, dw):
+    lo, hi = model.w_min, model.w_max
+    w = w0
+    for _ in range(abs(n)):
+        w = ref_step(model, w, n > 0, dw, lo, hi)
+    return w
+
+
+MODELS = [
+    ConstantStep(),
+    LinearStep(gamma_up=0.5, gamma_down=0.5),
+    LinearStep(gamma_up=0.3, gamma_down=0.8),
+    SoftBounds(),
+    SoftBounds(w_max=1.0, w_min=-0.4),
+    ExpStep(),
+    PowStep(gamma=2.0),
+    PowStep(gamma=0.7),
+    PiecewiseStep(piecewise_up=(1.0, 0.6, 0.1), piecewise_down=(0.2, 0.7, 1.0, 0.9)),
+]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: type(m).__name__)
+def test_n_pulses_equal_independent_recursion(model):
+    dw = 0.01
+    m = model.replace(dw_min=dw).without_variability()
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = m.w_min, m.w_max
+    starts = [lo, hi, 0.0] + [lo + (hi - lo) * float(u) for u in torch.rand(5, generator=gen)]
+    counts = [0, 1, -1, 7, -7, 33, -50, 200, -200]
+    w0 = torch.tensor([s for s in starts for _ in counts], dtype=torch.float64)
+    n = torch.tensor([c for _ in starts for c in counts], dtype=torch.float64)
+    want = torch.tensor([ref_run(m, s, c, dw) for s in starts for c in counts], dtype=torch.float64)
+    for exact in (False, True):
+        got = m.apply_pulses(w0, n, exact=exact)
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), (exact, (got - want).abs().max())
+
+
+def test_behaviour_numbers_anchors():
+    """Published behaviour of the reference simulator: from 0, variability off, dw_min 0.01,
+    200 up then 200 down pulses (float32)."""
+    cases = [(ConstantStep(), 0.600, -0.600), (LinearStep(gamma_up=0.5, gamma_down=0.5), 0.600, -0.600),
+             (ExpStep(), 0.600, -0.600), (SoftBounds(), 0.579, -0.559), (PowStep(gamma=2.0), 0.273, -0.206)]
+    for model, up, down in cases:
+        m = model.replace(dw_min=0.01).without_variability()
+        da = DeviceArray(m, (1, 3), seed=0)
+        da.pulse(torch.full((1, 3), 200))
+        assert torch.allclose(da.w, torch.full_like(da.w, up), atol=6e-4), (model, da.w)
+        da.pulse(torch.full((1, 3), -200))
+        assert torch.allclose(da.w, torch.full_like(da.w, down), atol=6e-4), (model, da.w)
+
+
+@pytest.mark.parametrize("model", [ConstantStep(), SoftBounds()], ids=lambda m: type(m).__name__)
+def test_default_variability_spread(model):
+    """With default variability, the spread across devices after 200 pulses is ~0.15-0.2."""
+    da = DeviceArray(model.replace(dw_min=0.01), (100, 100), seed=3)
+    da.pulse(torch.full((100, 100), 200))
+    sd = float(da.w.std())
+    assert 0.13 < sd < 0.21, sd
+
+
+def test_softbounds_symmetry_point():
+    m = SoftBounds(up_down=0.2, w_max=0.8, w_min=-0.5, dw_min=0.002).without_variability()
+    m = m.replace(up_down=0.2)
+    p = m.nominal((1,), dtype=torch.float64)
+    a_up, a_dn = 0.002 * 1.2, 0.002 * 0.8
+    w_star = (a_up - a_dn) / (a_up / 0.8 - a_dn / -0.5)
+    assert math.isclose(float(m.symmetry_point(p)), w_star, rel_tol=1e-9)
+    for start in (-0.5, 0.0, 0.8):
+        w = torch.tensor([start], dtype=torch.float64)
+        # literal alternation, one pulse at a time
+        wl = w.clone()
+        for _ in range(3000):
+            wl = m.pulse_once(wl, torch.ones(1), p)
+            wl = m.pulse_once(wl, -torch.ones(1), p)
+        assert abs(float(wl) - w_star) < m.dw_min, (start, float(wl), w_star)
+        # closed form of 3000 up/down pairs
+        wc = m.apply_pulses(w, torch.tensor([3000.]), torch.tensor([3000.]), p)
+        assert abs(float(wc) - w_star) < 0.1 * m.dw_min, (start, float(wc), w_star)
+    # with device-to-device spread, each device settles at its own point
+    da = DeviceArray(SoftBounds(dw_min_std=0.0), (20, 20), seed=1, dtype=torch.float64)
+    sp = da.symmetry_point()
+    for _ in range(60):
+        da.pulse_counts(torch.full((20, 20), 50.), torch.full((20, 20), 50.))
+    assert (da.w - sp).abs().max() < 2e-3
+
+
+def test_mixed_counts_closed_form_matches_loop():
+    m = SoftBounds(dw_min=0.01).without_variability()
+    p = m.nominal((6,), dtype=torch.float64)
+    w = torch.tensor([-0.5, -0.2, 0.0, 0.1, 0.4, 0.55], dtype=torch.float64)
+    nu = torch.tensor([0., 5., 30., 12., 40., 3.], dtype=torch.float64)
+    nd = torch.tensor([4., 5., 10., 30., 0., 3.], dtype=torch.float64)
+    a = m.apply_pulses(w, nu, nd, p)
+    b = m.apply_pulses(w, nu, nd, p, exact=True)
+    assert (a - b).abs().max() < 2e-3
+
+
+_models = st.sampled_from(["ConstantStep", "LinearStep", "SoftBounds", "ExpStep", "PowStep",
+                           "PiecewiseStep"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=_models, seq=st.lists(st.integers(-400, 400), min_size=1, max_size=6),
+       seed=st.integers(0, 2 ** 31 - 1), dw=st.sampled_from([0.001, 0.01, 0.05]),
+       exact=st.booleans(), start=st.floats(-1.0, 1.0))
+def test_weights_never_leave_bounds(name, seq, seed, dw, exact, start):
+    kw = {"gamma_up": 0.7, "gamma_down": 1.3} if name == "LinearStep" else {}
+    if name == "PiecewiseStep":
+        kw = {"piecewise_up": (2.0, 1.0, 0.0), "piecewise_down": (0.5, 3.0)}
+    model = device_from_name(name, dw_min=dw, dw_min_std=1.0, write_noise_std=2.0, **kw)
+    da = DeviceArray(model, (4, 5), seed=seed)
+    da.set_weights(torch.full((4, 5), start))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for n in seq:
+        counts = torch.randint(0, abs(n) + 1, (4, 5), generator=gen) * (1 if n >= 0 else -1)
+        da.pulse(counts, exact=exact)
+        assert (da.w >= da.params.w_min).all() and (da.w <= da.params.w_max).all()
+        da.pulse_counts(counts.abs(), torch.randint(0, abs(n) + 1, (4, 5), generator=gen), exact=exact)
+        assert (da.w >= da.params.w_min).all() and (da.w <= da.params.w_max).all()
+    x = torch.rand(3, 5, generator=gen)
+    d = torch.randn(3, 4, generator=gen)
+    da.pulsed_update(x, d, 0.5, exact=exact)
+    assert (da.w >= da.params.w_min).all() and (da.w <= da.params.w_max).all()
+
+
+@pytest.mark.parametrize("make, field, fragment", [
+    (lambda: ConstantStep(dw_min=0.0), "dw_min", "(0, inf)"),
+    (lambda: ConstantStep(dw_min=-1e-3), "dw_min", "(0, inf)"),
+    (lambda: SoftBounds(w_min=0.6, w_max=0.6), "w_min", "w_max"),
+    (lambda: ConstantStep(w_min=1.0, w_max=-1.0), "w_min", "w_max"),
+    (lambda: ConstantStep(corrupt_devices_prob=1.5), "corrupt_devices_prob", "[0, 1]"),
+    (lambda: ConstantStep(corrupt_devices_prob=-0.1), "corrupt_devices_prob", "[0, 1]"),
+    (lambda: ConstantStep(dw_min_std=-0.1), "dw_min_std", "[0, inf)"),
+    (lambda: UpdateConfig(bl=0), "bl", "[1, 10000]"),
+    (lambda: UpdateConfig(bl=2.5), "bl", "integer"),
+    (lambda: IOConfig(out_noise=-1.0), "out_noise", "[0, inf)"),
+    (lambda: IOConfig(inp_res=2.0), "inp_res", "[0, 1]"),
+    (lambda: IOConfig(w_noise_type="bogus"), "w_noise_type", "one of"),
+    (lambda: device_from_name("NoSuchDevice"), "name", "one of"),
+    (lambda: PowStep(gamma=0.0), "gamma", "(0, inf)"),
+    (lambda: PiecewiseStep(piecewise_up=()), "piecewise_up", "non-empty"),
+])
+def test_invalid_settings_name_field_and_range(make, field, fragment):
+    with pytest.raises(InvalidSetting) as ei:
+        make()
+    msg = str(ei.value)
+    assert ei.value.field == field and field in msg and fragment in msg, msg
+    assert isinstance(ei.value, ValueError)
+
+
+def test_registry_names():
+    assert isinstance(device_from_name("SoftBoundsDevice"), SoftBounds)
+    assert isinstance(device_from_name("soft_bounds", dw_min=0.01), SoftBounds)
+    assert isinstance(device_from_name("constant_step"), ConstantStep)
+    assert isinstance(device_from_name("ideal"), IdealDevice)
+    for name in ["LinearStep", "ExpStep", "PowStep", "PiecewiseStep"]:
+        assert type(device_from_name(name)).__name__ == name
+
+
+def test_new_device_model_is_one_small_class():
+    from dataclasses import dataclass
+
+    @register_device("sqrt_step_test")
+    @dataclass
+    class SqrtStepTest(PulsedDevice):
+        def step_up(self, w, p):
+            return p.scale_up * ((p.w_max - w) / (p.w_max - p.w_min)).clamp(min=0).sqrt()
+
+        def step_down(self, w, p):
+            return p.scale_down * ((w - p.w_min) / (p.w_max - p.w_min)).clamp(min=0).sqrt()
+
+    m = device_from_name("sqrt_step_test", dw_min=0.01)
+    da = DeviceArray(m, (8, 8), seed=0)
+    da.pulse(torch.full((8, 8), 100))
+    assert (da.w > 0.1).all() and (da.w <= da.params.w_max).all()
+    st_ = da.pulsed_update(torch.rand(4, 8), torch.randn(4, 8) * 0.1, 0.01)
+    assert float(st_["n_up"] + st_["n_down"]) > 0
+
+
+def test_same_seed_same_results_different_seed_different():
+    def run(seed):
+        da = DeviceArray(SoftBounds(), (16, 12), seed=seed)
+        x = torch.rand(8, 12, generator=torch.Generator().manual_seed(5))
+        d = torch.randn(8, 16, generator=torch.Generator().manual_seed(6)) * 0.1
+        for _ in range(3):
+            da.pulsed_update(x, d, 0.05)
+        da.pulse(torch.full((16, 12), -20))
+        return da.params.scale_up.clone(), da.params.w_max.clone(), da.w.clone()
+
+    a, b, c = run(11), run(11), run(12)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    for u, v in zip(a, c):
+        assert not torch.equal(u, v)
+
+
+def test_ideal_device_is_float_update():
+    da = DeviceArray(IdealDevice(), (5, 4), seed=0, dtype=torch.float64)
+    x = torch.rand(3, 4, dtype=torch.float64)
+    d = torch.randn(3, 5, dtype=torch.float64)
+    da.pulsed_update(x, d, 0.1)
+    assert torch.allclose(da.w, -0.1 * d.t() @ x)
+
+
+def test_write_noise_only_on_reads():
+    da = DeviceArray(ConstantStep(write_noise_std=5.0), (30, 30), seed=0)
+    da.pulse(torch.full((30, 30), 10))
+    assert not torch.equal(da.w_read, da.w)
+    r = (da.w_read - da.w).std()
+    assert 0.003 < float(r) < 0.007  # 5 * dw_min
+
+
+def test_plots_command_writes_pngs(tmp_path):
+    from ffebm.analog.plots import device_response, main
+
+    main(["--device", "SoftBounds", "--out", str(tmp_path), "--pulses", "50", "--devices", "10"])
+    for name in ("SoftBounds_response.png", "SoftBounds_weights.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    ws = device_response(ConstantStep(dw_min=0.01).without_variability(), 100, 3)
+    assert ws.shape == (201, 3) and abs(float(ws[100, 0]) - 0.6) < 1e-9 and abs(float(ws[-1, 0]) + 0.4) < 1e-9
