@@ -11,7 +11,9 @@ import torch
 
 def hard_sigmoid(v: torch.Tensor, gain: float) -> torch.Tensor:
     """sigma(v) = clamp(gain * v, 0, 1)."""
-    return torch.clamp(v * gain, 0.0, 1.0)
+    if gain == 1.0:
+        return torch.clamp(v, 0.0, 1.0)
+    return (v * gain).clamp_(0.0, 1.0)  # in place on the fresh product: autograd-safe
 
 
 def linear(v: torch.Tensor, gain: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ def build(name: str, **overrides) -> nn.Module:
     elif name in PRESETS:
         cfg = preset(name)
         unknown = set(overrides) - set(cfg) - {"in_channels", "image_size", "tol", "gain", "method", "variant",
-                                               "mode", "pool_override", "dtype"}
+                                               "mode", "pool_override", "dtype", "precision"}
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for preset {name!r}")
         cfg.update({k: v for k, v in overrides.items() if k != "dtype"})

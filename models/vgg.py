@@ -19,13 +19,14 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
               num_classes: int = 10, in_channels: int = 3, image_size: int = 32, beta: float = 0.2, t1: int = 60,
               t2: int = 20, tol: Optional[float] = None, gain: float = 1.0, method: str = "ep",
               variant: str = "centered", mode: str = "async", pool_override: Optional[str] = None,
-              **_: object) -> nn.Module:
+              precision: Optional[str] = None, **_: object) -> nn.Module:
     """Build the ff-EBM.
 
     channels/pools: one entry per conv layer (pool after that layer's conv: "max", "avg", "soft"
     or "none"); dense: hidden dense sizes before the ``num_classes`` output layer; split: number
     of layers per block (sums to len(channels) + len(dense) + 1). ``pool_override`` replaces
-    every "max" (e.g. "avg" for a smooth energy).
+    every "max" (e.g. "avg" for a smooth energy). ``precision="bfloat16"`` relaxes under bf16
+    autocast with full-precision polish steps (about twice the conv throughput).
     """
     pools = [pool_override if (pool_override and p == "max") else p for p in pools]
     layers: List[tuple] = [("conv", c, p) for c, p in zip(channels, pools)]
@@ -37,8 +38,8 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
             "unrolled": lambda: ffebm.Unrolled(steps=t2)}
     if method not in grad:
         raise ValueError(f"method must be one of {tuple(grad)}, got {method!r}")
-    relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode)
-    nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode)
+    relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode, precision=precision)
+    nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode, precision=precision)
     blocks: List[nn.Module] = []
     c_in, size, start = in_channels, image_size, 0
     for k, n in enumerate(split):

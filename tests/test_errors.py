@@ -71,3 +71,29 @@ def test_stats_and_state_available_after_call():
     assert y.shape == (5, 4)
     assert [tuple(s.shape) for s in blk.state] == [(5, 16), (5, 4)]
     assert blk.stats.steps >= 1 and blk.stats.trace and blk.stats.converged
+
+
+def _saddle_block():
+    """A state on a face where the energy's Hessian is indefinite (not a minimum)."""
+    blk = ffebm.DenseHopfield([3, 3, 3], gain=0.5).double()
+    with torch.no_grad():
+        blk.couplings[0].weight.copy_(5 * torch.eye(3))
+        blk.couplings[0].bias.zero_()
+    u = torch.full((2, 3), 0.5, dtype=torch.float64)
+    states = [torch.full((2, 3), 0.1, dtype=torch.float64), torch.full((2, 3), 0.1, dtype=torch.float64)]
+    return blk, u, states, torch.randn(2, 3, dtype=torch.float64)
+
+
+def test_implicit_refuses_a_saddle_without_fallback():
+    blk, u, states, delta = _saddle_block()
+    with pytest.raises(ffebm.AdjointNotConverged, match="not positive definite"):
+        ffebm.Implicit(fallback=None).backward(blk, u, states, delta)
+
+
+def test_implicit_falls_back_to_unrolled_on_a_saddle():
+    blk, u, states, delta = _saddle_block()
+    with pytest.warns(ffebm.ConvergenceWarning, match="falling back"):
+        gu, gp = ffebm.Implicit().backward(blk, u, states, delta)
+    assert blk.backward_stats["fallback"] == "unrolled"
+    ru, rp = ffebm.Unrolled().backward(blk, u, states, delta)
+    assert torch.allclose(gu, ru) and all(torch.allclose(a, b) for a, b in zip(gp, rp))

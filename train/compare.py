@@ -78,6 +78,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
     ap.add_argument("--image-size", type=int, default=None, help="input size for image presets")
     ap.add_argument("--double", action="store_true", help="compare in float64")
+    ap.add_argument("--precision", choices=["bfloat16", "float16"], default=None,
+                    help="relax under this autocast dtype (presets), with full-precision polish steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=".", help="folder for compare.png and compare.json")
     args = ap.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         ov.update(image_size=size)
         if args.pool:
             ov["pool_override"] = args.pool
+        if args.precision:
+            ov["precision"] = args.precision
         x = torch.rand(args.batch, 3, size, size)
         classes = cfg["num_classes"]
     else:

@@ -18,6 +18,7 @@ their meaning at any batch size); the estimate is divided by the same factor.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -81,8 +82,7 @@ class EP(GradientMethod):
         base = block.nudge_relaxation
         if self.steps is None and self.tol is None:
             return base
-        return Relaxation(steps=self.steps or base.steps, tol=self.tol, mode=base.mode, stepper=base.stepper,
-                          strict=base.strict, check_every=base.check_every)
+        return dataclasses.replace(base, steps=self.steps or base.steps, tol=self.tol)
 
     def _phase(self, block, u, states, delta, beta, cfg, callback=None):
         if beta == 0.0:
@@ -109,7 +109,7 @@ class EP(GradientMethod):
         c = float(delta.shape[0]) if self.scale == "batch" else 1.0
         d = delta * c
         cfg = self.nudge_config(block)
-        cfg = Relaxation(steps=cfg.steps, tol=None, mode=cfg.mode, stepper=cfg.stepper)
+        cfg = dataclasses.replace(cfg, tol=None)
         ba, bb = self.nudges()
         hist_a: list = []
         hist_b: list = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -27,6 +27,10 @@ from ..errors import AdjointNotConverged, ConvergenceWarning
 from .base import GradientMethod, Grads
 
 SOLVERS = ("cg", "fixed_point")
+
+
+class _NegativeCurvature(Exception):
+    """CG met a direction of non-positive curvature."""
 
 
 def _bdot(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
@@ -44,12 +48,18 @@ class Implicit(GradientMethod):
 
     tol: relative residual of the adjoint system (per sample); max_iter: iteration budget;
     solver: "cg" or "fixed_point"; strict: raise instead of warn when the budget is hit.
+    fallback: what to do when the state is not a strict local minimum (CG meets negative
+    curvature: the free relaxation stopped on an unstable face, typically with its budget hit)
+    or the adjoint solve fails: "unrolled" backpropagates through the block's nudged-phase
+    number of steps from the state (recurrent backprop, the gradient of what the relaxation
+    computes), warning once per block; None raises AdjointNotConverged.
     """
 
     tol: float = 1e-8
     max_iter: int = 500
     solver: str = "cg"
     strict: bool = False
+    fallback: Optional[str] = "unrolled"
 
     def __post_init__(self) -> None:
         if not self.tol > 0:
@@ -58,11 +68,36 @@ class Implicit(GradientMethod):
             raise ValueError(f"Implicit.max_iter must be an integer >= 1, got {self.max_iter!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"Implicit.solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.fallback not in (None, "unrolled"):
+            raise ValueError(f"Implicit.fallback must be 'unrolled' or None, got {self.fallback!r}")
 
     def describe(self) -> str:
         return f"Implicit(solver={self.solver})"
 
     def backward(self, block, u: torch.Tensor, states: List[torch.Tensor], delta: torch.Tensor) -> Grads:
+        try:
+            return self._adjoint(block, u, states, delta)
+        except (_NegativeCurvature, AdjointNotConverged) as err:
+            if self.fallback is None:
+                if isinstance(err, _NegativeCurvature):
+                    raise AdjointNotConverged(
+                        f"implicit adjoint of block '{block.name}': the energy's Hessian on the free units is not "
+                        "positive definite (the state is not a strict local minimum); relax further, or use "
+                        "Implicit(fallback='unrolled'), Unrolled or EP") from None
+                raise
+            from .unrolled import Unrolled
+
+            warned = block.__dict__.setdefault("_convergence_warned", set())
+            if "adjoint" not in warned:
+                warned.add("adjoint")
+                warnings.warn(f"implicit adjoint of block '{block.name}' failed ({type(err).__name__}); "
+                              "falling back to backprop through the relaxation steps (warned once per block; "
+                              "see block.backward_stats)", ConvergenceWarning, stacklevel=3)
+            grads = Unrolled().backward(block, u, states, delta)
+            block.backward_stats = {"method": self.describe(), "fallback": "unrolled"}
+            return grads
+
+    def _adjoint(self, block, u, states, delta) -> Grads:
         params = block.energy_parameters()
         a = block.gain
         L = len(states)
@@ -96,7 +131,7 @@ class Implicit(GradientMethod):
     def _finish(self, iters, res):
         if not res <= self.tol:
             msg = f"implicit adjoint solve stopped after {iters} iterations with residual {res:.2e} > tol {self.tol:.1e}"
-            if self.strict or not math.isfinite(res):
+            if self.strict or not math.isfinite(res) or res > 1e-2:
                 raise AdjointNotConverged(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
@@ -116,9 +151,7 @@ class Implicit(GradientMethod):
             pap = _bdot(p, ap)
             active = rs > 0
             if bool((pap[active] <= 0).any()):
-                raise AdjointNotConverged(
-                    "implicit adjoint: the energy's Hessian on the free units is not positive definite "
-                    "(the state is not a strict local minimum); relax further or use Unrolled/EP")
+                raise _NegativeCurvature()
             alpha = torch.where(active, rs / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rs))
             x = [xi + _bshape(alpha, xi) * pi for xi, pi in zip(x, p)]
             r = [ri - _bshape(alpha, ri) * api for ri, api in zip(r, ap)]
