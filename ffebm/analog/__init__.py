@@ -20,3 +20,6 @@ from .layers import (
     is_analog_parameter,
 )
 from .optimizer import AnalogOptimizer
+
+# -- energy blocks on tiles (relaxation reads through the read model, EP updates as pulses)
+from .energy import AnalogDenseCoupling, AnalogEP, analog_energy_block, to_analog_energy

@@ -1,0 +1,312 @@
+"""Analog energy blocks: couplings whose weights live on analog tiles, and EP with pulsed updates.
+
+An :class:`AnalogDenseCoupling` is a :class:`~ffebm.couplings.Coupling` whose weight ``W`` is
+held on an :class:`~ffebm.analog.tile.AnalogTile` (the bias stays digital). Every relaxation
+step reads the tile: the bottom-up drive ``W s_l + b`` is a forward read, the top-down drive
+``W^T s_{l+1}`` a transposed (backward) read, both through the tile's read model (noise
+management, DAC/ADC quantisation, output noise, bound management). With perfect reads
+(``IOConfig.perfect()``) the drives are exactly those of :class:`~ffebm.couplings.DenseCoupling`.
+
+``phi(x, y) = <y, W x + b>`` is evaluated with the tile's effective weight in network units (the
+exact values the reads see, plus a Tiki-Taka fast array's contribution while one is in use), so
+EP's read-out is consistent with the reads in perfect mode.
+
+Pulsed EP (:class:`AnalogEP`): EP's centered estimate for a dense coupling is
+``dW = -(y+ x+^T - y- x-^T) / (2 beta B)``, a difference of two outer products. Instead of
+forming it, :class:`AnalogEP` records the pairs ``(x+, -y+/(2 beta B))`` and
+``(x-, +y-/(2 beta B))`` on the weight (the same pending-pair mechanism as
+:class:`~ffebm.analog.layers.AnalogLinear`), and :class:`~ffebm.analog.optimizer.AnalogOptimizer`
+applies ``W -= lr * sum_b d_b x_b^T`` as pulsed outer-product updates with its algorithm (SGD,
+Tiki-Taka, c-TTv2...). The analog weights get no ``.grad``; biases and digital layers keep their
+ordinary gradients. An analog input map (:class:`AnalogLinear`) records its pairs through its own
+backward, which receives EP's ``dL/du``.
+
+    blk = analog_energy_block(ffebm.DenseHopfield([64, 128, 64]), AnalogConfig(device=SoftBounds()))
+    opt_a = AnalogOptimizer(analog_parameters(model), ChoppedTTv2(), lr=0.05)
+    opt_d = torch.optim.SGD(digital_parameters(model), lr=0.05)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..couplings import Coupling, DenseCoupling, init_weight
+from ..gradients.ep import EP
+from .config import InvalidSetting
+from .layers import AnalogConfig, AnalogLinear, _AnalogLayer, _post_load_hook
+
+__all__ = ["AnalogDenseCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
+           "analog_couplings", "reset_read_counts"]
+
+
+class _AnalogPhi(torch.autograd.Function):
+    """phi_W(x, y) = sum_b <y_b, W x_b> with W the coupling's effective weight.
+
+    Backward: dx = g W^T y, dy = g W x; for W either the pending pair (x, g y) (when the coupling
+    is recording, i.e. inside :class:`AnalogEP`) or the dense ``g y^T x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, weight: Tensor, coupling: "AnalogDenseCoupling") -> Tensor:  # type: ignore[override]
+        W = coupling.effective_weight().to(dtype=x.dtype, device=x.device)
+        ctx.coupling = coupling
+        ctx.weight = weight
+        ctx.save_for_backward(x, y, W)
+        return (y * (x @ W.t())).sum()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, y, W = ctx.saved_tensors
+        c = ctx.coupling
+        gx = g * (y @ W) if ctx.needs_input_grad[0] else None
+        gy = g * (x @ W.t()) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[2]:
+            d = (g * y).detach()
+            if c._recording:
+                w = ctx.weight
+                pend = getattr(w, "_analog_pending", None)
+                if pend is None:
+                    pend = []
+                    w._analog_pending = pend
+                pend.append((x.detach(), d))
+                if c.config.dense_grad:
+                    gw = (d.t() @ x).to(w.dtype)
+            else:
+                gw = (d.t() @ x).to(ctx.weight.dtype)
+        return gx, gy, gw, None
+
+
+class AnalogDenseCoupling(_AnalogLayer, Coupling):
+    """``f(x) = W flatten(x) + b`` with ``W`` on an analog tile (``out_features x prod(in_shape)``).
+
+    Args: ``in_shape``, ``out_features``, ``bias`` (digital), ``config`` (:class:`AnalogConfig`),
+    ``seed`` (device spread, read noise), ``init_gain`` (Gaussian init as DenseCoupling),
+    ``device``, ``dtype``. ``n_forward_reads`` / ``n_backward_reads`` count the tile reads.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_features: int, bias: bool = True,
+                 config: Optional[AnalogConfig] = None, seed: Optional[int] = None,
+                 init_gain: float = 1.0, device: Any = None, dtype: Optional[torch.dtype] = None) -> None:
+        nn.Module.__init__(self)
+        self.in_shape = tuple(int(d) for d in in_shape)
+        if not self.in_shape or any(d < 1 for d in self.in_shape):
+            raise InvalidSetting("AnalogDenseCoupling", "in_shape", in_shape, "a non-empty shape of positive ints")
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+            raise InvalidSetting("AnalogDenseCoupling", "out_features", out_features, "integer in [1, inf)")
+        in_features = math.prod(self.in_shape)
+        self.in_features, self.out_features = in_features, int(out_features)
+        self._init_analog(self.out_features, in_features, (self.out_features, in_features),
+                          config, seed, device, dtype)
+        w = torch.empty(self.out_features, in_features, dtype=self.weight.dtype)
+        init_weight(w, in_features, init_gain)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, device=self.weight.device,
+                                                 dtype=self.weight.dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.set_weights(w.to(self.weight.device))
+        self._recording = False
+        self.n_forward_reads = 0
+        self.n_backward_reads = 0
+        self.register_load_state_dict_post_hook(_post_load_hook)
+
+    @classmethod
+    def from_dense(cls, c: DenseCoupling, config: Optional[AnalogConfig] = None,
+                   seed: Optional[int] = None) -> "AnalogDenseCoupling":
+        """Program a :class:`DenseCoupling`'s weight onto a tile (the bias is copied)."""
+        if not isinstance(c, DenseCoupling):
+            raise InvalidSetting("AnalogDenseCoupling.from_dense", "c", type(c).__name__, "a DenseCoupling")
+        m = cls(c.in_shape, c.weight.shape[0], c.bias is not None, config, seed,
+                device=c.weight.device, dtype=c.weight.dtype)
+        m.set_weights(c.weight.detach())
+        if c.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(c.bias)
+        return m
+
+    # -- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """Network-unit weight the reads see: ``out_scale * (W_tile_read + extra)``."""
+        W = self.tile.tile_weights(read=True)
+        extra = self._extra()
+        if extra is not None:
+            W = W + extra.to(W)
+        return self.tile.out_scale.unsqueeze(1) * W
+
+    # -- coupling interface ------------------------------------------------------------------
+    def bottom_up(self, x: Tensor):
+        self.n_forward_reads += 1
+        y = self._read_forward(x.reshape(x.shape[0], -1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y, None
+
+    def top_down(self, y: Tensor, ctx: Any) -> Tensor:
+        self.n_backward_reads += 1
+        return self._read_backward(y).reshape(y.shape[0], *self.in_shape)
+
+    def phi(self, x: Tensor, y: Tensor) -> Tensor:
+        self._link()
+        self._refresh()
+        x2 = x.reshape(x.shape[0], -1)
+        out = _AnalogPhi.apply(x2, y, self.weight, self)
+        if self.bias is not None:
+            out = out + (y * self.bias).sum()
+        return out
+
+    def out_shape(self, in_shape):
+        return (self.out_features,)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_shape} -> {self.out_features}, tile={self.tile.extra_repr()}"
+
+
+def analog_couplings(module: nn.Module) -> List[AnalogDenseCoupling]:
+    return [m for m in module.modules() if isinstance(m, AnalogDenseCoupling)]
+
+
+def reset_read_counts(module: nn.Module) -> None:
+    for c in analog_couplings(module):
+        c.n_forward_reads = c.n_backward_reads = 0
+
+
+@dataclasses.dataclass
+class AnalogEP(EP):
+    """EP whose analog-coupling weight updates are recorded as pulsed outer-product pairs.
+
+    Same settings and estimate as :class:`~ffebm.gradients.ep.EP`; for every
+    :class:`AnalogDenseCoupling` of the block the read-out appends ``(s_l, ∓ s_{l+1} / ((beta_a -
+    beta_b) B))`` at each nudged state to the weight's pending pairs (for the
+    :class:`AnalogOptimizer`) and returns no gradient for it. Biases and the input get their
+    ordinary EP gradients.
+    """
+
+    pair_form: str = "mean_difference"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pair_form not in PAIR_FORMS:
+            raise InvalidSetting("AnalogEP", "pair_form", self.pair_form, "one of " + ", ".join(map(repr, PAIR_FORMS)))
+
+    def describe(self) -> str:
+        return f"AnalogEP(beta={self.beta}, variant={self.variant}, pair_form={self.pair_form})"
+
+    def backward(self, block, u, states, delta):
+        cps = analog_couplings(block.couplings)
+        before = []
+        for c in cps:
+            c._recording = True
+            c._link()
+            before.append(len(c.weight._analog_pending))
+        try:
+            out = super().backward(block, u, states, delta)
+        finally:
+            for c in cps:
+                c._recording = False
+        if self.pair_form == "mean_difference":
+            for c, n0 in zip(cps, before):
+                _mean_difference_pairs(c.weight._analog_pending, n0)
+        return out
+
+
+PAIR_FORMS = ("mean_difference", "raw")
+
+
+def _mean_difference_pairs(pend: list, n0: int) -> None:
+    """Rewrite the two pairs EP appended after index ``n0``, ``(x1, d1), (x2, d2)``, as
+    ``((x1 + x2) / 2, d1 + d2)`` and ``((x1 - x2) / 2, d1 - d2)``: the same sum of outer products
+    (``d1 x1^T + d2 x2^T``), but each pair now carries a *small* factor (EP's ``d1 ~ -d2`` and
+    ``x1 ~ x2``), so the pulse count, and with it the pulse noise and the soft-bounds drift of
+    up/down pulse pairs, scales with the update itself instead of with ``|y| |x| / (2 beta B)``."""
+    if len(pend) - n0 != 2:
+        return
+    (x1, d1), (x2, d2) = pend[n0], pend[n0 + 1]
+    if x1.shape != x2.shape or d1.shape != d2.shape:
+        return
+    pend[n0] = (0.5 * (x1 + x2), d1 + d2)
+    pend[n0 + 1] = (0.5 * (x1 - x2), d1 - d2)
+
+
+def _analog_ep_from(g: Any) -> Any:
+    if isinstance(g, AnalogEP):
+        return g
+    if type(g) is EP:
+        kw = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.init}
+        return AnalogEP(**kw)
+    return g
+
+
+def analog_energy_block(block: nn.Module, config: Optional[AnalogConfig] = None, input_coupling: bool = True,
+                        seed: Optional[int] = None, inplace: bool = False,
+                        analog_gradient: bool = True) -> nn.Module:
+    """Move an energy block's dense couplings (and, with ``input_coupling``, the ``nn.Linear``
+    layers of its input map) onto analog tiles, keeping the weights.
+
+    Returns a converted deep copy (or ``block`` itself if ``inplace``). With ``analog_gradient``
+    an :class:`EP` method is replaced by the equivalent :class:`AnalogEP` (pulsed updates).
+    ``seed``: tile seeds are ``seed, seed + 1, ...`` in conversion order (None: random).
+    """
+    from ..blocks.base import EnergyBlock
+
+    if not isinstance(block, EnergyBlock):
+        raise InvalidSetting("analog_energy_block", "block", type(block).__name__, "an EnergyBlock")
+    if config is None:
+        config = AnalogConfig()
+    if not isinstance(config, AnalogConfig):
+        raise InvalidSetting("analog_energy_block", "config", config, "an AnalogConfig or None")
+    if not inplace:
+        block = copy.deepcopy(block)
+    k = [0]
+
+    def next_seed():
+        s = None if seed is None else seed + k[0]
+        k[0] += 1
+        return s
+
+    for i, c in enumerate(block.couplings):
+        if isinstance(c, AnalogDenseCoupling):
+            continue
+        if not isinstance(c, DenseCoupling):
+            raise InvalidSetting("analog_energy_block", f"couplings[{i}]", type(c).__name__,
+                                 "DenseCoupling (convolutional couplings are not supported on tiles yet)")
+        block.couplings[i] = AnalogDenseCoupling.from_dense(c, config, next_seed())
+    if input_coupling:
+        _convert_linears(block.input_map, config, next_seed)
+    if analog_gradient:
+        block.gradient = _analog_ep_from(block.gradient)
+    return block
+
+
+def _convert_linears(mod: nn.Module, config: AnalogConfig, next_seed) -> None:
+    for name, child in mod.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(mod, name, AnalogLinear.from_linear(child, config, next_seed()))
+        else:
+            _convert_linears(child, config, next_seed)
+
+
+def to_analog_energy(model: nn.Module, config: Optional[AnalogConfig] = None, input_coupling: bool = True,
+                     seed: Optional[int] = None, inplace: bool = False) -> nn.Module:
+    """Convert every energy block of ``model`` with :func:`analog_energy_block` (digital layers
+    between blocks stay digital)."""
+    from ..blocks.base import EnergyBlock
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, EnergyBlock):
+        return analog_energy_block(model, config, input_coupling, seed, inplace=True)
+    k = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, EnergyBlock):
+            s = None if seed is None else seed + 1000 * k
+            k += 1
+            analog_energy_block(mod, config, input_coupling, s, inplace=True)
+    return model
