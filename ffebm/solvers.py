@@ -50,6 +50,9 @@ class Relaxation:
     polish_steps: with ``precision`` set, the last steps run in full precision so that the
            returned state is a full-precision fixed point (EP reads gradients off differences
            of states, which low precision would blur).
+    average_last: return the mean state over the last k steps instead of the last state
+           (0: off). With noisy reads (analog tiles) the settled state fluctuates around the
+           equilibrium; averaging k steps divides that noise's variance by about k.
     """
 
     steps: int = 50
@@ -60,6 +63,7 @@ class Relaxation:
     check_every: int = 5
     precision: Optional[torch.dtype] = None
     polish_steps: int = 2
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -77,6 +81,8 @@ class Relaxation:
         if self.precision is not None and self.precision not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"Relaxation.precision must be None, torch.bfloat16, torch.float16 or torch.float32, "
                              f"got {self.precision!r}")
+        if not isinstance(self.average_last, int) or self.average_last < 0:
+            raise ValueError(f"Relaxation.average_last must be an integer >= 0, got {self.average_last!r}")
         if not isinstance(self.polish_steps, int) or self.polish_steps < 0:
             raise ValueError(f"Relaxation.polish_steps must be an integer >= 0, got {self.polish_steps!r}")
 
@@ -207,6 +213,7 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
     converged = cfg.tol is None
     residual = float("nan")
     k = 0
+    window: List[States] = []
     low = cfg.precision is not None and cfg.precision != u.dtype
     low_until = max(cfg.steps - cfg.polish_steps, 0) if low else 0
     if low_until:
@@ -232,11 +239,17 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
             if not math.isfinite(residual):
                 raise RelaxationDiverged(block.name, k, phase)
         s = new
+        if cfg.average_last:
+            window.append(s)
+            if len(window) > cfg.average_last:
+                window.pop(0)
         if callback is not None:
             callback(k, [t.to(u.dtype) for t in s] if k < low_until else s)
         if check and cfg.tol is not None and residual <= cfg.tol:
             converged = True
             break
+    if cfg.average_last and len(window) > 1:
+        s = [torch.stack([w[i].to(u.dtype) for w in window]).mean(0) for i in range(len(s))]
     if low:
         s = [t.to(u.dtype) for t in s]
     stats = SolveStats(steps=k, residual=residual, converged=converged, phase=phase, trace=trace)

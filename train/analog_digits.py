@@ -71,10 +71,14 @@ def load_digits_split(dtype=torch.float32):
 
 
 def build_model(hidden: int = 128, width: int = 64, beta: float = 0.5, t1: int = 30, t2: int = 12,
-                seed: int = 0, gain: float = 0.5, init_gain: float = 1.0, bias_init: float = 0.0) -> nn.Module:
+                seed: int = 0, gain: float = 0.5, init_gain: float = 1.0, bias_init: float = 0.0,
+                average: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     grad = ffebm.EP(beta=beta)
-    kw = dict(steps=t1, tol=1e-3, nudge_steps=t2, gradient=grad, gain=gain, init_gain=init_gain)
+    # with averaging, the returned state is the mean over the last ``average`` steps (read noise)
+    relax = ffebm.Relaxation(steps=t1, tol=None if average else 1e-3, average_last=average)
+    nudge = ffebm.Relaxation(steps=t2, tol=None, average_last=average)
+    kw = dict(relaxation=relax, nudge_relaxation=nudge, gradient=grad, gain=gain, init_gain=init_gain)
     b1 = ffebm.DenseHopfield([64, hidden, width], name="block1", **kw)
     b2 = ffebm.DenseHopfield([width, width, width // 2], name="block2", **kw)
     if bias_init:
@@ -134,7 +138,7 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 32, lr: float
         beta: Optional[float] = None, omega: float = 0.5, fast_lr: float = 5.0, transfer_every: int = 1,
         columns: int = 0, in_chop_prob: float = 0.1, pair_form: str = "mean_difference",
         reads: str = "default", device: str = "soft_bounds", lr_decay: float = 1.0, gain: float = 0.5,
-        init_gain: float = 1.0, bias_init: float = 0.0) -> Dict:
+        init_gain: float = 1.0, bias_init: float = 0.0, average: int = 0, t1: int = 30, t2: int = 12) -> Dict:
     """Train one configuration; returns a dict with the per-epoch and final test accuracy.
     ``analog_lr`` None: ``ANALOG_LR[algorithm]``; ``beta`` None: 1.0 for analog runs, 0.5 digital."""
     if algorithm not in ALGORITHMS:
@@ -146,7 +150,8 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 32, lr: float
     xtr, ytr, xte, yte = load_digits_split()
     if limit:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
-    model = build_model(hidden, width, beta=beta, seed=seed, gain=gain, init_gain=init_gain, bias_init=bias_init)
+    model = build_model(hidden, width, beta=beta, seed=seed, gain=gain, init_gain=init_gain, bias_init=bias_init,
+                        average=average, t1=t1, t2=t2)
     opts: List[torch.optim.Optimizer] = []
     aparams = []
     if algorithm == "digital":
@@ -233,6 +238,10 @@ def main(argv=None) -> Dict:
     ap.add_argument("--init-gain", type=float, default=1.0, help="init std = init_gain / sqrt(fan_in)")
     ap.add_argument("--bias-init", type=float, default=0.0, help="initial bias of the blocks' layers")
     ap.add_argument("--lr-decay", type=float, default=1.0, help="per-epoch lr factor")
+    ap.add_argument("--average", type=int, default=0,
+                    help="return the mean state over the last N relaxation steps (averages read noise)")
+    ap.add_argument("--t1", type=int, default=30, help="free relaxation steps")
+    ap.add_argument("--t2", type=int, default=12, help="nudged relaxation steps")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train/test samples (smoke tests)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
@@ -250,7 +259,8 @@ def main(argv=None) -> Dict:
                               beta=a.beta, omega=a.omega, fast_lr=a.fast_lr, transfer_every=a.transfer_every,
                               columns=a.columns, in_chop_prob=a.chop_prob, pair_form=a.pair_form,
                               reads=a.reads, device=a.device, lr_decay=a.lr_decay,
-                              gain=a.gain, init_gain=a.init_gain, bias_init=a.bias_init)
+                              gain=a.gain, init_gain=a.init_gain, bias_init=a.bias_init,
+                              average=a.average, t1=a.t1, t2=a.t2)
     print("\nfinal test accuracy (digits, %d epochs):" % a.epochs)
     for al, r in results.items():
         label = "digital EP" if al == "digital" else f"analog {al} (SoftBounds, default reads)"

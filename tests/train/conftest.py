@@ -1,0 +1,66 @@
+"""Shared helpers for the training-system tests."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))   # makes tinymodel importable in-process
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for k in [k for k in env if k.startswith("FFEBM_FAULT")]:
+        del env[k]
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_train(args, cwd, timeout=240, module="train", **env):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=str(cwd), env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def folder_digest(path: Path):
+    """{relative path: sha256} of every file under path (to prove nothing changed)."""
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class InProc:
+    """Result of running a command's main() in this process (same code path, no interpreter start-up)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def main_inproc(argv, cwd, capsys, monkeypatch, module="train"):
+    import importlib
+
+    monkeypatch.chdir(cwd)
+    mod = importlib.import_module(module + ".__main__" if module == "train" else module)
+    capsys.readouterr()
+    code = mod.main(list(argv))
+    out, err = capsys.readouterr()
+    return InProc(code, out, err)
+
+
+
+# a fast configuration for trainer mechanics: tiny MLP, digits, 1 thread, no progress bar
+TINY = ["digits", "model=tinymodel:build", "progress=false", "num_threads=1", "batch_size=64", "lr=0.01"]
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)

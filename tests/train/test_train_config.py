@@ -1,0 +1,75 @@
+import pytest
+
+from train.__main__ import parse_args
+from train.config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict, validate
+from train.recipes import RECIPES, build_config
+
+
+def test_string_values_are_parsed_by_type():
+    cfg = apply_overrides(TrainConfig(), {"epochs": "3", "lr": "1e-2", "progress": "false", "beta": "none",
+                                          "t1": "7", "dataset": "mnist"})
+    assert cfg.epochs == 3 and cfg.lr == 0.01 and cfg.progress is False and cfg.beta is None and cfg.t1 == 7
+    assert cfg.dataset == "mnist"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), {"epoch": "3"})
+    msg = str(e.value)
+    assert "unknown key 'epoch'" in msg and "did you mean 'epochs'" in msg and "batch_size" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("key,value", [("epochs", "three"), ("lr", "fast"), ("progress", "maybe"),
+                                       ("epochs", "1.5"), ("epochs", 2.0), ("progress", 1)])
+def test_wrong_type_is_refused(key, value):
+    with pytest.raises(ConfigError, match=key):
+        apply_overrides(TrainConfig(), {key: value})
+
+
+@pytest.mark.parametrize("over", [{"optimizer": "lion"}, {"epochs": "0"}, {"lr": "-1"}, {"device": "tpu"},
+                                  {"dataset": "svhn"}, {"beta": "0"}])
+def test_invalid_values_are_refused(over):
+    with pytest.raises(ConfigError):
+        validate(apply_overrides(TrainConfig(), over))
+
+
+def test_roundtrip_through_dict():
+    cfg = build_config("digits", {"epochs": "2"})
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(dict(to_dict(cfg), bogus=1))
+
+
+def test_recipes_resolve_and_cli_wins():
+    for name in RECIPES:
+        cfg = build_config(name)
+        assert cfg.recipe == name
+    cfg = build_config("cifar10_l6_3blocks", {"epochs": "1", "t1": "3"})
+    assert cfg.epochs == 1 and cfg.t1 == 3 and cfg.beta == 0.2 and cfg.dataset == "cifar10"
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        build_config("nope")
+
+
+def test_published_recipes_are_present():
+    for name in ["cifar10_l6_1block", "cifar10_l6_2blocks", "cifar10_l6_3blocks", "cifar10_l12_3blocks",
+                 "cifar10_l12_4blocks", "cifar10_l12_6blocks", "cifar100_l12_6blocks", "cifar100_l15_6blocks",
+                 "imagenet32_l12_6blocks", "imagenet32_l15_6blocks", "gradient_study", "digits"]:
+        assert name in RECIPES
+    assert RECIPES["cifar10_l6_2blocks"]["t1"] == 60 and RECIPES["cifar10_l12_4blocks"]["t1"] == 20
+    for name in ["cifar100_l12_6blocks", "imagenet32_l15_6blocks"]:
+        r = RECIPES[name]
+        assert (r["beta"], r["t1"], r["t2"]) == (0.2, 15, 5)
+        assert r["optimizer"] == "adam" and r["weight_decay"] == 3e-4 and r["schedule"] == "cosine"
+    assert RECIPES["cifar10_l6_3blocks_implicit"]["method"] == "implicit"
+
+
+def test_cli_parsing():
+    a = parse_args(["cifar10_l6_1block", "epochs=2", "--out", "x", "lr=0.1"])
+    assert a.recipe == "cifar10_l6_1block" and a.overrides == {"epochs": "2", "lr": "0.1"} and a.out == "x"
+    a = parse_args(["--resume=r", "progress=false"])
+    assert a.resume == "r" and a.overrides == {"progress": "false"}
+    for bad in (["--frobnicate"], ["a", "b"], ["--out"], ["--resume", "r", "--out", "x"], ["epochs=1", "epochs=2"],
+                ["--resume", "r", "digits"]):
+        with pytest.raises(ConfigError):
+            parse_args(bad)

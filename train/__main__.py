@@ -1,0 +1,191 @@
+"""Command line: ``python -m train [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR]``.
+
+Also under torchrun: ``torchrun --nproc_per_node 2 -m train [RECIPE] ... --out DIR``.
+
+Exit status: 0 done; 2 user error (bad key/value, missing data, unusable checkpoint or run
+folder), 3 training diverged (NaN/inf or RelaxationDiverged; the last good checkpoint is kept),
+128+N stopped by signal N after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+USAGE = """usage: python -m train [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR]
+       torchrun --nproc_per_node N -m train [RECIPE] [key=value ...] --out DIR
+       python -m train --list        (recipes and configuration keys)
+
+RECIPE defaults to 'digits'.  --out defaults to a new folder runs/<time>-<recipe>; an --out
+folder that already holds the same run is resumed.  --resume RUN_DIR continues a run from
+its checkpoint with its stored configuration (only runtime keys may be changed)."""
+
+
+@dataclass
+class CliArgs:
+    recipe: Optional[str] = None
+    overrides: Dict[str, str] = field(default_factory=dict)
+    out: Optional[str] = None
+    resume: Optional[str] = None
+    help: bool = False
+    list: bool = False
+
+
+def parse_args(argv: List[str]) -> CliArgs:
+    from .config import ConfigError
+
+    a = CliArgs()
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            a.help = True
+        elif tok in ("--list", "--list-recipes"):
+            a.list = True
+        elif tok in ("--out", "--resume") or tok.startswith(("--out=", "--resume=")):
+            name, _, val = tok.partition("=")
+            if not val:
+                i += 1
+                if i >= len(argv) or argv[i].startswith("--"):
+                    raise ConfigError(f"{name} needs a folder argument")
+                val = argv[i]
+            setattr(a, name[2:], val)
+        elif tok.startswith("-"):
+            raise ConfigError(f"unknown option '{tok}' (options: --out DIR, --resume RUN_DIR, --list, --help)")
+        elif "=" in tok:
+            key, _, val = tok.partition("=")
+            key = key.strip().replace("-", "_")
+            if not key:
+                raise ConfigError(f"'{tok}': expected key=value")
+            if key in a.overrides:
+                raise ConfigError(f"key '{key}' given twice")
+            a.overrides[key] = val
+        elif a.recipe is None:
+            a.recipe = tok
+        else:
+            raise ConfigError(f"unexpected argument '{tok}' (one recipe name, then key=value pairs)")
+        i += 1
+    if a.resume is not None and a.out is not None:
+        raise ConfigError("--resume and --out cannot be combined (a resumed run stays in its folder)")
+    if a.resume is not None and a.recipe is not None:
+        raise ConfigError("--resume uses the configuration stored in the run folder; do not name a recipe")
+    return a
+
+
+def _print_err(msg: str, ctx=None):
+    prefix = f"[rank {ctx.rank}] " if ctx is not None and ctx.enabled else ""
+    if ctx is None or ctx.is_main or not ctx.enabled:
+        print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ctx = None
+    try:
+        from . import distributed as D
+        from .config import UserError, describe_keys, format_config, unknown_key_error
+        from .recipes import build_config, describe
+
+        try:
+            args = parse_args(argv)
+        except UserError as e:
+            _print_err(str(e))
+            return 2
+        if args.help:
+            print(USAGE)
+            return 0
+        if args.list:
+            print("recipes:\n" + describe() + "\n\nconfiguration keys:\n" + describe_keys())
+            return 0
+        from .config import field_names
+
+        for k in args.overrides:
+            if k not in field_names():
+                _print_err(str(unknown_key_error(k)))
+                return 2
+
+        import torch  # noqa: F401  (heavy imports after the cheap checks)
+        from . import trainer as T
+        from .checkpoint import CheckpointError  # noqa: F401
+
+        try:
+            cfg = None if args.resume else build_config(args.recipe or "digits", args.overrides)
+            device_kind = cfg.device if cfg is not None else "auto"
+        except UserError as e:
+            _print_err(str(e))
+            return 2
+        ctx = D.init(device_kind)
+
+        # rank 0 decides the run folder and whether to resume; the others follow
+        decision = None
+        if ctx.is_main:
+            try:
+                plan = T.plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {})
+                decision = ("ok", {"cfg": T.to_dict(plan.cfg), "run_dir": str(plan.run_dir),
+                                   "resume_from": str(plan.resume_from) if plan.resume_from else None,
+                                   "existing": plan.existing, "note": plan.note})
+            except UserError as e:
+                decision = ("error", str(e))
+        decision = D.broadcast_object(decision, ctx)
+        if decision[0] == "error":
+            _print_err(decision[1], ctx)
+            return 2
+        d = decision[1]
+        cfg = T.from_dict(d["cfg"])
+        run_dir = Path(d["run_dir"])
+        if d["note"]:
+            if ctx.is_main:
+                print(d["note"], flush=True)
+
+        trainer = T.Trainer(cfg, run_dir, ctx)
+        try:
+            trainer.setup(resume_from=Path(d["resume_from"]) if d["resume_from"] else None)
+        except UserError as e:
+            _print_err(str(e), ctx)
+            return 2
+        if trainer.finished and trainer.final is not None:
+            if ctx.is_main:
+                print(f"run already complete: test accuracy {100 * trainer.final['test_accuracy']:.2f}% "
+                      f"(metrics in {run_dir / T.METRICS_FILE})", flush=True)
+            return 0
+        if ctx.is_main:
+            print("configuration:\n" + format_config(cfg), flush=True)
+            print(f"run folder: {run_dir}  (world size {ctx.world}, device {trainer.device}, "
+                  f"{len(trainer.train_set)} training / {len(trainer.test_set)} test samples, "
+                  f"gradient {trainer.method})", flush=True)
+            if ctx.enabled and args.out is None and args.resume is None:
+                print("note: pass --out DIR under torchrun so that a restarted worker group finds the run",
+                      flush=True)
+        trainer.commit(existing=d["existing"])
+        try:
+            trainer.fit()
+        except T.TrainingStopped as e:
+            if ctx.is_main or not ctx.enabled:
+                print(str(e), file=sys.stderr, flush=True)
+            return e.code
+        except RuntimeError as e:
+            if not ctx.enabled or not D.is_peer_failure(e):
+                raise
+            print(f"[rank {ctx.rank}] error: lost contact with another worker at step {trainer.global_step} "
+                  f"({str(e).splitlines()[0][:160]}); the run folder keeps the last checkpoint "
+                  f"(torchrun --max-restarts N resumes from it)", file=sys.stderr, flush=True)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    finally:
+        if ctx is not None and ctx.enabled:
+            from . import distributed as D
+
+            D.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

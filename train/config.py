@@ -1,0 +1,282 @@
+"""Typed training configuration.
+
+Every setting of a run is one field of :class:`TrainConfig`.  A run is resolved from three
+layers, later ones winning: the dataclass defaults, the recipe (``train/recipes.py``) and the
+``key=value`` pairs of the command line.  Values given as strings are parsed according to the
+field's annotation (``int``, ``float``, ``bool``, ``str`` or ``Optional[...]`` of those, where
+``none``/``null`` stands for ``None``); unknown keys and values of the wrong type raise
+:class:`ConfigError` with a one-line message (listing the valid keys for an unknown one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+
+class UserError(Exception):
+    """An error caused by the user's input (configuration, files, data); reported in one line."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ------------------------------------------------------------------
+    recipe: str = "digits"
+    model: str = "digits"            # a name from models.available(), or "package.module:function"
+    method: Optional[str] = None     # gradient method passed to the model builder: ep | implicit | unrolled
+    variant: Optional[str] = None    # EP variant (centered, positive, negative, random, ...)
+    beta: Optional[float] = None     # EP nudging strength (None: the model preset's value)
+    t1: Optional[int] = None         # free relaxation steps (None: preset)
+    t2: Optional[int] = None         # nudged relaxation steps (None: preset)
+    num_classes: Optional[int] = None  # None: from the data set
+    in_channels: Optional[int] = None  # None: from the data set
+    image_size: Optional[int] = None   # None: from the data set
+    model_dtype: Optional[str] = None  # passed to the builder as dtype= (e.g. float32, float64)
+    model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
+    freeze_bn_affine: bool = False   # freeze batch-norm weight/bias (the reference recipe does)
+
+    # --- data ---------------------------------------------------------------------------
+    dataset: str = "digits"          # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet32 | fake
+    data_root: str = "data"
+    download: bool = False           # let torchvision download MNIST/Fashion-MNIST/CIFAR into data_root
+    augment: Optional[bool] = None   # None: the data set's default (crop+flip for CIFAR/ImageNet32)
+    normalize: bool = True           # per-data-set mean/std normalisation
+    train_subset: int = 0            # >0: use only the first N training samples
+    test_subset: int = 0             # >0: use only the first N test samples
+    fake_train_size: int = 512       # sizes of the synthetic "fake" data set
+    fake_test_size: int = 128
+
+    # --- optimisation -------------------------------------------------------------------
+    optimizer: str = "adam"          # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 3e-4
+    momentum: float = 0.9            # sgd only
+    schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant
+    min_lr: float = 0.0
+    epochs: int = 10
+    batch_size: int = 64             # global batch (split evenly over the processes)
+    eval_batch_size: int = 500
+    drop_last: bool = True           # drop the last incomplete training batch of each epoch
+    max_steps: int = 0               # >0: stop after this many optimiser steps (smoke tests)
+    seed: int = 0
+
+    # --- runtime (may be changed when resuming) ------------------------------------------
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    num_threads: int = 0             # >0: torch.set_num_threads
+    progress: bool = True            # tqdm progress bar
+    tensorboard: bool = True
+    log_every: int = 10              # steps between TensorBoard scalars
+    ckpt_every: int = 0              # steps between checkpoints (0: only at epoch ends)
+    eval_every: int = 1              # epochs between evaluations (the last epoch is always evaluated)
+    grad_check_every: int = 0        # steps between EP-vs-reference gradient checks (0: never)
+    grad_check_batch: int = 8
+    grad_check_reference: str = "implicit"  # implicit | unrolled
+
+
+# Keys that do not change what is computed; they may be overridden with --resume.
+RUNTIME_KEYS = frozenset({
+    "device", "num_threads", "progress", "tensorboard", "log_every", "ckpt_every",
+    "eval_batch_size", "data_root", "download", "grad_check_every", "grad_check_batch",
+    "grad_check_reference",
+})
+
+CHOICES: Dict[str, tuple] = {
+    "method": ("ep", "implicit", "unrolled", None),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("cosine", "constant"),
+    "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
+    "grad_check_reference": ("implicit", "unrolled"),
+}
+
+POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_test_size",
+            "grad_check_batch", "eval_every")
+NON_NEGATIVE = ("train_subset", "test_subset", "max_steps", "num_threads", "log_every",
+                "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr")
+
+
+def field_names():
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _hints():
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        return f"{inner.__name__} or none"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _convert(key: str, value: Any, tp) -> Any:
+    """Convert/validate ``value`` (a string from the command line or a JSON value) to ``tp``."""
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) is typing.Union and type(None) in args
+    base = [a for a in args if a is not type(None)][0] if optional else tp
+    bad = ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad
+    if isinstance(value, str):
+        s = value.strip()
+        if base is bool:
+            if s.lower() in _TRUE:
+                return True
+            if s.lower() in _FALSE:
+                return False
+            raise bad
+        if base is int:
+            try:
+                return int(s)
+            except ValueError:
+                raise bad from None
+        if base is float:
+            try:
+                return float(s)
+            except ValueError:
+                raise bad from None
+        if base is str:
+            return s
+        raise bad
+    # typed values (from recipes or a stored config.json)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    names = field_names()
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}; valid keys: {', '.join(names)}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Return a copy of ``cfg`` with ``overrides`` applied (strings are parsed by type)."""
+    hints = _hints()
+    changes = {}
+    for key, value in overrides.items():
+        if key not in hints:
+            raise unknown_key_error(key)
+        changes[key] = _convert(key, value, hints[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for key, choices in CHOICES.items():
+        v = getattr(cfg, key)
+        if v not in choices:
+            shown = ", ".join("none" if c is None else c for c in choices)
+            raise ConfigError(f"{key}={v!r}: expected one of {shown}")
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: must be > 0")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: must be >= 0")
+    if cfg.beta is not None and cfg.beta <= 0:
+        raise ConfigError(f"beta={cfg.beta!r}: must be > 0")
+    for key in ("t1", "t2", "num_classes", "in_channels", "image_size"):
+        v = getattr(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key}={v!r}: must be > 0")
+    parse_model_options(cfg.model_options)
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device={dev!r}: expected auto, cpu, cuda or cuda:N")
+    return cfg
+
+
+def parse_model_options(text: str) -> Dict[str, Any]:
+    """``"tol=none,hidden=128,pool_override=avg"`` -> {"tol": None, "hidden": 128, "pool_override": "avg"}."""
+    out: Dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ConfigError(f"model_options={text!r}: expected comma-separated name=value pairs")
+        v = val.strip()
+        low = v.lower()
+        if low in ("none", "null"):
+            out[key] = None
+        elif low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            out[key] = v
+            for conv in (int, float):
+                try:
+                    num = conv(v)
+                except ValueError:
+                    continue
+                if num == num and abs(num) != float("inf"):  # "nan"/"inf" stay strings
+                    out[key] = num
+                break
+    return out
+
+
+def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Mapping[str, Any], *, source: str = "configuration") -> TrainConfig:
+    """Rebuild a config from a stored dict (config.json); unknown keys are refused."""
+    hints = _hints()
+    for key in d:
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{key}' (written by another version?)")
+    return validate(apply_overrides(TrainConfig(), dict(d)))
+
+
+def results_equal(a: TrainConfig, b: TrainConfig) -> bool:
+    """True when two configs compute the same thing (runtime keys ignored)."""
+    da, db = to_dict(a), to_dict(b)
+    return all(da[k] == db[k] for k in da if k not in RUNTIME_KEYS)
+
+
+def differing_keys(a: TrainConfig, b: TrainConfig, *, include_runtime=False):
+    da, db = to_dict(a), to_dict(b)
+    return [k for k in da if da[k] != db[k] and (include_runtime or k not in RUNTIME_KEYS)]
+
+
+def format_config(cfg: TrainConfig) -> str:
+    d = to_dict(cfg)
+    width = max(len(k) for k in d)
+    return "\n".join(f"  {k:<{width}} = {json.dumps(v)}" for k, v in d.items())
+
+
+def describe_keys() -> str:
+    hints = _hints()
+    default = TrainConfig()
+    lines = []
+    for f in fields(TrainConfig):
+        lines.append(f"  {f.name:<22} {_type_name(hints[f.name]):<14} default {json.dumps(getattr(default, f.name))}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Evaluate a trained run: ``python -m train.evaluate RUN_DIR [--checkpoint FILE] [--times T1,T2,...]
+[--device DEV] [--batch-size N] [--json OUT]``.
+
+Prints the test accuracy of the run's latest checkpoint (the final weights once the run has
+finished).  With ``--times`` (seconds after programming, e.g. ``0,3600,86400``) analog models
+are evaluated with conductance drift through ``ffebm.analog.drift``'s evaluate-over-time
+helper (``evaluate_over_time``), when that module provides it.  The run folder is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+USAGE = ("usage: python -m train.evaluate RUN_DIR [--checkpoint FILE] [--times T1,T2,...] "
+         "[--device DEV] [--batch-size N] [--json OUT]")
+
+
+def _parse(argv: List[str]):
+    from .config import ConfigError
+
+    opts = {"run_dir": None, "checkpoint": None, "times": None, "device": None, "batch_size": None, "json": None}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("-h", "--help"):
+            return None
+        if tok.startswith("--"):
+            name, _, val = tok[2:].partition("=")
+            name = name.replace("-", "_")
+            if name not in opts or name == "run_dir":
+                raise ConfigError(f"unknown option '{tok}'; {USAGE}")
+            if not val:
+                i += 1
+                if i >= len(argv):
+                    raise ConfigError(f"--{name} needs a value")
+                val = argv[i]
+            opts[name] = val
+        elif opts["run_dir"] is None:
+            opts["run_dir"] = tok
+        else:
+            raise ConfigError(f"unexpected argument '{tok}'; {USAGE}")
+        i += 1
+    if opts["run_dir"] is None:
+        raise ConfigError(USAGE)
+    if opts["times"] is not None:
+        try:
+            opts["times"] = [float(t) for t in opts["times"].split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--times {opts['times']!r}: expected comma-separated seconds") from None
+        if not opts["times"] or any(t < 0 for t in opts["times"]):
+            raise ConfigError("--times: expected non-negative seconds")
+    if opts["batch_size"] is not None:
+        try:
+            opts["batch_size"] = int(opts["batch_size"])
+            assert opts["batch_size"] > 0
+        except (ValueError, AssertionError):
+            raise ConfigError(f"--batch-size {opts['batch_size']!r}: expected a positive integer") from None
+    return opts
+
+
+def _drift_helper():
+    try:
+        from ffebm.analog import drift
+    except ImportError:
+        return None
+    for name in ("evaluate_over_time", "accuracy_over_time", "evaluate_drift"):
+        f = getattr(drift, name, None)
+        if callable(f):
+            return f
+    return None
+
+
+def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Optional[List[float]] = None,
+                 device: Optional[str] = None, batch_size: Optional[int] = None, log=print) -> Dict:
+    from . import checkpoint as ckpt_mod
+    from .config import UserError, apply_overrides
+    from .trainer import Trainer, read_config
+
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    over = {"progress": False, "tensorboard": False}
+    if device:
+        over["device"] = device
+    if batch_size:
+        over["eval_batch_size"] = batch_size
+    cfg = apply_overrides(cfg, over)
+    path = Path(checkpoint) if checkpoint else ckpt_mod.find(run_dir)
+    if path is None:
+        raise UserError(f"{run_dir} has no checkpoint to evaluate")
+    tr = Trainer(cfg, None, log=lambda m: None)
+    tr.setup(resume_from=path)
+    res = tr.evaluate()
+    out = {"run_dir": str(run_dir), "checkpoint": str(path), "global_step": tr.global_step,
+           "test_accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
+           "relaxation": res["relaxation"]}
+    log(f"{run_dir}: test accuracy {100 * res['test_accuracy']:.2f}% (loss {res['test_loss']:.4f}, "
+        f"{res['test_samples']} samples, step {tr.global_step})")
+    if times:
+        helper = _drift_helper()
+        if helper is None:
+            raise UserError("--times needs ffebm.analog.drift.evaluate_over_time, which this ffebm does not provide")
+
+        def eval_fn(model=None):
+            return tr.evaluate()["test_accuracy"]
+
+        try:
+            raw = helper(tr.core, eval_fn, times, seed=cfg.seed)
+        except ValueError as e:  # e.g. no analog tiles in the model
+            raise UserError(f"--times: {e}") from None
+        curve = {}
+        for t, r in zip(times, raw):
+            if isinstance(r, dict):
+                curve[str(r.get("t", t))] = float(r["result"])
+            else:
+                curve[str(t)] = float(r)
+        out["accuracy_over_time"] = curve
+        for t, a in curve.items():
+            log(f"  t = {t} s after programming: test accuracy {100 * a:.2f}%")
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        from .config import UserError
+
+        try:
+            opts = _parse(argv)
+            if opts is None:
+                print(USAGE)
+                return 0
+            out = evaluate_run(Path(opts["run_dir"]), opts["checkpoint"], opts["times"], opts["device"],
+                               opts["batch_size"])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if opts["json"]:
+            Path(opts["json"]).write_text(json.dumps(out, indent=2) + "\n")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,825 @@
+"""The training loop: data, model, optimiser, schedule, evaluation, checkpoints, logging,
+multi-process and failure handling.  Entry points: :func:`prepare_run` + :class:`Trainer`
+(used by ``python -m train``) or :func:`train` for programmatic use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_mod
+from . import distributed as D
+from .config import (RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys,
+                     format_config, from_dict, parse_model_options, to_dict, validate)
+from .data import ArrayDataset, DataInfo, Preprocess, TrainBatches, batch_seed, load_datasets, shard_test_set
+from .tblog import TBLogger
+
+try:  # the engine is optional for plain nn.Module models
+    import ffebm as _ffebm
+except ImportError:  # pragma: no cover - only before the engine exists
+    _ffebm = None
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+RelaxationDiverged = getattr(_ffebm, "RelaxationDiverged", _NeverRaised) if _ffebm else _NeverRaised
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+FAILURE_FILE = "failure.json"
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (divergence, signal); ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: TrainConfig, ctx: D.DistContext) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={cfg.device}: CUDA is not available on this machine")
+        if want == "cuda":
+            return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+    return torch.device(want)
+
+
+def model_kwargs(cfg: TrainConfig, info: DataInfo) -> Dict[str, Any]:
+    kw: Dict[str, Any] = dict(num_classes=cfg.num_classes or info.num_classes,
+                              in_channels=cfg.in_channels or info.in_channels,
+                              image_size=cfg.image_size or info.image_size)
+    for key in ("beta", "t1", "t2", "method", "variant"):
+        v = getattr(cfg, key)
+        if v is not None:
+            kw[key] = v
+    if cfg.model_dtype:
+        dt = getattr(torch, cfg.model_dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
+        kw["dtype"] = dt
+    extra = parse_model_options(cfg.model_options)
+    clash = sorted(set(extra) & {"beta", "t1", "t2", "method", "variant", "num_classes", "in_channels",
+                                 "image_size", "dtype"})
+    if clash:
+        raise ConfigError(f"model_options: set {', '.join(clash)} with their own keys, not in model_options")
+    kw.update(extra)
+    return kw
+
+
+def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
+    """``cfg.model`` is a name from ``models.available()`` or ``"package.module:function"``."""
+    kw = model_kwargs(cfg, info)
+    if ":" in cfg.model:
+        mod_name, fn_name = cfg.model.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
+        return fn(**kw)
+    try:
+        import models
+    except ImportError as e:
+        raise ConfigError(f"model={cfg.model!r}: the models package is not importable ({e})") from None
+    names = list(models.available())
+    if cfg.model not in names:
+        raise ConfigError(f"model={cfg.model!r} is not a known model; available: {', '.join(names)}")
+    try:
+        return models.build(cfg.model, **kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
+
+
+def energy_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    if _ffebm is None or not hasattr(_ffebm, "energy_blocks"):
+        return []
+    return list(_ffebm.energy_blocks(model))
+
+
+def block_paths(model: nn.Module, blocks) -> Dict[str, str]:
+    """{module path of each energy block: its block name}."""
+    ids = {id(b): n for n, b in blocks}
+    return {path: ids[id(m)] for path, m in model.named_modules() if id(m) in ids}
+
+
+def gradient_method(model: nn.Module, cfg: TrainConfig) -> str:
+    blocks = energy_blocks(model)
+    descs = []
+    for _, blk in blocks:
+        g = getattr(blk, "gradient", None)
+        if g is not None and repr(g) not in descs:
+            descs.append(repr(g))
+    if descs:
+        return " / ".join(descs)
+    if blocks:
+        return f"{cfg.method or 'default'}(beta={cfg.beta}, variant={cfg.variant})"
+    return "backprop (no energy blocks)"
+
+
+def freeze_bn_affine(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            for p in (m.weight, m.bias):
+                if p is not None and p.requires_grad:
+                    p.requires_grad_(False)
+                    n += 1
+    return n
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"model {cfg.model!r} has no trainable parameters")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt, total_steps: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+# ------------------------------------------------------------------------------------------
+# run folder
+# ------------------------------------------------------------------------------------------
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    run_dir: Path
+    resume_from: Optional[Path]     # checkpoint to load (None: start at step 0)
+    existing: bool                  # the run folder already holds this run's config.json
+    note: str = ""
+
+
+def _default_run_dir(cfg: TrainConfig, base: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    d = base / f"{stamp}-{cfg.recipe}"
+    i = 1
+    while d.exists():
+        d = base / f"{stamp}-{cfg.recipe}-{i}"
+        i += 1
+    return d
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    p = run_dir / CONFIG_FILE
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no {CONFIG_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} does not hold a configuration object")
+    return from_dict(data, source=str(p))
+
+
+def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[str],
+             overrides: Dict[str, str]) -> RunPlan:
+    """Decide the run folder and whether to resume, touching nothing on disk."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {resume}: no such run folder")
+        stored = read_config(run_dir)
+        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS)
+        if fixed:
+            raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
+                              f"({', '.join(sorted(RUNTIME_KEYS))}), not {', '.join(fixed)}")
+        cfg = validate(apply_overrides(stored, overrides))
+        found = ckpt_mod.find(run_dir)
+        note = "" if found else f"no checkpoint in {run_dir} yet: starting from step 0"
+        return RunPlan(cfg, run_dir, found, True, note)
+    assert cfg is not None
+    if out is None:
+        return RunPlan(cfg, _default_run_dir(cfg), None, False)
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        stored = read_config(run_dir)
+        diff = differing_keys(stored, cfg)
+        if diff:
+            shown = ", ".join(f"{k}: {getattr(stored, k)!r} -> {getattr(cfg, k)!r}" for k in diff[:4])
+            raise UserError(f"--out {out} already holds a different run ({shown}); choose another folder, "
+                            f"or continue it with --resume {out}")
+        found = ckpt_mod.find(run_dir)
+        return RunPlan(cfg, run_dir, found, True,
+                       f"{run_dir} holds this run already: resuming" + ("" if found else " from step 0"))
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"--out {out} is a non-empty folder that is not a run folder; refusing to write into it")
+    return RunPlan(cfg, run_dir, None, False)
+
+
+# ------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Optional[Path], ctx: Optional[D.DistContext] = None,
+                 model_fn: Optional[Callable[[TrainConfig, DataInfo], nn.Module]] = None,
+                 log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ctx = ctx or D.DistContext()
+        self.model_fn = model_fn or build_model
+        self._log = log
+        self.tb = TBLogger(None)
+        self._signal = 0
+        self._old_handlers: Dict[int, Any] = {}
+        self.history: List[Dict[str, Any]] = []
+        self.elapsed_before = 0.0
+        self.train_seconds = 0.0
+        self.finished = False
+        self.final: Optional[Dict[str, Any]] = None
+        self.last_ckpt: Optional[Tuple[Path, int]] = None
+
+    def log(self, msg: str):
+        if self.ctx.is_main:
+            self._log(msg)
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self, resume_from: Optional[Path] = None):
+        """Load data, build everything and (optionally) restore a checkpoint.  Writes nothing."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg, ctx)
+        self.train_set, self.test_set, self.info = load_datasets(cfg)
+        if cfg.dataset != "fake":
+            for key, have in (("num_classes", self.info.num_classes), ("in_channels", self.info.in_channels),
+                              ("image_size", self.info.image_size)):
+                v = getattr(cfg, key)
+                if v is not None and v != have:
+                    raise ConfigError(f"{key}={v} does not match data set {cfg.dataset} ({key} {have})")
+        self.batches = TrainBatches(self.train_set, cfg.batch_size, ctx.world, ctx.rank, cfg.seed, cfg.drop_last)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        in_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else torch.float32
+        if not isinstance(in_dtype, torch.dtype):
+            raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
+        self.pre = Preprocess(self.info, self.device, dtype=in_dtype)
+        self.test_local = shard_test_set(self.test_set, ctx.world, ctx.rank)
+
+        seed_everything(cfg.seed)
+        core = self.model_fn(cfg, self.info)
+        if not isinstance(core, nn.Module):
+            raise UserError(f"model {cfg.model!r} did not build an nn.Module")
+        core.to(self.device)
+        if cfg.freeze_bn_affine:
+            freeze_bn_affine(core)
+        self.core = core
+        self.blocks = energy_blocks(core)
+        self.block_paths = block_paths(core, self.blocks)
+        self.signature = ckpt_mod.model_signature(core)
+        self.opt = make_optimizer(cfg, core)
+        self.sched = make_scheduler(cfg, self.opt, cfg.epochs * self.steps_per_epoch)
+        self.method = gradient_method(core, cfg)
+
+        # position
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self._reset_accum()
+        if resume_from is not None:
+            self._restore(resume_from)
+
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = DDP(core, **kwargs)
+        else:
+            self.model = core
+        return self
+
+    def _reset_accum(self):
+        self.acc = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "time": 0.0}
+        self.block_acc = {name: [0.0, 0.0, 0.0] for name, _ in self.blocks}   # steps, residual, n
+
+    def _restore(self, path: Path):
+        ck = ckpt_mod.load(path)
+        ckpt_mod.check_compatible(ck, path, self.cfg.model, self.signature)
+        try:
+            self.core.load_state_dict(ck["model"])
+            ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ckpt_mod.CheckpointError(f"{path} does not fit this run ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:200]})") from None
+        pos = ck["position"]
+        self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        if pos.get("steps_per_epoch") != self.steps_per_epoch and self.step_in_epoch:
+            self.log(f"note: {pos.get('steps_per_epoch')} steps per epoch in the checkpoint, "
+                     f"{self.steps_per_epoch} now (world size {pos.get('world_size')} -> {self.ctx.world})")
+        acc = ck.get("accum", {})
+        if self.ctx.is_main:  # the stored sums are global: rank 0 carries them
+            for k in self.acc:
+                self.acc[k] = float(acc.get(k, 0.0))
+            for name, v in acc.get("blocks", {}).items():
+                if name in self.block_acc:
+                    self.block_acc[name] = [float(x) for x in v]
+        self.history = [dict(h) for h in ck.get("history", [])]
+        self.elapsed_before = float(ck.get("elapsed", 0.0))
+        self.train_seconds = float(ck.get("train_seconds", 0.0))
+        self.finished = bool(ck.get("finished", False))
+        self.final = ck.get("final")
+        ckpt_mod.set_rng_state(ck["rng"])
+        self.last_ckpt = (path, self.global_step)
+        self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.step_in_epoch} "
+                 f"(global step {self.global_step})")
+
+    # -- run folder ---------------------------------------------------------------------------
+    def commit(self, existing: bool):
+        """Create the run folder (rank 0), store config.json, open TensorBoard."""
+        if self.ctx.is_main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_mod.clean_stale_temps(self.run_dir)
+            if not existing or not (self.run_dir / CONFIG_FILE).exists():
+                ckpt_mod.atomic_write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
+            if self.cfg.tensorboard:
+                purge = self.global_step + 1 if self.global_step else None
+                self.tb = TBLogger(self.run_dir / "tb", purge_step=purge)
+        D.barrier(self.ctx)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _global_accum(self) -> Dict[str, Any]:
+        keys = list(self.acc)
+        names = list(self.block_acc)
+        vals = [self.acc[k] for k in keys] + [x for n in names for x in self.block_acc[n]]
+        vals = D.reduce_values(vals, self.ctx, self.device) if self.ctx.enabled else vals
+        out: Dict[str, Any] = {k: float(vals[i]) for i, k in enumerate(keys)}
+        out["time"] = self.acc["time"]  # wall time is per process, not a sum
+        off = len(keys)
+        out["blocks"] = {n: [float(v) for v in vals[off + 3 * i: off + 3 * i + 3]] for i, n in enumerate(names)}
+        return out
+
+    def save_checkpoint(self, reason: str):
+        accum = self._global_accum()   # collective: every rank calls it
+        if self.ctx.is_main and self.run_dir is not None:
+            state = {
+                "model_name": self.cfg.model,
+                "signature": self.signature,
+                "config": to_dict(self.cfg),
+                "model": self.core.state_dict(),
+                "extra_state": ckpt_mod.collect_extra_state(self.core),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": ckpt_mod.rng_state(),
+                "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                             "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                             "world_size": self.ctx.world, "sampler_seed": self.cfg.seed},
+                "accum": accum,
+                "history": self.history,
+                "elapsed": self.elapsed_before + (time.time() - self.t0),
+                "train_seconds": self.train_seconds,
+                "finished": self.finished,
+                "final": self.final,
+            }
+            summary = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                       "steps_per_epoch": self.steps_per_epoch, "finished": self.finished, "reason": reason,
+                       "time": datetime.now().isoformat(timespec="seconds")}
+            path = ckpt_mod.save(self.run_dir, state, summary)
+            self.last_ckpt = (path, self.global_step)
+        D.barrier(self.ctx)
+
+    # -- signals ------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._signal:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _install_signals(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _restore_signals(self):
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        self._old_handlers.clear()
+
+    # -- failures -----------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"step {self.global_step + 1} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1})"
+
+    def _param_block(self, pname: str) -> str:
+        for path, bname in self.block_paths.items():
+            if pname.startswith(path + ".") or not path:
+                return f"energy block '{bname}'"
+        return "a digital layer"
+
+    def _stop_diverged(self, what: str):
+        if self.last_ckpt is not None:
+            keep = f"last good checkpoint: {self.last_ckpt[0]} (step {self.last_ckpt[1]})"
+        else:
+            keep = "no checkpoint had been written yet"
+        msg = f"training stopped: {what} at {self._where()}; {keep}"
+        if self.ctx.is_main and self.run_dir is not None:
+            ckpt_mod.atomic_write_json(self.run_dir / FAILURE_FILE, {
+                "message": msg, "global_step": self.global_step + 1, "epoch": self.epoch + 1,
+                "batch": self.step_in_epoch + 1, "time": datetime.now().isoformat(timespec="seconds")})
+        self.tb.flush()
+        raise TrainingStopped(msg, 3)
+
+    def _nonfinite_block(self) -> str:
+        for name, blk in self.blocks:
+            st = getattr(blk, "stats", None)
+            r = getattr(st, "residual", None)
+            if r is not None and not math.isfinite(float(r)):
+                return f"; energy block '{name}' reports residual {r}"
+        return ""
+
+    # -- one step -----------------------------------------------------------------------------
+    def _block_stats(self) -> Dict[str, Tuple[float, float]]:
+        out = {}
+        for name, blk in self.blocks:
+            st = getattr(blk, "stats", None)
+            if st is None:
+                continue
+            try:
+                out[name] = (float(st.steps), float(st.residual))
+            except (AttributeError, TypeError, ValueError):
+                continue
+        return out
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Generator]):
+        x = self.pre(xb, gen)
+        y = yb.to(self.device)
+        self.model.train()
+        problem = ""
+        loss = logits = None
+        try:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            if not torch.isfinite(loss):
+                problem = f"loss is {loss.item()}{self._nonfinite_block()}"
+        except RelaxationDiverged as e:
+            problem = (f"relaxation diverged in energy block '{getattr(e, 'block', '?')}' "
+                       f"(relaxation step {getattr(e, 'step', '?')})")
+        if D.any_flag(1.0 if problem else 0.0, self.ctx, self.device):
+            self._stop_diverged(problem or "another process reported divergence")
+        stats = self._block_stats()
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            loss.backward()
+        except RelaxationDiverged as e:
+            problem = (f"relaxation diverged in the nudged phase of energy block '{getattr(e, 'block', '?')}' "
+                       f"(relaxation step {getattr(e, 'step', '?')})")
+        if not problem:
+            for pname, p in self.core.named_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    problem = f"non-finite gradient of '{pname}' ({self._param_block(pname)})"
+                    break
+        flags = D.any_flag(1.0 if problem else 0.0, self.ctx, self.device)
+        if flags:
+            self._stop_diverged(problem or "another process reported divergence")
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            correct = (logits.argmax(1) == y).sum().item()
+        return loss.item(), correct, y.numel(), stats
+
+    # -- gradient check -------------------------------------------------------------------------
+    def grad_check(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        """Per-block cosine between the run's gradient and the reference, via ffebm.compare_gradients.
+        Model buffers and the RNG are restored afterwards, so the check does not perturb training."""
+        if _ffebm is None or not self.blocks or not hasattr(_ffebm, "compare_gradients"):
+            return {}
+        ref = _ffebm.Implicit() if self.cfg.grad_check_reference == "implicit" else _ffebm.Unrolled()
+        cand = getattr(self.blocks[0][1], "gradient", None)
+        buffers = {k: v.detach().clone() for k, v in self.core.state_dict().items()}
+        rng = torch.get_rng_state()
+        try:
+            res = _ffebm.compare_gradients(self.core, F.cross_entropy, (x, y), reference=ref,
+                                           candidates=[cand] if cand is not None else (), include_input=False)
+            return _per_block_cosine(res)
+        finally:
+            self.core.load_state_dict(buffers)
+            torch.set_rng_state(rng)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, Any]:
+        self.core.eval()
+        ds = self.test_local
+        loss_sum = correct = count = 0.0
+        bacc = {name: [0.0, 0.0, 0.0] for name, _ in self.blocks}
+        for i in range(0, len(ds), self.cfg.eval_batch_size):
+            x = self.pre(ds.images[i:i + self.cfg.eval_batch_size])
+            y = ds.labels[i:i + self.cfg.eval_batch_size].to(self.device)
+            logits = self.core(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            count += y.numel()
+            for name, (s, r) in self._block_stats().items():
+                bacc[name][0] += s
+                bacc[name][1] += r
+                bacc[name][2] += 1
+        self.core.train()
+        names = list(bacc)
+        vals = D.reduce_values([loss_sum, correct, count] + [v for n in names for v in bacc[n]], self.ctx, self.device)
+        loss_sum, correct, count = vals[:3]
+        blocks = {}
+        for i, n in enumerate(names):
+            s, r, k = vals[3 + 3 * i: 6 + 3 * i]
+            if k:
+                blocks[n] = {"steps_mean": s / k, "residual_mean": r / k}
+        return {"test_accuracy": correct / max(count, 1), "test_loss": loss_sum / max(count, 1),
+                "test_samples": int(count), "relaxation": blocks}
+
+    # -- main loop ------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        self.t0 = time.time()
+        if self.finished and self.final is not None:
+            self.log(f"run already complete: test accuracy {100 * self.final['test_accuracy']:.2f}%")
+            return self.final
+        self._install_signals()
+        try:
+            return self._fit()
+        finally:
+            self._restore_signals()
+            self.tb.close()
+
+    def _epoch_done(self) -> Dict[str, Any]:
+        g = self._global_accum()
+        rec = {"epoch": self.epoch + 1, "global_step": self.global_step,
+               "train_loss": g["loss_sum"] / max(g["count"], 1.0),
+               "train_accuracy": g["correct"] / max(g["count"], 1.0),
+               "train_samples": int(g["count"]),
+               "lr": self.opt.param_groups[0]["lr"],
+               "train_relaxation": {n: {"steps_mean": v[0] / v[2], "residual_mean": v[1] / v[2]}
+                                    for n, v in g["blocks"].items() if v[2]},
+               "seconds": g["time"]}
+        return rec
+
+    def _fit(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        from tqdm import tqdm
+
+        total_epochs = cfg.epochs
+        stop_at = cfg.max_steps or None
+        last_eval: Optional[Dict[str, Any]] = self.history[-1] if self.history and "test_accuracy" in self.history[-1] else None
+        interval = {"loss": 0.0, "correct": 0.0, "count": 0.0, "t": time.time(), "steps": 0,
+                    "blocks": {}}
+        done = False
+        while self.epoch < total_epochs and not done:
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{total_epochs}",
+                       disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True, leave=False,
+                       file=sys.stderr)
+            for step, xb, yb in self.batches.epoch(self.epoch, self.step_in_epoch):
+                if cfg.grad_check_every and self.global_step % cfg.grad_check_every == 0 and ctx.is_main:
+                    n = min(cfg.grad_check_batch, xb.shape[0])
+                    cos = self.grad_check(self.pre(xb[:n]), yb[:n].to(self.device))
+                    self.tb.scalars({f"gradcheck/{b}/cosine": c for b, c in cos.items()}, self.global_step + 1)
+                gen = None
+                if self.info.augment:
+                    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, self.epoch, step, ctx.rank))
+                t = time.time()
+                loss, correct, count, stats = self.train_step(xb, yb, gen)
+                dt = time.time() - t
+                self.global_step += 1
+                self.step_in_epoch = step + 1
+                self.acc["loss_sum"] += loss * count
+                self.acc["correct"] += correct
+                self.acc["count"] += count
+                self.acc["time"] += dt
+                self.train_seconds += dt
+                for name, (s, r) in stats.items():
+                    b = self.block_acc.setdefault(name, [0.0, 0.0, 0.0])
+                    b[0] += s
+                    b[1] += r
+                    b[2] += 1
+                    ib = interval["blocks"].setdefault(name, [0.0, 0.0, 0.0])
+                    ib[0] += s
+                    ib[1] += r
+                    ib[2] += 1
+                interval["loss"] += loss * count
+                interval["correct"] += correct
+                interval["count"] += count
+                interval["steps"] += 1
+                if ctx.is_main:
+                    sps = self.acc["count"] * ctx.world / max(self.acc["time"], 1e-9)
+                    bar.set_postfix(loss=f"{self.acc['loss_sum'] / self.acc['count']:.4f}",
+                                    acc=f"{100 * self.acc['correct'] / self.acc['count']:.1f}%",
+                                    sps=f"{sps:.0f}", refresh=False)
+                    bar.update(1)
+                if cfg.log_every and self.global_step % cfg.log_every == 0 and ctx.is_main:
+                    now = time.time()
+                    vals = {"train/loss": interval["loss"] / interval["count"],
+                            "train/accuracy": interval["correct"] / interval["count"],
+                            "train/lr": self.opt.param_groups[0]["lr"],
+                            "train/samples_per_s": interval["count"] * ctx.world / max(now - interval["t"], 1e-9)}
+                    for name, (s, r, k) in interval["blocks"].items():
+                        vals[f"relax/{name}/steps"] = s / k
+                        vals[f"relax/{name}/residual"] = r / k
+                    self.tb.scalars(vals, self.global_step)
+                    interval = {"loss": 0.0, "correct": 0.0, "count": 0.0, "t": now, "steps": 0, "blocks": {}}
+                if stop_at and self.global_step >= stop_at:
+                    done = True
+                if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0 and not done \
+                        and self.step_in_epoch < self.steps_per_epoch:
+                    self.save_checkpoint("every")
+                _maybe_inject_fault(self.global_step, ctx.rank)
+                stop = D.any_flag(float(self._signal), self.ctx, self.device)
+                if stop:
+                    bar.close()
+                    self._interrupted(int(stop))
+                if done:
+                    break
+            bar.close()
+            epoch_rec = self._epoch_done()
+            partial = self.step_in_epoch < self.steps_per_epoch
+            last = done or self.epoch + 1 >= total_epochs
+            if last or (self.epoch + 1) % cfg.eval_every == 0:
+                ev = self.evaluate()
+                epoch_rec.update(test_accuracy=ev["test_accuracy"], test_loss=ev["test_loss"],
+                                 test_relaxation=ev["relaxation"])
+                last_eval = epoch_rec
+            if partial:
+                epoch_rec["partial"] = True
+            self.history.append(epoch_rec)
+            self._report_epoch(epoch_rec)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._reset_accum()
+            stop = D.any_flag(float(self._signal), self.ctx, self.device)
+            if not last:
+                self.save_checkpoint("epoch")
+            if stop:
+                self._interrupted(int(stop))
+        return self._finish(last_eval)
+
+    def _report_epoch(self, rec: Dict[str, Any]):
+        if not self.ctx.is_main:
+            return
+        sps = rec["train_samples"] / max(rec["seconds"], 1e-9)
+        msg = (f"epoch {rec['epoch']}/{self.cfg.epochs}: train loss {rec['train_loss']:.4f}, "
+               f"train acc {100 * rec['train_accuracy']:.2f}%")
+        if "test_accuracy" in rec:
+            msg += f", test acc {100 * rec['test_accuracy']:.2f}%"
+        msg += f" ({_fmt_time(rec['seconds'])}, {sps:.0f} samples/s)"
+        self.log(msg)
+        vals = {"epoch/train_loss": rec["train_loss"], "epoch/train_accuracy": rec["train_accuracy"]}
+        if "test_accuracy" in rec:
+            vals.update({"epoch/test_accuracy": rec["test_accuracy"], "epoch/test_loss": rec["test_loss"]})
+        self.tb.scalars(vals, self.global_step)
+        self.tb.flush()
+
+    def _interrupted(self, signum: int):
+        self.save_checkpoint("signal")
+        name = signal.Signals(signum).name if signum in (signal.SIGINT, signal.SIGTERM) else str(signum)
+        where = self.run_dir if self.run_dir is not None else "(no run folder)"
+        raise TrainingStopped(f"{name} received: checkpoint saved at step {self.global_step}; "
+                              f"continue with: python -m train --resume {where}", 128 + signum)
+
+    def _finish(self, last_eval: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        if last_eval is None or last_eval.get("global_step") != self.global_step:
+            ev = self.evaluate()
+            last_eval = {"test_accuracy": ev["test_accuracy"], "test_loss": ev["test_loss"],
+                         "test_relaxation": ev["relaxation"]}
+        last_train = self.history[-1] if self.history else {}
+        wall = self.elapsed_before + (time.time() - self.t0)
+        train_rel = {}
+        # relaxation statistics: mean over the whole run's training epochs, and the final evaluation
+        for rec in self.history:
+            for n, v in rec.get("train_relaxation", {}).items():
+                a = train_rel.setdefault(n, [0.0, 0.0, 0])
+                a[0] += v["steps_mean"]
+                a[1] += v["residual_mean"]
+                a[2] += 1
+        relaxation = {}
+        for n, (s, r, k) in train_rel.items():
+            relaxation[n] = {"train_steps_mean": s / k, "train_residual_mean": r / k}
+        for n, v in last_eval.get("test_relaxation", {}).items():
+            relaxation.setdefault(n, {}).update(test_steps_mean=v["steps_mean"], test_residual_mean=v["residual_mean"])
+        samples = sum(h.get("train_samples", 0) for h in self.history)
+        metrics = {
+            "status": "completed",
+            "recipe": self.cfg.recipe, "model": self.cfg.model, "dataset": self.cfg.dataset,
+            "test_accuracy": last_eval["test_accuracy"],
+            "test_loss": last_eval["test_loss"],
+            "train_loss": last_train.get("train_loss"),
+            "train_accuracy": last_train.get("train_accuracy"),
+            "epochs": self.global_step / self.steps_per_epoch,
+            "steps": self.global_step,
+            "wall_seconds": wall,
+            "train_seconds": self.train_seconds,
+            "samples_per_second": samples / max(self.train_seconds, 1e-9),
+            "gradient_method": self.method,
+            "relaxation": relaxation,
+            "world_size": self.ctx.world,
+            "seed": self.cfg.seed,
+            "history": self.history,
+        }
+        self.finished = True
+        self.final = metrics
+        self.save_checkpoint("final")
+        if self.ctx.is_main and self.run_dir is not None:
+            ckpt_mod.atomic_write_json(self.run_dir / METRICS_FILE, metrics)
+        self.log(f"final test accuracy: {100 * metrics['test_accuracy']:.2f}% "
+                 f"({metrics['steps']} steps, {_fmt_time(wall)}; gradient {self.method})")
+        if self.run_dir is not None:
+            self.log(f"run folder: {self.run_dir}")
+        return metrics
+
+
+def _maybe_inject_fault(global_step: int, rank: int):
+    """Fault injection for the tests: with FFEBM_FAULT_AT_STEP=N this process sends itself
+    FFEBM_FAULT_SIGNAL (KILL by default; TERM, INT) right after global step N (and after the
+    checkpoint of that step, if one is due), on rank FFEBM_FAULT_RANK (default 0), only in
+    the first attempt of a torchrun group (TORCHELASTIC_RESTART_COUNT unset or 0)."""
+    at = os.environ.get("FFEBM_FAULT_AT_STEP")
+    if not at or int(at) != global_step:
+        return
+    if int(os.environ.get("FFEBM_FAULT_RANK", "0")) != rank:
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    sig = getattr(signal, "SIG" + os.environ.get("FFEBM_FAULT_SIGNAL", "KILL").upper())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), sig)
+    if sig == signal.SIGKILL:  # pragma: no cover
+        time.sleep(60)
+
+
+def _per_block_cosine(res) -> Dict[str, float]:
+    """{group: cosine} from a GradientComparison: for each energy block (and the digital
+    layers together) the cosine between the candidate's and the reference's gradients of all
+    its parameters, concatenated."""
+    grads = getattr(res, "grads", None)
+    if not grads:
+        return {}
+    ref = grads[res.reference]
+    cand = [m for m in grads if m != res.reference][0]
+    groups: Dict[str, List[str]] = {}
+    for pname, group in res.block_of.items():
+        if pname in ref and group != "input":
+            groups.setdefault(group, []).append(pname)
+    out = {}
+    for group, names in groups.items():
+        a = torch.cat([grads[cand][n].double().flatten() for n in names])
+        b = torch.cat([ref[n].double().flatten() for n in names])
+        na, nb = a.norm(), b.norm()
+        out[group] = 1.0 if (na == 0 and nb == 0) else (0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# programmatic entry point
+# ------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, run_dir: Optional[Path] = None, model_fn=None, resume: bool = False,
+          log=print) -> Dict[str, Any]:
+    """Train ``cfg`` in this process (world size 1 unless a process group is initialised)."""
+    ctx = D.DistContext()
+    trainer = Trainer(validate(cfg), run_dir, ctx, model_fn=model_fn, log=log)
+    found = ckpt_mod.find(Path(run_dir)) if (resume and run_dir is not None) else None
+    trainer.setup(resume_from=found)
+    trainer.commit(existing=resume)
+    return trainer.fit()
