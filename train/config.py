@@ -59,6 +59,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 3e-4
     momentum: float = 0.9            # sgd only
+    grad_clip: float = 0.0           # >0: clip the global gradient norm to this (0: off)
     schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant
     min_lr: float = 0.0
     epochs: int = 10
@@ -99,7 +100,7 @@ CHOICES: Dict[str, tuple] = {
 POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_test_size",
             "grad_check_batch", "eval_every")
 NON_NEGATIVE = ("train_subset", "test_subset", "max_steps", "num_threads", "log_every",
-                "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr")
+                "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr", "grad_clip")
 
 
 def field_names():

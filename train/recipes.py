@@ -43,7 +43,7 @@ def _add(name: str, description: str, **overrides):
 _add("digits", "models.build('digits'), centered EP, scikit-learn digits (default; CPU, < 2 min)",
      model="digits", dataset="digits", method="ep", variant="centered",
      optimizer="adam", lr=2e-3, weight_decay=3e-4, schedule="cosine",
-     epochs=60, batch_size=64, freeze_bn_affine=False)
+     epochs=60, batch_size=64, grad_clip=1.0, freeze_bn_affine=False)
 
 # CIFAR-10 splitting study.
 for _L, _blocks, _t1 in ((6, (1, 2, 3), 60), (12, (3, 4, 6), 20)):

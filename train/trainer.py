@@ -518,6 +518,11 @@ class Trainer:
         flags = D.any_flag(1.0 if problem else 0.0, self.ctx, self.device)
         if flags:
             self._stop_diverged(problem or "another process reported divergence")
+        if self.cfg.grad_clip > 0:
+            # exact gradients of an energy block spike where its equilibrium is close to a
+            # bifurcation (the adjoint system is nearly singular); clipping keeps one such
+            # batch from wrecking Adam's moment estimates
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         with torch.no_grad():

@@ -28,7 +28,7 @@ def test_wrong_type_is_refused(key, value):
 
 
 @pytest.mark.parametrize("over", [{"optimizer": "lion"}, {"epochs": "0"}, {"lr": "-1"}, {"device": "tpu"},
-                                  {"dataset": "svhn"}, {"beta": "0"}])
+                                  {"dataset": "svhn"}, {"beta": "0"}, {"grad_clip": "-1"}])
 def test_invalid_values_are_refused(over):
     with pytest.raises(ConfigError):
         validate(apply_overrides(TrainConfig(), over))
@@ -73,3 +73,9 @@ def test_cli_parsing():
                 ["--resume", "r", "digits"]):
         with pytest.raises(ConfigError):
             parse_args(bad)
+
+
+def test_grad_clip_is_a_typed_key_and_the_digits_recipe_uses_it():
+    cfg = validate(apply_overrides(TrainConfig(), {"grad_clip": "0.5"}))
+    assert cfg.grad_clip == 0.5
+    assert RECIPES["digits"]["grad_clip"] > 0
