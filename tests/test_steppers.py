@@ -89,3 +89,17 @@ def test_async_settles_in_fewer_steps_than_sync():
     _, ss = blk.solve(u, config=ffebm.Relaxation(mode="sync", **cfg))
     assert sa.converged
     assert sa.steps < ss.steps or not ss.converged
+
+
+def test_average_last_returns_mean_of_last_states():
+    torch.manual_seed(4)
+    blk = ffebm.DenseHopfield([5, 8, 6]).double()
+    u = blk.input_map(torch.randn(3, 5, dtype=torch.float64)).detach()
+    seen = []
+    cfg = ffebm.Relaxation(steps=7, tol=None, average_last=3)
+    s, _ = blk.solve(u, config=cfg, callback=lambda k, st: seen.append([t.clone() for t in st]))
+    for i in range(2):
+        want = torch.stack([seen[k][i] for k in (4, 5, 6)]).mean(0)
+        assert torch.allclose(s[i], want)
+    with pytest.raises(ValueError, match="average_last"):
+        ffebm.Relaxation(average_last=-1)

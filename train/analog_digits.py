@@ -33,10 +33,19 @@ expected per-batch update of the weight (SGD) or fast (TT) array in units of dw_
   C with the transfer-read noise and shrink it towards the symmetry point; 0.05 and above do
   not learn at all). Analog SGD: lr 1.0 (|upd|/dw_min ~1-3).
 
-Measured (seed 0, 20 epochs; 2 shared CPU cores): c-TTv2 reaches ~0.80-0.81 test accuracy with
-the default read model (0.52 after 5 epochs with perfect reads and analog lr 0.05), i.e. it does
-NOT reach the 90% target yet; the limiting factor observed is read noise (forward/backward reads
-during relaxation and transfer reads of A); the mean |w_tile| decays slowly during training.
+Read noise is what limits learning here (out_noise 0.06 on every relaxation read and on
+c-TTv2's transfer reads), so the defaults also average it and let the weights settle:
+
+* ``average 20``: each relaxation returns the mean state over its last 20 steps (``Relaxation(
+  average_last=20)``), with T1 40 / T2 30 steps, so EP's two nudged states are compared with
+  about 1/sqrt(20) of the per-read noise;
+* a wider model (hidden 256, width 128), batch 64, 40 epochs, and a per-epoch lr decay of 0.95
+  for both the analog and the digital optimiser (the test accuracy wanders by +-5 % between
+  epochs at a constant rate).
+
+Measured (2 shared CPU cores, OMP_NUM_THREADS=1, ~100 s per 40-epoch run): c-TTv2 0.922 (seed 0)
+and 0.928 (seed 1) final test accuracy with the default read model; without averaging and lr
+decay (64-128-64 model, 20 epochs) it stalled at ~0.80, with averaging alone 0.84 (30 epochs).
 """
 from __future__ import annotations
 
@@ -128,17 +137,17 @@ def _expected_update_ratio(params, lr: float) -> float:
     return sum(r) / max(len(r), 1)
 
 
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 40
 ANALOG_LR = {"c-ttv2": 0.01, "tiki-taka": 0.01, "sgd": 1.0}
 
 
-def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 32, lr: float = 5e-3,
+def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float = 5e-3,
         analog_lr: Optional[float] = None,
-        hidden: int = 128, width: int = 64, seed: int = 0, limit: int = 0, verbose: bool = True,
+        hidden: int = 256, width: int = 128, seed: int = 0, limit: int = 0, verbose: bool = True,
         beta: Optional[float] = None, omega: float = 0.5, fast_lr: float = 5.0, transfer_every: int = 1,
         columns: int = 0, in_chop_prob: float = 0.1, pair_form: str = "mean_difference",
-        reads: str = "default", device: str = "soft_bounds", lr_decay: float = 1.0, gain: float = 0.5,
-        init_gain: float = 1.0, bias_init: float = 0.0, average: int = 0, t1: int = 30, t2: int = 12) -> Dict:
+        reads: str = "default", device: str = "soft_bounds", lr_decay: float = 0.95, gain: float = 0.5,
+        init_gain: float = 1.0, bias_init: float = 0.0, average: int = 20, t1: int = 40, t2: int = 30) -> Dict:
     """Train one configuration; returns a dict with the per-epoch and final test accuracy.
     ``analog_lr`` None: ``ANALOG_LR[algorithm]``; ``beta`` None: 1.0 for analog runs, 0.5 digital."""
     if algorithm not in ALGORITHMS:
@@ -218,12 +227,12 @@ def main(argv=None) -> Dict:
     ap.add_argument("--algorithm", default="all",
                     help=f"one of {ALGORITHMS}, a comma-separated list, or 'all' (c-ttv2, sgd, digital)")
     ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the digital parameters")
     ap.add_argument("--analog-lr", type=float, default=None,
                     help=f"AnalogOptimizer learning rate (default per algorithm: {ANALOG_LR})")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--beta", type=float, default=None, help="EP beta (default 1.0 analog, 0.5 digital)")
     ap.add_argument("--omega", type=float, default=0.5, help="weight_scaling_omega (0: off)")
@@ -237,11 +246,11 @@ def main(argv=None) -> Dict:
     ap.add_argument("--gain", type=float, default=0.5, help="DenseHopfield gain a (state = a * drive)")
     ap.add_argument("--init-gain", type=float, default=1.0, help="init std = init_gain / sqrt(fan_in)")
     ap.add_argument("--bias-init", type=float, default=0.0, help="initial bias of the blocks' layers")
-    ap.add_argument("--lr-decay", type=float, default=1.0, help="per-epoch lr factor")
-    ap.add_argument("--average", type=int, default=0,
+    ap.add_argument("--lr-decay", type=float, default=0.95, help="per-epoch lr factor")
+    ap.add_argument("--average", type=int, default=20,
                     help="return the mean state over the last N relaxation steps (averages read noise)")
-    ap.add_argument("--t1", type=int, default=30, help="free relaxation steps")
-    ap.add_argument("--t2", type=int, default=12, help="nudged relaxation steps")
+    ap.add_argument("--t1", type=int, default=40, help="free relaxation steps")
+    ap.add_argument("--t2", type=int, default=30, help="nudged relaxation steps")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train/test samples (smoke tests)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)

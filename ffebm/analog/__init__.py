@@ -22,4 +22,5 @@ from .layers import (
 from .optimizer import AnalogOptimizer
 
 # -- energy blocks on tiles (relaxation reads through the read model, EP updates as pulses)
-from .energy import AnalogDenseCoupling, AnalogEP, analog_energy_block, to_analog_energy
+from .energy import (AnalogConvCoupling, AnalogDenseCoupling, AnalogEP, analog_couplings, analog_energy_block,
+                     to_analog_energy)

@@ -9,7 +9,8 @@ management, DAC/ADC quantisation, output noise, bound management). With perfect 
 
 ``phi(x, y) = <y, W x + b>`` is evaluated with the tile's effective weight in network units (the
 exact values the reads see, plus a Tiki-Taka fast array's contribution while one is in use), so
-EP's read-out is consistent with the reads in perfect mode.
+EP's read-out is consistent with the reads in perfect mode. Convolutional couplings go on tiles as
+:class:`~ffebm.analog.conv_coupling.AnalogConvCoupling` (im2col patches read one by one).
 
 Pulsed EP (:class:`AnalogEP`): EP's centered estimate for a dense coupling is
 ``dW = -(y+ x+^T - y- x-^T) / (2 beta B)``, a difference of two outer products. Instead of
@@ -36,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..couplings import Coupling, DenseCoupling, init_weight
+from ..couplings import ConvCoupling, Coupling, DenseCoupling, init_weight
 from ..gradients.ep import EP
 from .config import InvalidSetting
-from .layers import AnalogConfig, AnalogLinear, _AnalogLayer, _post_load_hook
+from .conv_coupling import AnalogConvCoupling
+from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook
 
-__all__ = ["AnalogDenseCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
+__all__ = ["AnalogDenseCoupling", "AnalogConvCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
            "analog_couplings", "reset_read_counts"]
 
 
@@ -169,8 +171,9 @@ class AnalogDenseCoupling(_AnalogLayer, Coupling):
         return f"{self.in_shape} -> {self.out_features}, tile={self.tile.extra_repr()}"
 
 
-def analog_couplings(module: nn.Module) -> List[AnalogDenseCoupling]:
-    return [m for m in module.modules() if isinstance(m, AnalogDenseCoupling)]
+def analog_couplings(module: nn.Module) -> List[Coupling]:
+    """The couplings of ``module`` whose weights live on tiles (dense and convolutional)."""
+    return [m for m in module.modules() if isinstance(m, (AnalogDenseCoupling, AnalogConvCoupling))]
 
 
 def reset_read_counts(module: nn.Module) -> None:
@@ -247,8 +250,9 @@ def _analog_ep_from(g: Any) -> Any:
 def analog_energy_block(block: nn.Module, config: Optional[AnalogConfig] = None, input_coupling: bool = True,
                         seed: Optional[int] = None, inplace: bool = False,
                         analog_gradient: bool = True) -> nn.Module:
-    """Move an energy block's dense couplings (and, with ``input_coupling``, the ``nn.Linear``
-    layers of its input map) onto analog tiles, keeping the weights.
+    """Move an energy block's couplings (dense: :class:`AnalogDenseCoupling`, convolutional:
+    :class:`AnalogConvCoupling`) and, with ``input_coupling``, the ``nn.Linear`` / ``nn.Conv2d``
+    layers of its input map onto analog tiles, keeping the weights.
 
     Returns a converted deep copy (or ``block`` itself if ``inplace``). With ``analog_gradient``
     an :class:`EP` method is replaced by the equivalent :class:`AnalogEP` (pulsed updates).
@@ -272,25 +276,32 @@ def analog_energy_block(block: nn.Module, config: Optional[AnalogConfig] = None,
         return s
 
     for i, c in enumerate(block.couplings):
-        if isinstance(c, AnalogDenseCoupling):
+        if isinstance(c, (AnalogDenseCoupling, AnalogConvCoupling)):
             continue
-        if not isinstance(c, DenseCoupling):
+        if isinstance(c, DenseCoupling):
+            block.couplings[i] = AnalogDenseCoupling.from_dense(c, config, next_seed())
+        elif isinstance(c, ConvCoupling):
+            block.couplings[i] = AnalogConvCoupling.from_conv(c, config, next_seed())
+        else:
             raise InvalidSetting("analog_energy_block", f"couplings[{i}]", type(c).__name__,
-                                 "DenseCoupling (convolutional couplings are not supported on tiles yet)")
-        block.couplings[i] = AnalogDenseCoupling.from_dense(c, config, next_seed())
+                                 "a DenseCoupling or ConvCoupling")
     if input_coupling:
-        _convert_linears(block.input_map, config, next_seed)
+        _convert_input_map(block.input_map, config, next_seed)
     if analog_gradient:
         block.gradient = _analog_ep_from(block.gradient)
     return block
 
 
-def _convert_linears(mod: nn.Module, config: AnalogConfig, next_seed) -> None:
+def _convert_input_map(mod: nn.Module, config: AnalogConfig, next_seed) -> None:
+    """Put the ``nn.Linear`` / ``nn.Conv2d`` layers of an input map on tiles (pooling and
+    normalisation stay digital)."""
     for name, child in mod.named_children():
         if isinstance(child, nn.Linear):
             setattr(mod, name, AnalogLinear.from_linear(child, config, next_seed()))
+        elif isinstance(child, nn.Conv2d):
+            setattr(mod, name, AnalogConv2d.from_conv(child, config, next_seed()))
         else:
-            _convert_linears(child, config, next_seed)
+            _convert_input_map(child, config, next_seed)
 
 
 def to_analog_energy(model: nn.Module, config: Optional[AnalogConfig] = None, input_coupling: bool = True,

@@ -1,0 +1,176 @@
+"""Convolutional couplings on analog tiles.
+
+An :class:`AnalogConvCoupling` is a :class:`~ffebm.couplings.ConvCoupling` whose kernel ``W``
+(``C_out x C_in x k x k``) is held on a tile of shape ``C_out x (C_in k k)``, as a crossbar
+computes a convolution: each im2col patch ``p`` of the lower layer is one input vector, so
+
+    bottom-up:  c[:, :, i] = W p_i                         (one forward read per output position)
+                f(x) = P(c) + b                            (pooling P and bias are digital)
+    top-down:   J_f(x)^T y = fold_i( W^T (P^T y)[:, :, i] )  (one transposed read per position)
+
+with ``P^T`` the pooling's adjoint at x (max: scatter to the winners; avg; soft), exactly as the
+digital coupling. ``phi(x, y) = <y, P(conv(x, W_eff)) + b>`` uses the tile's effective weight
+(what the reads see), and its weight gradient ``sum_i (P^T y)_i p_i^T`` is, inside
+:class:`~ffebm.analog.energy.AnalogEP`, recorded as the pulsed outer-product pairs
+``(p_i, (P^T y)_i)`` (one per output position and sample) instead of being formed densely.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..couplings import ConvCoupling
+from .config import InvalidSetting
+from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
+
+__all__ = ["AnalogConvCoupling"]
+
+
+def _record(weight: Tensor, x: Tensor, d: Tensor) -> None:
+    pend = getattr(weight, "_analog_pending", None)
+    if pend is None:
+        pend = []
+        weight._analog_pending = pend
+    pend.append((x, d))
+
+
+class _AnalogConv(torch.autograd.Function):
+    """c = conv2d(x, W_eff) with W_eff the coupling's effective weight (a constant of the solve).
+
+    Backward: dx = conv_transpose(gc, W_eff); dW as the pairs (patches, gc) when the coupling
+    is recording (pulsed EP), else the dense ``sum_i gc_i p_i^T``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, coupling: "AnalogConvCoupling") -> Tensor:  # type: ignore[override]
+        W = coupling.effective_weight().to(dtype=x.dtype, device=x.device)
+        ctx.coupling, ctx.weight = coupling, weight
+        ctx.save_for_backward(x, W)
+        return F.conv2d(x, W, None, coupling.stride, coupling.padding)
+
+    @staticmethod
+    def backward(ctx, gc: Tensor):  # type: ignore[override]
+        x, W = ctx.saved_tensors
+        c = ctx.coupling
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv_transpose2d(gc, W, None, c.stride, c.padding, c._out_pad)
+        gw = None
+        if ctx.needs_input_grad[1]:
+            w = ctx.weight
+            cols = c._patches(x.detach())
+            d = gc.detach().flatten(2).transpose(1, 2).reshape(cols.shape[0], -1)
+            if c._recording:
+                _record(w, cols, d)
+                if c.config.dense_grad:
+                    gw = (d.t() @ cols).reshape(w.shape).to(w.dtype)
+            else:
+                gw = (d.t() @ cols).reshape(w.shape).to(w.dtype)
+        return gx, gw, None
+
+
+class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
+    """``f(x) = P(conv(x, W)) + b`` with ``W`` on an analog tile (``C_out x C_in k k``).
+
+    Same geometry arguments as :class:`~ffebm.couplings.ConvCoupling`, plus ``config``
+    (:class:`AnalogConfig`), ``seed`` (device spread, read noise), ``device`` and ``dtype``.
+    ``n_forward_reads`` / ``n_backward_reads`` count calls of the bottom-up / top-down drive
+    (each is one tile read per output position and sample).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_size: Sequence[int], kernel_size: int = 3,
+                 stride: int = 1, padding: int = 1, pool: str = "max", pool_size: int = 2,
+                 soft_temperature: float = 0.1, bias: bool = True, init_gain: float = 1.0,
+                 config: Optional[AnalogConfig] = None, seed: Optional[int] = None,
+                 device: Any = None, dtype: Optional[torch.dtype] = None) -> None:
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("kernel_size", kernel_size), ("stride", stride), ("pool_size", pool_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidSetting("AnalogConvCoupling", name, v, "integer in [1, inf)")
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise InvalidSetting("AnalogConvCoupling", "padding", padding, "integer in [0, inf)")
+        try:  # the digital coupling's geometry checks and initialisation
+            ConvCoupling.__init__(self, in_channels, out_channels, in_size, kernel_size, stride, padding,
+                                  pool, pool_size, soft_temperature, bias, init_gain)
+        except ValueError as e:
+            raise InvalidSetting("AnalogConvCoupling", "pool" if "pool must" in str(e) else "in_size",
+                                 pool if "pool must" in str(e) else in_size, str(e)) from None
+        w0 = self._parameters.pop("weight").detach()
+        fan_in = in_channels * kernel_size * kernel_size
+        self._init_analog(out_channels, fan_in, tuple(w0.shape), config, seed, device, dtype)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.set_weights(w0.to(device=self.weight.device, dtype=self.weight.dtype))
+        self._recording = False
+        self.n_forward_reads = 0
+        self.n_backward_reads = 0
+        self.register_load_state_dict_post_hook(_post_load_hook)
+
+    @classmethod
+    def from_conv(cls, c: ConvCoupling, config: Optional[AnalogConfig] = None,
+                  seed: Optional[int] = None) -> "AnalogConvCoupling":
+        """Program a :class:`ConvCoupling`'s kernel onto a tile (geometry and bias are copied)."""
+        if not isinstance(c, ConvCoupling) or isinstance(c, AnalogConvCoupling):
+            raise InvalidSetting("AnalogConvCoupling.from_conv", "c", type(c).__name__, "a digital ConvCoupling")
+        m = cls(c.in_channels, c.out_channels, c.in_size, c.kernel_size, c.stride, c.padding, c.pool,
+                c.pool_size if c.pool != "none" else 2, c.soft_temperature, c.bias is not None,
+                config=config, seed=seed, device=c.weight.device, dtype=c.weight.dtype)
+        m.set_weights(c.weight.detach())
+        if c.bias is not None:
+            with torch.no_grad():
+                m.bias.copy_(c.bias)
+        return m
+
+    # -- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """Network-unit kernel the reads see: ``out_scale * (W_tile_read + extra)``, reshaped."""
+        W = self.tile.tile_weights(read=True)
+        extra = self._extra()
+        if extra is not None:
+            W = W + extra.to(W)
+        return (self.tile.out_scale.unsqueeze(1) * W).reshape(self.weight.shape)
+
+    # -- im2col ------------------------------------------------------------------------------
+    def _patches(self, x: Tensor) -> Tensor:
+        """``[B * L, C_in k k]``: one row per output position (b-major, then row-major position)."""
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [B, Ckk, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    # -- coupling interface ------------------------------------------------------------------
+    def bottom_up(self, x: Tensor):
+        self.n_forward_reads += 1
+        b = x.shape[0]
+        c = self._read_forward(self._patches(x))  # [B*L, C_out]
+        c = c.reshape(b, -1, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, *self.conv_size)
+        y, ctx = self._pool(c)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y, ctx
+
+    def top_down(self, y: Tensor, ctx: Any) -> Tensor:
+        self.n_backward_reads += 1
+        g = self._pool_adjoint(y, ctx)  # [B, C_out, Hc, Wc]
+        b = g.shape[0]
+        z = self._read_backward(g.flatten(2).transpose(1, 2).reshape(-1, self.out_channels))  # [B*L, Ckk]
+        z = z.reshape(b, -1, z.shape[1]).transpose(1, 2)
+        return F.fold(z, self.in_size, self.kernel_size, padding=self.padding, stride=self.stride)
+
+    def phi(self, x: Tensor, y: Tensor) -> Tensor:
+        self._link()
+        self._refresh()
+        c = _AnalogConv.apply(x, self.weight, self)
+        p, _ = self._pool(c)
+        if self.bias is not None:
+            p = p + self.bias.view(1, -1, 1, 1)
+        return (y * p).sum()
+
+    def out_shape(self, in_shape):
+        k = self.pool_size
+        return (self.out_channels, self.conv_size[0] // k, self.conv_size[1] // k)
+
+    def extra_repr(self) -> str:
+        return ConvCoupling.extra_repr(self) + f", tile={self.tile.extra_repr()}"
