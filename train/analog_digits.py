@@ -43,9 +43,10 @@ c-TTv2's transfer reads), so the defaults also average it and let the weights se
   for both the analog and the digital optimiser (the test accuracy wanders by +-5 % between
   epochs at a constant rate).
 
-Measured (2 shared CPU cores, OMP_NUM_THREADS=1, ~100 s per 40-epoch run): c-TTv2 0.922 (seed 0)
-and 0.928 (seed 1) final test accuracy with the default read model; without averaging and lr
-decay (64-128-64 model, 20 epochs) it stalled at ~0.80, with averaging alone 0.84 (30 epochs).
+Measured (2 shared CPU cores, OMP_NUM_THREADS=1, 40 epochs, default read model, SoftBounds):
+c-TTv2 0.922 (seed 0; 0.928 seed 1, ~200 s), Tiki-Taka 0.958 (~160 s), analog SGD 0.589, the same
+model digital 0.972. Without averaging and lr decay (64-128-64 model, 20 epochs) c-TTv2 stalled
+at ~0.80, with averaging alone 0.84 (30 epochs).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogSGD, ChoppedTTv2,
 from ffebm.analog.energy import AnalogEP, to_analog_energy
 
 ALGORITHMS = ("c-ttv2", "tiki-taka", "sgd", "digital")
+ARCHS = ("dense", "conv")
 
 
 def load_digits_split(dtype=torch.float32):
@@ -81,14 +83,24 @@ def load_digits_split(dtype=torch.float32):
 
 def build_model(hidden: int = 128, width: int = 64, beta: float = 0.5, t1: int = 30, t2: int = 12,
                 seed: int = 0, gain: float = 0.5, init_gain: float = 1.0, bias_init: float = 0.0,
-                average: int = 0) -> nn.Module:
+                average: int = 0, arch: str = "dense") -> nn.Module:
+    """``arch`` "dense": two DenseHopfield blocks; "conv": the first block is a ConvHopfield on
+    the 8x8 image (input conv 1->16 with batch norm, 2x2 average pooling, conv coupling 16->32 with
+    pooling; a digital linear layer to ``width`` after it), so its coupling goes on a tile as an
+    AnalogConvCoupling and its input conv as an AnalogConv2d."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {ARCHS}, got {arch!r}")
     torch.manual_seed(seed)
     grad = ffebm.EP(beta=beta)
     # with averaging, the returned state is the mean over the last ``average`` steps (read noise)
     relax = ffebm.Relaxation(steps=t1, tol=None if average else 1e-3, average_last=average)
     nudge = ffebm.Relaxation(steps=t2, tol=None, average_last=average)
     kw = dict(relaxation=relax, nudge_relaxation=nudge, gradient=grad, gain=gain, init_gain=init_gain)
-    b1 = ffebm.DenseHopfield([64, hidden, width], name="block1", **kw)
+    if arch == "conv":
+        b1 = nn.Sequential(ffebm.ConvHopfield(1, (8, 8), [16, 32], pool="avg", name="block1", **kw),
+                           nn.Flatten(), nn.Linear(128, width), nn.ReLU())
+    else:
+        b1 = ffebm.DenseHopfield([64, hidden, width], name="block1", **kw)
     b2 = ffebm.DenseHopfield([width, width, width // 2], name="block2", **kw)
     if bias_init:
         with torch.no_grad():
@@ -96,7 +108,8 @@ def build_model(hidden: int = 128, width: int = 64, beta: float = 0.5, t1: int =
                 for mod in list(b.input_map) + list(b.couplings):
                     if getattr(mod, "bias", None) is not None:
                         mod.bias.fill_(bias_init)
-    return nn.Sequential(b1, nn.Linear(width, width), nn.ReLU(), b2, nn.Linear(width // 2, 10))
+    head = [nn.Unflatten(1, (1, 8, 8))] if arch == "conv" else []
+    return nn.Sequential(*head, b1, nn.Linear(width, width), nn.ReLU(), b2, nn.Linear(width // 2, 10))
 
 
 def make_algorithm(name: str, fast_lr: float = 0.2, transfer_every: int = 1, columns: int = 0,
@@ -147,7 +160,8 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
         beta: Optional[float] = None, omega: float = 0.5, fast_lr: float = 5.0, transfer_every: int = 1,
         columns: int = 0, in_chop_prob: float = 0.1, pair_form: str = "mean_difference",
         reads: str = "default", device: str = "soft_bounds", lr_decay: float = 0.95, gain: float = 0.5,
-        init_gain: float = 1.0, bias_init: float = 0.0, average: int = 20, t1: int = 40, t2: int = 30) -> Dict:
+        init_gain: float = 1.0, bias_init: float = 0.0, average: int = 20, t1: int = 40, t2: int = 30,
+        arch: str = "dense") -> Dict:
     """Train one configuration; returns a dict with the per-epoch and final test accuracy.
     ``analog_lr`` None: ``ANALOG_LR[algorithm]``; ``beta`` None: 1.0 for analog runs, 0.5 digital."""
     if algorithm not in ALGORITHMS:
@@ -160,7 +174,7 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
     if limit:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
     model = build_model(hidden, width, beta=beta, seed=seed, gain=gain, init_gain=init_gain, bias_init=bias_init,
-                        average=average, t1=t1, t2=t2)
+                        average=average, t1=t1, t2=t2, arch=arch)
     opts: List[torch.optim.Optimizer] = []
     aparams = []
     if algorithm == "digital":
@@ -218,7 +232,7 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
             "hidden": hidden, "width": width, "seed": seed, "beta": beta, "omega": omega,
             "fast_lr": fast_lr, "transfer_every": transfer_every, "columns": columns,
             "in_chop_prob": in_chop_prob, "gain": gain, "init_gain": init_gain, "bias_init": bias_init, "pair_form": pair_form, "reads": reads, "lr_decay": lr_decay,
-            "device": device if algorithm != "digital" else None,
+            "device": device if algorithm != "digital" else None, "arch": arch,
             "final_test_acc": hist[-1]["test_acc"] if hist else accuracy(model, xte, yte), "history": hist}
 
 
@@ -251,6 +265,8 @@ def main(argv=None) -> Dict:
                     help="return the mean state over the last N relaxation steps (averages read noise)")
     ap.add_argument("--t1", type=int, default=40, help="free relaxation steps")
     ap.add_argument("--t2", type=int, default=30, help="nudged relaxation steps")
+    ap.add_argument("--arch", default="dense", choices=ARCHS,
+                    help="dense: two dense blocks; conv: the first block convolutional (conv couplings on tiles)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train/test samples (smoke tests)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
@@ -269,7 +285,7 @@ def main(argv=None) -> Dict:
                               columns=a.columns, in_chop_prob=a.chop_prob, pair_form=a.pair_form,
                               reads=a.reads, device=a.device, lr_decay=a.lr_decay,
                               gain=a.gain, init_gain=a.init_gain, bias_init=a.bias_init,
-                              average=a.average, t1=a.t1, t2=a.t2)
+                              average=a.average, t1=a.t1, t2=a.t2, arch=a.arch)
     print("\nfinal test accuracy (digits, %d epochs):" % a.epochs)
     for al, r in results.items():
         label = "digital EP" if al == "digital" else f"analog {al} (SoftBounds, default reads)"

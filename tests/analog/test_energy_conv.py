@@ -8,7 +8,7 @@ import ffebm
 from ffebm.analog import (AnalogConfig, AnalogConv2d, AnalogConvCoupling, AnalogOptimizer, AnalogSGD, ChoppedTTv2,
                           IdealDevice, InvalidSetting, IOConfig, SoftBounds, analog_energy_block, analog_parameters,
                           digital_parameters)
-from ffebm.analog.energy import AnalogEP, reset_read_counts
+from ffebm.analog.energy import AnalogEP, reset_read_counts, to_analog_energy
 from ffebm.couplings import ConvCoupling
 
 PERFECT = AnalogConfig(device=IdealDevice(), io=IOConfig.perfect())
@@ -163,3 +163,13 @@ def test_conv_block_state_dict_round_trip_and_training_steps():
         opt.step()
     w1 = a.couplings[0].tile.tile_weights()
     assert torch.isfinite(w1).all() and not torch.equal(w0, w1)
+
+
+def test_digits_conv_smoke():
+    from train.analog_digits import build_model, main
+
+    m = to_analog_energy(build_model(16, 8, arch="conv", average=2, t1=4, t2=3), AnalogConfig(), seed=0)
+    assert sum(isinstance(c, AnalogConvCoupling) for c in m.modules()) == 1
+    res = main(["--algorithm", "c-ttv2", "--arch", "conv", "--epochs", "1", "--limit", "64", "--width", "8",
+                "--t1", "4", "--t2", "3", "--average", "2"])
+    assert res["c-ttv2"]["arch"] == "conv" and 0.0 <= res["c-ttv2"]["final_test_acc"] <= 1.0
