@@ -32,3 +32,19 @@ def test_bench_quick_runs_and_ep_memory_is_flat(tmp_path):
     # BPTT stores every step: its backward memory grows with T1; EP's stays (within noise) flat
     assert mem[("bptt", 100)] > mem[("bptt", 10)] + 50
     assert mem[("ep", 100)] < mem[("ep", 10)] + 20
+
+
+def test_bench_analog_block_rows_small(monkeypatch):
+    import ffebm
+    from train import bench_analog
+
+    monkeypatch.setattr(bench_analog, "BLOCKS", {
+        "dense tiny": (lambda: ffebm.DenseHopfield([6, 5, 4], steps=3, tol=None, nudge_steps=2), (6,), 4),
+        "conv tiny": (lambda: ffebm.ConvHopfield(2, (4, 4), [3, 4], pool="avg", steps=3, tol=None, nudge_steps=2),
+                      (2, 4, 4), 2),
+    })
+    rows = bench_analog.block_rows(1, __import__("torch").device("cpu"))
+    assert [r["block"] for r in rows] == ["dense tiny", "conv tiny"]
+    for r in rows:
+        assert r["digital_s"] > 0 and r["analog_s"] > 0
+        assert abs(r["analog_over_digital"] - r["analog_s"] / r["digital_s"]) < 1e-9

@@ -9,6 +9,11 @@ over repeats, beside a plain dense outer product of the same shape (``d^T x``) a
 torch Linear step (forward + backward + SGD) measured in the same run. Also: the exact
 (slot-by-slot) path at 64x64 for reference, and a full analog layer step (forward read +
 backward read + pulsed update) at 512x512.
+
+Energy blocks on tiles (what simulating the hardware costs): one EP training step (free
+relaxation, two nudged relaxations, pulsed c-TTv2 update) of a dense block and of a
+convolutional block whose couplings settle on tiles with the default read model, beside the
+same digital block trained by EP and Adam, median seconds side by side.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from typing import Callable, Dict, List
 
 import torch
 
-from ffebm.analog import AnalogTile, ConstantStep, DeviceArray, SoftBounds, UpdateConfig
+import ffebm
+from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogTile, ChoppedTTv2, ConstantStep, DeviceArray,
+                          SoftBounds, UpdateConfig, analog_parameters, digital_parameters, to_analog_energy)
 
 REF_MS = {  # AIHWKit 1.2.0 C++ core, CPU build, 2 threads (published)
     ("ConstantStep", 0.01): 18.5, ("ConstantStep", 0.1): 191.0,
@@ -130,6 +137,53 @@ def run(repeats: int = 9, device: str = "cpu", size: int = 512, batch: int = 64,
             "bl": 31, "lr": 0.01, "repeats": repeats, "rows": rows}
 
 
+BLOCKS = {  # name: (builder, input shape without batch, batch)
+    "dense [64, 256, 128], T1 40, T2 30": (
+        lambda: ffebm.DenseHopfield([64, 256, 128], steps=40, tol=None, nudge_steps=30), (64,), 64),
+    "conv 16x16x16 -> [32, 64] avg pool, T1 20, T2 10": (
+        lambda: ffebm.ConvHopfield(16, (16, 16), [32, 64], pool="avg", steps=20, tol=None, nudge_steps=10),
+        (16, 16, 16), 32),
+}
+
+
+def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
+    """EP training step of each block in BLOCKS: digital (EP + Adam) vs on tiles (AnalogEP +
+    pulsed c-TTv2, SoftBounds, default reads), median seconds measured side by side."""
+    rows = []
+    for name, (make, shape, batch) in BLOCKS.items():
+        torch.manual_seed(0)
+        digital = make().to(dev)
+        analog = to_analog_energy(digital, AnalogConfig(device=SoftBounds()), seed=0)
+        x = torch.rand(batch, *shape, device=dev)
+        t = torch.rand_like(digital(x))
+        steps = {}
+        for kind, blk in (("digital", digital), ("analog", analog)):
+            opts = [torch.optim.Adam(digital_parameters(blk), lr=1e-3)]
+            if kind == "analog":
+                opts.append(AnalogOptimizer(analog_parameters(blk), ChoppedTTv2(), lr=0.01, seed=0))
+
+            def step(blk=blk, opts=opts):
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                ((blk(x) - t) ** 2).mean().backward()
+                for o in opts:
+                    o.step()
+
+            steps[kind] = median_ms(step, repeats, dev, warmup=1) / 1e3
+        rows.append({"block": name, "batch": batch, "digital_s": steps["digital"], "analog_s": steps["analog"],
+                     "analog_over_digital": steps["analog"] / steps["digital"]})
+    return rows
+
+
+def print_blocks(rows: List[Dict[str, object]]) -> None:
+    print("\n# EP training step of an energy block: digital vs on tiles (SoftBounds, default reads, c-TTv2)")
+    print(f"| {'block':<48} | {'batch':>5} | {'digital s':>9} | {'analog s':>8} | {'ratio':>6} |")
+    print("|" + "|".join("-" * (w + 2) for w in (48, 5, 9, 8, 6)) + "|")
+    for r in rows:
+        print(f"| {r['block']:<48} | {r['batch']:>5} | {r['digital_s']:>9.3f} | {r['analog_s']:>8.3f} | "
+              f"{r['analog_over_digital']:>5.1f}x |")
+
+
 def print_table(res: Dict[str, object]) -> None:
     print(f"# analog bench: torch {res['torch']}, {res['device']}, {res['threads']} threads, "
           f"batch {res['batch']}, BL {res['bl']}, lr {res['lr']}, median of {res['repeats']}")
@@ -153,11 +207,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-blocks", action="store_true", help="skip the energy-block step comparison")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.repeats, a.device)
     print_table(res)
+    if not a.no_blocks:
+        res["blocks"] = block_rows(max(3, a.repeats // 3), torch.device(a.device))
+        print_blocks(res["blocks"])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
