@@ -43,6 +43,18 @@ class TrainConfig:
     model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
     freeze_bn_affine: bool = False   # freeze batch-norm weight/bias (the reference recipe does)
 
+    # --- analog tiles (ffebm.analog; see train/analog.py) ---------------------------------
+    analog: str = ""                 # device model of the energy blocks' couplings on simulated tiles
+                                     # (soft_bounds, constant_step, ideal, ...; "": digital run)
+    analog_algorithm: str = "c-ttv2"  # pulsed updates: sgd | tiki-taka | ttv2 | c-ttv2 | agad | mixed-precision
+    analog_options: str = ""         # algorithm settings "k=v,k2=v2" over our defaults (TT family:
+                                     # fast_lr=5, columns_per_transfer=0 = all, scale_transfer_lr=true)
+    analog_lr: float = 0.01          # AnalogOptimizer lr (follows the same schedule factor as lr)
+    analog_reads: str = "default"    # default (published read model: noise, quantisation) | perfect
+    analog_omega: float = 0.5        # weight_scaling_omega: max |w| of a row -> this many tile units (0: off)
+    analog_input: bool = True        # also put the nn.Linear layers of the blocks' input maps on tiles
+    analog_layers: bool = False      # also put the digital nn.Linear/nn.Conv2d layers outside the blocks on tiles
+
     # --- data ---------------------------------------------------------------------------
     dataset: str = "digits"          # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet32 | fake
     data_root: str = "data"
@@ -60,8 +72,9 @@ class TrainConfig:
     weight_decay: float = 3e-4
     momentum: float = 0.9            # sgd only
     grad_clip: float = 0.0           # >0: clip the global gradient norm to this (0: off)
-    schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant
+    schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant | exponential
     min_lr: float = 0.0
+    lr_decay: float = 0.95           # exponential schedule: lr factor per epoch (not below min_lr)
     epochs: int = 10
     batch_size: int = 64             # global batch (split evenly over the processes)
     eval_batch_size: int = 500
@@ -92,7 +105,8 @@ RUNTIME_KEYS = frozenset({
 CHOICES: Dict[str, tuple] = {
     "method": ("ep", "implicit", "unrolled", None),
     "optimizer": ("adam", "adamw", "sgd"),
-    "schedule": ("cosine", "constant"),
+    "schedule": ("cosine", "constant", "exponential"),
+    "analog_reads": ("default", "perfect"),
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
 }
@@ -100,7 +114,8 @@ CHOICES: Dict[str, tuple] = {
 POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_test_size",
             "grad_check_batch", "eval_every")
 NON_NEGATIVE = ("train_subset", "test_subset", "max_steps", "num_threads", "log_every",
-                "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr", "grad_clip")
+                "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr", "grad_clip",
+                "analog_lr", "analog_omega")
 
 
 def field_names():
@@ -210,21 +225,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key}={v!r}: must be > 0")
+    if not 0 < cfg.lr_decay <= 1:
+        raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
     parse_model_options(cfg.model_options)
+    parse_model_options(cfg.analog_options, field="analog_options")
+    from .analog import check_config  # device / algorithm names (imports ffebm.analog)
+
+    check_config(cfg)
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device={dev!r}: expected auto, cpu, cuda or cuda:N")
     return cfg
 
 
-def parse_model_options(text: str) -> Dict[str, Any]:
+def parse_model_options(text: str, field: str = "model_options") -> Dict[str, Any]:
     """``"tol=none,hidden=128,pool_override=avg"`` -> {"tol": None, "hidden": 128, "pool_override": "avg"}."""
     out: Dict[str, Any] = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
-            raise ConfigError(f"model_options={text!r}: expected comma-separated name=value pairs")
+            raise ConfigError(f"{field}={text!r}: expected comma-separated name=value pairs")
         v = val.strip()
         low = v.lower()
         if low in ("none", "null"):

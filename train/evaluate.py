@@ -5,6 +5,10 @@ Prints the test accuracy of the run's latest checkpoint (the final weights once 
 finished).  With ``--times`` (seconds after programming, e.g. ``0,3600,86400``) analog models
 are evaluated with conductance drift through ``ffebm.analog.drift``'s evaluate-over-time
 helper (``evaluate_over_time``), when that module provides it.  The run folder is only read.
+
+The model is rebuilt by :meth:`train.trainer.Trainer.setup` from the stored configuration, so an
+analog run (``analog=DEVICE``) goes through the same seeded :func:`train.analog.make_analog`
+conversion as in training, and its checkpoint (tile states, analog optimiser) loads into it.
 """
 
 from __future__ import annotations

@@ -45,6 +45,20 @@ _add("digits", "models.build('digits'), centered EP, scikit-learn digits (defaul
      optimizer="adam", lr=2e-3, weight_decay=3e-4, schedule="cosine",
      epochs=60, batch_size=64, grad_clip=1.0, freeze_bn_affine=False)
 
+# The digits ff-EBM with its energy blocks on simulated analog tiles: the default c-TTv2 run of
+# train/analog_digits.py (SoftBounds devices, default read model, weights scaled to 0.5 tile
+# units, couplings and input maps on tiles, pulsed EP updates; biases and digital layers by Adam
+# 5e-3; beta 1.0, T1 40 / T2 30 with the state averaged over the last 20 relaxation steps,
+# hidden 256 / width 128, batch 64 with the last partial batch kept, 40 epochs, both learning
+# rates x0.95 per epoch).
+_add("digits-analog", "digits ff-EBM, energy blocks on SoftBounds tiles, pulsed EP with c-TTv2 (CPU, ~3 min)",
+     model="digits", dataset="digits", method="ep", variant="centered", beta=1.0, t1=40, t2=30,
+     model_options="hidden=256,width=128,tol=none,average_last=20",
+     optimizer="adam", lr=5e-3, weight_decay=0.0, schedule="exponential", lr_decay=0.95,
+     epochs=40, batch_size=64, drop_last=False, grad_clip=0.0, freeze_bn_affine=False,
+     analog="soft_bounds", analog_algorithm="c-ttv2", analog_lr=0.01, analog_reads="default",
+     analog_omega=0.5, analog_input=True)
+
 # CIFAR-10 splitting study.
 for _L, _blocks, _t1 in ((6, (1, 2, 3), 60), (12, (3, 4, 6), 20)):
     for _n in _blocks:

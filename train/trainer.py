@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import analog as analog_mod
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .config import (RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys,
@@ -158,10 +159,15 @@ def freeze_bn_affine(model: nn.Module) -> int:
     return n
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(cfg: TrainConfig, model: nn.Module, params: Optional[List[nn.Parameter]] = None
+                   ) -> torch.optim.Optimizer:
+    """The torch optimiser of ``params`` (default: every trainable parameter; an analog run
+    passes its digital parameters, see :func:`train.analog.split_parameters`)."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise UserError(f"model {cfg.model!r} has no trainable parameters")
+        what = "digital (non-tile) " if cfg.analog else ""
+        raise UserError(f"model {cfg.model!r} has no trainable {what}parameters")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -169,9 +175,25 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(cfg: TrainConfig, opt, total_steps: int):
+def schedule_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """lr(step) / lr of the configured schedule (the factor the analog lr follows too)."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    if cfg.schedule == "cosine":
+        t_max = max(1, total_steps)
+        return lambda s: floor + (1.0 - floor) * (1.0 + math.cos(math.pi * min(s, t_max) / t_max)) / 2.0
+    if cfg.schedule == "exponential":
+        spe = max(1, steps_per_epoch)
+        return lambda s: max(cfg.lr_decay ** (s // spe), floor)
+    return lambda s: 1.0
+
+
+def make_scheduler(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int = 1):
+    """Stepped once per optimiser step.  ``exponential``: the lr is multiplied by ``lr_decay``
+    at every epoch end (not below ``min_lr``)."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+    if cfg.schedule == "exponential":
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total_steps, steps_per_epoch))
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
@@ -281,6 +303,10 @@ class Trainer:
     def setup(self, resume_from: Optional[Path] = None):
         """Load data, build everything and (optionally) restore a checkpoint.  Writes nothing."""
         cfg, ctx = self.cfg, self.ctx
+        if cfg.analog and ctx.enabled:
+            raise UserError(f"analog={cfg.analog!r} runs in one process only (world size {ctx.world} asked): pulsed "
+                            f"tile updates are local to each process and DDP averages only dense gradients; "
+                            f"start it without torchrun")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg, ctx)
@@ -306,6 +332,7 @@ class Trainer:
         core = self.model_fn(cfg, self.info)
         if not isinstance(core, nn.Module):
             raise UserError(f"model {cfg.model!r} did not build an nn.Module")
+        core = analog_mod.make_analog(core, cfg)   # analog=DEVICE: energy blocks onto tiles (seeded)
         core.to(self.device)
         if cfg.freeze_bn_affine:
             freeze_bn_affine(core)
@@ -313,8 +340,15 @@ class Trainer:
         self.blocks = energy_blocks(core)
         self.block_paths = block_paths(core, self.blocks)
         self.signature = ckpt_mod.model_signature(core)
-        self.opt = make_optimizer(cfg, core)
-        self.sched = make_scheduler(cfg, self.opt, cfg.epochs * self.steps_per_epoch)
+        self.digital_params, self.analog_params = analog_mod.split_parameters(core, cfg)
+        self.opt = make_optimizer(cfg, core, self.digital_params)
+        self.sched = make_scheduler(cfg, self.opt, cfg.epochs * self.steps_per_epoch, self.steps_per_epoch)
+        # analog weights: pulsed updates by an AnalogOptimizer whose lr follows the same schedule factor
+        self.opt_a = self.sched_a = None
+        if self.analog_params:
+            self.opt_a = analog_mod.make_analog_optimizer(cfg, self.analog_params)
+            self.sched_a = torch.optim.lr_scheduler.LambdaLR(
+                self.opt_a, schedule_factor(cfg, cfg.epochs * self.steps_per_epoch, self.steps_per_epoch))
         self.method = gradient_method(core, cfg)
 
         # position
@@ -346,6 +380,9 @@ class Trainer:
             ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
+            if self.opt_a is not None:
+                self.opt_a.load_state_dict(ck["analog_optimizer"])
+                self.sched_a.load_state_dict(ck["analog_scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt_mod.CheckpointError(f"{path} does not fit this run ({type(e).__name__}: "
                                            f"{str(e).splitlines()[0][:200]})") from None
@@ -407,6 +444,8 @@ class Trainer:
                 "extra_state": ckpt_mod.collect_extra_state(self.core),
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
+                **({"analog_optimizer": self.opt_a.state_dict(), "analog_scheduler": self.sched_a.state_dict()}
+                   if self.opt_a is not None else {}),
                 "rng": ckpt_mod.rng_state(),
                 "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                              "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
@@ -505,6 +544,8 @@ class Trainer:
             self._stop_diverged(problem or "another process reported divergence")
         stats = self._block_stats()
         self.opt.zero_grad(set_to_none=True)
+        if self.opt_a is not None:
+            self.opt_a.zero_grad(set_to_none=True)   # drops pulsed-update pairs of earlier passes
         try:
             loss.backward()
         except RelaxationDiverged as e:
@@ -515,6 +556,10 @@ class Trainer:
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     problem = f"non-finite gradient of '{pname}' ({self._param_block(pname)})"
                     break
+        if not problem and self.opt_a is not None:
+            pname = analog_mod.nonfinite_pending(self.core)
+            if pname:
+                problem = f"non-finite pulsed update of '{pname}' ({self._param_block(pname)})"
         flags = D.any_flag(1.0 if problem else 0.0, self.ctx, self.device)
         if flags:
             self._stop_diverged(problem or "another process reported divergence")
@@ -522,9 +567,13 @@ class Trainer:
             # exact gradients of an energy block spike where its equilibrium is close to a
             # bifurcation (the adjoint system is nearly singular); clipping keeps one such
             # batch from wrecking Adam's moment estimates
-            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.grad_clip)
+            # (digital parameters only: analog weights are updated by pulses, not gradients)
+            torch.nn.utils.clip_grad_norm_(self.digital_params, self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
+        if self.opt_a is not None:
+            self.opt_a.step()
+            self.sched_a.step()
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum().item()
         return loss.item(), correct, y.numel(), stats
@@ -598,6 +647,7 @@ class Trainer:
                "train_accuracy": g["correct"] / max(g["count"], 1.0),
                "train_samples": int(g["count"]),
                "lr": self.opt.param_groups[0]["lr"],
+               **({"analog_lr": self.opt_a.param_groups[0]["lr"]} if self.opt_a is not None else {}),
                "train_relaxation": {n: {"steps_mean": v[0] / v[2], "residual_mean": v[1] / v[2]}
                                     for n, v in g["blocks"].items() if v[2]},
                "seconds": g["time"]}
@@ -659,6 +709,8 @@ class Trainer:
                     vals = {"train/loss": interval["loss"] / interval["count"],
                             "train/accuracy": interval["correct"] / interval["count"],
                             "train/lr": self.opt.param_groups[0]["lr"],
+                            **({"train/analog_lr": self.opt_a.param_groups[0]["lr"]} if self.opt_a is not None
+                               else {}),
                             "train/samples_per_s": interval["count"] * ctx.world / max(now - interval["t"], 1e-9)}
                     for name, (s, r, k) in interval["blocks"].items():
                         vals[f"relax/{name}/steps"] = s / k

@@ -1,0 +1,353 @@
+"""Analog runs of the trainer (``analog=DEVICE``): configuration, conversion, pulsed updates,
+exact resume, evaluation over time, refusals.  A small digits ff-EBM on a subset of digits."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import folder_digest, main_inproc, run_train, subprocess_env
+from train import checkpoint as C
+from train import distributed as D
+from train.config import ConfigError, UserError
+from train.recipes import build_config
+from train.trainer import Trainer
+
+# a small analog digits ff-EBM: 8 steps per epoch (256 samples, batch 32)
+SMALL = dict(model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
+             analog="soft_bounds", train_subset="256", test_subset="64", batch_size="32", epochs="2",
+             lr="5e-3", weight_decay="0", grad_clip="0", progress="false", tensorboard="false", num_threads="1")
+ARGS = ["digits"] + [f"{k}={v}" for k, v in SMALL.items()]
+
+
+def small_cfg(**kw):
+    over = dict(SMALL)
+    over.update({k: str(v) for k, v in kw.items()})
+    return build_config("digits", over)
+
+
+def one_line_error(res, code=2):
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Recursive exact equality of checkpoint values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value,words", [
+    ("analog", "memristor", ["analog='memristor'", "soft_bounds", "constant_step", "ideal"]),
+    ("analog_algorithm", "adam", ["analog_algorithm='adam'", "c-ttv2", "sgd"]),
+    ("analog_reads", "noisy", ["analog_reads='noisy'", "default", "perfect"]),
+    ("analog_options", "fast_lr", ["analog_options"]),
+    ("analog_options", "chop=0.2", ["'chop'", "ChoppedTTv2", "in_chop_prob"]),
+    ("analog_options", "fast_lr=-1", ["analog_options", "fast_lr"]),
+    ("analog_lr", "-0.1", ["analog_lr", ">= 0"]),
+    ("analog_omega", "-1", ["analog_omega", ">= 0"]),
+    ("grad_check_every", "5", ["grad_check_every", "analog", "grad_check_every=0"]),
+    ("lr_decay", "0", ["lr_decay", "(0, 1]"]),
+])
+def test_config_errors(key, value, words):
+    with pytest.raises(ConfigError) as e:
+        small_cfg(**{key: value})
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_config_error_on_the_command_line(tmp_path, capsys, monkeypatch):
+    args = [a for a in ARGS if not a.startswith("analog=")] + ["analog=nope", "--out", "r"]
+    line = one_line_error(main_inproc(args, tmp_path, capsys, monkeypatch))
+    assert "analog='nope'" in line and "soft_bounds" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_names_accepted():
+    for dev in ("soft_bounds", "SoftBounds", "constant_step", "ideal", "exp_step", "pow_step"):
+        small_cfg(analog=dev)
+    for alg in ("c-ttv2", "cttv2", "tiki-taka", "ttv2", "agad", "sgd", "mixed-precision"):
+        small_cfg(analog_algorithm=alg)
+    small_cfg(analog="", analog_algorithm="sgd")   # a digital run ignores (but checks) the analog keys
+
+
+# ------------------------------------------------------------------------------------------
+# conversion, optimisers, pulsed updates
+# ------------------------------------------------------------------------------------------
+def test_model_on_tiles_and_optimisers():
+    from ffebm.analog import AnalogDenseCoupling, AnalogEP, AnalogLinear, AnalogOptimizer, ChoppedTTv2, SoftBounds
+
+    t = Trainer(small_cfg(), None, log=lambda m: None).setup()
+    core = t.core
+    for name, blk in t.blocks:
+        assert all(isinstance(c, AnalogDenseCoupling) for c in blk.couplings), name
+        assert isinstance(blk.input_map[1], AnalogLinear), name
+        assert isinstance(blk.gradient, AnalogEP) and blk.gradient.beta == 1.0
+        assert blk.relaxation.average_last == 2 and blk.nudge_relaxation.average_last == 2
+        c = blk.couplings[0]
+        assert isinstance(c.tile.device_cfg, SoftBounds) and c.tile.weight_scaling_omega == 0.5
+        assert not c.tile.io.is_perfect
+    assert type(core[1]) is nn.Linear and type(core[4]) is nn.Linear   # digital layers stay digital
+    assert isinstance(t.opt_a, AnalogOptimizer) and isinstance(t.opt_a.algorithm, ChoppedTTv2)
+    alg = t.opt_a.algorithm
+    assert alg.fast_lr == 5.0 and alg.columns_per_transfer >= 10 ** 6 and alg.in_chop_prob == 0.1
+    assert t.opt_a.param_groups[0]["lr"] == 0.01
+    a_ids = {id(p) for p in t.opt_a.param_groups[0]["params"]}
+    d_ids = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    assert len(a_ids) == 4 and not a_ids & d_ids                       # 2 couplings + 2 input maps
+    assert a_ids | d_ids == {id(p) for p in core.parameters()}
+    # the other switches
+    t = Trainer(small_cfg(analog_input="false", analog_reads="perfect", analog_omega="0",
+                          analog_algorithm="sgd", analog_options=""), None, log=lambda m: None).setup()
+    blk = t.blocks[0][1]
+    assert type(blk.input_map[1]) is nn.Linear and blk.couplings[0].tile.io.is_perfect
+    assert blk.couplings[0].tile.weight_scaling_omega is None
+    assert len(t.opt_a.param_groups[0]["params"]) == 2
+    t = Trainer(small_cfg(analog_layers="true"), None, log=lambda m: None).setup()
+    assert isinstance(t.core[1], AnalogLinear) and isinstance(t.core[4], AnalogLinear)
+    assert len(t.opt_a.param_groups[0]["params"]) == 6
+    # the options string reaches the algorithm
+    t = Trainer(small_cfg(analog_options="fast_lr=2,in_chop_prob=0.5,columns_per_transfer=3"), None,
+                log=lambda m: None).setup()
+    alg = t.opt_a.algorithm
+    assert (alg.fast_lr, alg.in_chop_prob, alg.columns_per_transfer) == (2, 0.5, 3)
+
+
+def test_training_pulses_the_tiles_without_dense_gradients(tmp_path):
+    t = Trainer(small_cfg(max_steps="3", schedule="exponential", lr_decay="0.5"), tmp_path / "r",
+                log=lambda m: None).setup()
+    aparams = list(t.opt_a.param_groups[0]["params"])
+    tiles0 = [p.analog_tile.tile_weights().clone() for p in aparams]
+    dig0 = [p.detach().clone() for p in t.digital_params]
+    seen = []
+    t.opt_a.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([(p.grad is None, len(p._analog_pending)) for p in aparams]))
+    t.commit(existing=False)
+    m = t.fit()
+    assert m["steps"] == 3 and len(seen) == 3
+    # every analog weight reached the optimizer as pending (x, d) pairs, never as a dense .grad
+    assert all(no_grad and n >= 1 for s in seen for no_grad, n in s), seen
+    assert all(p.grad is None for p in aparams)
+    for p, w0 in zip(aparams, tiles0):
+        w = p.analog_tile.tile_weights()
+        assert not torch.equal(w, w0)                                # the devices were pulsed
+        assert torch.equal(p.detach(), p.analog_tile.get_weights())  # the mirror follows the tile
+    assert all(not torch.equal(p, p0) for p, p0 in zip(t.digital_params, dig0))
+    assert all(p.grad is not None for p in t.digital_params)
+    # both learning rates follow the same schedule factor (8 steps per epoch: still epoch 1)
+    assert t.opt.param_groups[0]["lr"] == 5e-3 and t.opt_a.param_groups[0]["lr"] == 0.01
+    assert m["history"][-1]["analog_lr"] == 0.01
+
+
+def test_analog_lr_follows_the_schedule():
+    for sched, extra in (("cosine", {"min_lr": "1e-3"}), ("exponential", {"lr_decay": "0.9"}), ("constant", {})):
+        t = Trainer(small_cfg(schedule=sched, epochs="3", **extra), None, log=lambda m: None).setup()
+        for _ in range(20):
+            t.opt.step()
+            t.sched.step()
+            t.opt_a.step()
+            t.sched_a.step()
+            f_d = t.opt.param_groups[0]["lr"] / 5e-3
+            f_a = t.opt_a.param_groups[0]["lr"] / 0.01
+            assert math.isclose(f_d, f_a, rel_tol=1e-9), (sched, f_d, f_a)
+        if sched == "exponential":
+            assert math.isclose(f_a, 0.9 ** 2)   # 20 steps = 2 epochs of 8 done
+        if sched == "cosine":
+            assert f_a < 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints, resume, evaluation
+# ------------------------------------------------------------------------------------------
+RESUME = ARGS + ["ckpt_every=3", "seed=5", "max_steps=11"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    import os
+
+    from train.__main__ import main
+
+    d = tmp_path_factory.mktemp("aref")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(RESUME + ["--out", "ref"]) == 0
+    finally:
+        os.chdir(old)
+    return d / "ref"
+
+
+def _final(run):
+    ck = C.load(run / C.CKPT)   # torch.load(weights_only=True)
+    m = json.loads((run / "metrics.json").read_text())
+    drop = ("wall_seconds", "train_seconds", "samples_per_second", "history")
+    hist = [{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]]
+    return ck, {k: v for k, v in m.items() if k not in drop}, hist
+
+
+def assert_same_run(a, b):
+    ca, ma, ha = _final(a)
+    cb, mb, hb = _final(b)
+    for key in ("model", "extra_state", "optimizer", "scheduler", "analog_optimizer", "analog_scheduler",
+                "position"):
+        assert_same(ca[key], cb[key], key)
+    assert ma == mb
+    assert ha == hb
+
+
+def test_checkpoint_holds_tiles_and_analog_optimizer(reference_run):
+    ck = C.load(reference_run / C.CKPT)
+    tiles = [k for k in ck["model"] if k.endswith("tile._extra_state")]
+    assert len(tiles) == 4 and all(isinstance(ck["model"][k]["w"][0][0], torch.Tensor) for k in tiles)
+    st = ck["analog_optimizer"]["state"]
+    assert len(st) == 4 and all({"A.w", "H", "rng_state"} <= set(s) for s in st.values())
+    assert ck["analog_scheduler"]["last_epoch"] == 11
+    m = json.loads((reference_run / "metrics.json").read_text())
+    assert m["steps"] == 11 and "AnalogEP" in m["gradient_method"]
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, reference_run, capsys, monkeypatch):
+    # checkpoints at steps 3, 6, 8 (epoch end) and 9; killed right after step 10, which is lost
+    # and recomputed from the checkpoint of step 9 (mid-epoch 2)
+    res = run_train(RESUME + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=10)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / C.SUMMARY).read_text())["global_step"] == 9
+    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "global step 9" in res.stdout
+    assert_same_run(reference_run, tmp_path / "run")
+
+
+def test_uninterrupted_analog_runs_are_reproducible(tmp_path, reference_run, capsys, monkeypatch):
+    res = main_inproc(RESUME + ["--out", "again"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert_same_run(reference_run, tmp_path / "again")
+    res = main_inproc([a for a in RESUME if a != "seed=5"] + ["seed=6", "--out", "other"], tmp_path, capsys,
+                      monkeypatch)
+    with pytest.raises(AssertionError):
+        assert_same_run(reference_run, tmp_path / "other")
+
+
+def test_evaluate_over_time(reference_run, tmp_path, capsys, monkeypatch):
+    before = folder_digest(reference_run)
+    out = tmp_path / "eval.json"
+    res = main_inproc([str(reference_run), "--times", "0,3600,86400", "--json", str(out)], tmp_path, capsys,
+                      monkeypatch, module="train.evaluate")
+    assert res.returncode == 0, res.stderr
+    ev = json.loads(out.read_text())
+    assert list(ev["accuracy_over_time"]) == ["0.0", "3600.0", "86400.0"]
+    assert all(0.0 <= a <= 1.0 for a in ev["accuracy_over_time"].values())
+    assert ev["global_step"] == 11 and 0.0 <= ev["test_accuracy"] <= 1.0
+    assert "t = 86400.0 s after programming" in res.stdout
+    assert folder_digest(reference_run) == before   # the run folder is only read
+
+
+# ------------------------------------------------------------------------------------------
+# refusals
+# ------------------------------------------------------------------------------------------
+def test_multi_process_is_refused_in_setup():
+    with pytest.raises(UserError, match="one process") as e:
+        Trainer(small_cfg(), None, ctx=D.DistContext(rank=0, world=2), log=lambda m: None).setup()
+    assert "\n" not in str(e.value)
+
+
+def test_torchrun_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "0", "-m", "train", *ARGS, "--out", "run"]
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "error: analog='soft_bounds' runs in one process only (world size 2" in res.stderr
+    assert "Traceback" not in res.stderr.split("error: analog=")[0]
+    assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
+
+
+def test_models_that_cannot_go_on_tiles(tmp_path):
+    with pytest.raises(ConfigError, match="method=ep"):
+        Trainer(small_cfg(method="implicit"), None, log=lambda m: None).setup()
+    with pytest.raises(ConfigError, match="nothing to put on tiles.*analog_layers=true"):
+        Trainer(small_cfg(model="tinymodel:build"), None, log=lambda m: None).setup()
+    # a plain MLP with analog_layers: its Linear layers go on tiles and train by pulses
+    t = Trainer(small_cfg(model="tinymodel:build", analog_layers="true", max_steps="2"), tmp_path / "mlp",
+                log=lambda m: None).setup()
+    assert len(t.opt_a.param_groups[0]["params"]) == 2
+    w0 = t.core[1].tile.tile_weights().clone()
+    t.commit(existing=False)
+    t.fit()
+    assert not torch.equal(w0, t.core[1].tile.tile_weights())
+
+
+def test_digits_analog_recipe_matches_analog_digits():
+    """The recipe is train/analog_digits.py's default c-TTv2 run."""
+    import inspect
+
+    from train import analog_digits
+
+    d = {k: v.default for k, v in inspect.signature(analog_digits.run).parameters.items()}
+    cfg = build_config("digits-analog")
+    assert cfg.analog == "soft_bounds" == d["device"] and cfg.analog_algorithm == "c-ttv2"
+    assert cfg.epochs == d["epochs"] and cfg.batch_size == d["batch"] and cfg.lr == d["lr"]
+    assert cfg.analog_lr == analog_digits.ANALOG_LR["c-ttv2"] and cfg.lr_decay == d["lr_decay"]
+    assert cfg.schedule == "exponential" and cfg.weight_decay == 0 and cfg.grad_clip == 0 and not cfg.drop_last
+    assert cfg.analog_omega == d["omega"] and cfg.analog_reads == d["reads"] and cfg.beta == 1.0
+    assert (cfg.t1, cfg.t2) == (d["t1"], d["t2"])
+    t = Trainer(build_config("digits-analog", {"progress": "false", "tensorboard": "false"}), None,
+                log=lambda m: None).setup()
+    (_, b1), (_, b2) = t.blocks
+    assert b1.sizes == [64, d["hidden"], d["width"]] and b2.sizes == [d["width"], d["width"], d["width"] // 2]
+    for b in (b1, b2):
+        assert b.relaxation.average_last == d["average"] == b.nudge_relaxation.average_last
+        assert b.relaxation.tol is None and b.gradient.pair_form == d["pair_form"]
+    alg = t.opt_a.algorithm
+    assert alg.fast_lr == d["fast_lr"] and alg.in_chop_prob == d["in_chop_prob"]
+    assert alg.transfer_every == d["transfer_every"] and alg.columns_per_transfer >= 10 ** 6
+    assert t.steps_per_epoch == 23   # 1437 samples, the last partial batch kept as analog_digits does
+    # the same initial weights as analog_digits.build_model (same seed, same construction order)
+    ref = analog_digits.build_model(d["hidden"], d["width"], beta=1.0, seed=0, average=d["average"],
+                                    t1=d["t1"], t2=d["t2"])
+    from ffebm.analog.energy import to_analog_energy
+
+    ref = to_analog_energy(ref, t.core[0].couplings[0].config, seed=0)
+    for (k, a), (_, b) in zip(ref.state_dict().items(), t.core.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+
+
+def test_model_built_with_tiles_gets_the_analog_optimizer_in_a_digital_run(tmp_path):
+    """A builder that returns tiles by itself (analog=""): its recorded pulse pairs are consumed
+    (and cleared) by an AnalogOptimizer each step instead of piling up."""
+    cfg = build_config("digits", {"model": "tinymodel:build_analog", "train_subset": "64", "test_subset": "32",
+                                  "batch_size": "16", "max_steps": "3", "progress": "false",
+                                  "tensorboard": "false", "num_threads": "1"})
+    t = Trainer(cfg, tmp_path / "r", log=lambda m: None).setup()
+    assert t.opt_a is not None
+    aparams = list(t.opt_a.param_groups[0]["params"])
+    assert aparams and not {id(p) for p in aparams} & {id(p) for p in t.digital_params}
+    w0 = [p.analog_tile.tile_weights().clone() for p in aparams]
+    t.commit(existing=False)
+    assert t.fit()["steps"] == 3
+    assert all(len(p._analog_pending) == 0 for p in aparams)
+    assert any(not torch.equal(p.analog_tile.tile_weights(), w) for p, w in zip(aparams, w0))

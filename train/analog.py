@@ -1,0 +1,181 @@
+"""Analog runs of the trainer: energy blocks whose couplings sit on simulated crossbar tiles.
+
+With ``analog=DEVICE`` (a device model name, e.g. ``soft_bounds``) :func:`make_analog` converts
+the freshly built model with :func:`ffebm.analog.to_analog_energy`: every energy block's
+couplings (and, with ``analog_input``, the ``nn.Linear`` layers of its input map) move onto
+tiles read through the read model of ``analog_reads``, and the blocks' EP becomes
+:class:`~ffebm.analog.AnalogEP`, which records its weight update as pulsed outer-product pairs
+instead of a dense gradient.  With ``analog_layers`` the digital ``nn.Linear`` / ``nn.Conv2d``
+layers outside the blocks go onto tiles too (:func:`ffebm.analog.convert_to_analog`).  The
+conversion is seeded by ``seed`` and happens at model-build time in :class:`train.trainer.Trainer`
+(also used by ``python -m train.evaluate``), so a saved run is rebuilt identically and its
+checkpoint (tile states and generators in the model's state_dict) loads.
+
+The analog weights are trained by :func:`make_analog_optimizer` (an
+:class:`~ffebm.analog.AnalogOptimizer` with the ``analog_algorithm``); biases and digital layers
+by the configured torch optimiser.  Settings of the Tiki-Taka family that differ from the
+algorithm defaults (:data:`TT_DEFAULTS`) are those of ``train/analog_digits.py``; any algorithm
+setting can be changed with ``analog_options="k=v,..."``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Tuple
+
+import torch.nn as nn
+
+from .config import ConfigError, TrainConfig, parse_model_options
+
+# analog_digits.py's choices for the Tiki-Taka family (TTv1, TTv2, c-TTv2, AGAD): an absolute
+# fast-array lr of 5 (A's content stands above the read noise of its transfer reads), every
+# column transferred at every step, and the transfer scaled by the optimiser's lr (so that
+# analog_lr and the schedule set the speed of C).
+TT_DEFAULTS: Dict[str, Any] = {"fast_lr": 5.0, "columns_per_transfer": 0, "scale_transfer_lr": True}
+ALL_COLUMNS = 10 ** 6  # columns_per_transfer=0: every column (clipped to the width by the algorithm)
+ALGORITHM_NAMES = ("sgd", "mixed-precision", "tiki-taka", "ttv2", "c-ttv2", "agad")
+
+
+def device_names() -> List[str]:
+    """Snake-case names of the registered device models (``soft_bounds``, ``ideal``, ...)."""
+    from ffebm.analog import DEVICE_REGISTRY
+
+    out = set()
+    for cls in DEVICE_REGISTRY.values():
+        n = re.sub(r"Device$", "", cls.__name__)
+        out.add(re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower())
+    return sorted(out)
+
+
+def make_device(cfg: TrainConfig):
+    from ffebm.analog import InvalidSetting, device_from_name
+
+    try:
+        return device_from_name(cfg.analog)
+    except InvalidSetting:
+        raise ConfigError(f"analog={cfg.analog!r}: expected '' (digital) or a device model: "
+                          f"{', '.join(device_names())}") from None
+
+
+def make_algorithm(cfg: TrainConfig):
+    """The ``analog_algorithm`` with our defaults and ``analog_options`` applied."""
+    from ffebm.analog import InvalidSetting, IOConfig, TikiTaka, algorithm_from_name
+
+    try:
+        cls = type(algorithm_from_name(cfg.analog_algorithm))
+    except InvalidSetting:
+        raise ConfigError(f"analog_algorithm={cfg.analog_algorithm!r}: expected one of "
+                          f"{', '.join(ALGORITHM_NAMES)}") from None
+    opts = parse_model_options(cfg.analog_options, field="analog_options")
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ConfigError(f"analog_options: {unknown[0]!r} is not a setting of {cls.__name__} "
+                          f"(settings: {', '.join(known)})")
+    kw: Dict[str, Any] = dict(TT_DEFAULTS) if issubclass(cls, TikiTaka) else {}
+    kw.update(opts)
+    if kw.get("columns_per_transfer") == 0:
+        kw["columns_per_transfer"] = ALL_COLUMNS
+    for key in ("transfer_io",):
+        if isinstance(kw.get(key), str):
+            if kw[key].lower() != "perfect":
+                raise ConfigError(f"analog_options: {key}={kw[key]!r}: expected perfect or none")
+            kw[key] = IOConfig.perfect()
+    try:
+        return algorithm_from_name(cfg.analog_algorithm, **kw)
+    except (InvalidSetting, TypeError, ValueError) as e:
+        raise ConfigError(f"analog_options={cfg.analog_options!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Validation of the analog keys (called by :func:`train.config.validate`)."""
+    if cfg.analog:
+        make_device(cfg)
+    make_algorithm(cfg)
+    if cfg.analog and cfg.grad_check_every:
+        raise ConfigError(f"grad_check_every={cfg.grad_check_every}: not available with analog={cfg.analog!r} "
+                          f"(AnalogEP pulses its updates instead of forming a gradient to compare); "
+                          f"set grad_check_every=0")
+
+
+def analog_config(cfg: TrainConfig):
+    from ffebm.analog import AnalogConfig, IOConfig
+
+    io = IOConfig.perfect() if cfg.analog_reads == "perfect" else None
+    return AnalogConfig(device=make_device(cfg), io=io, bwd_io=io,
+                        weight_scaling_omega=cfg.analog_omega if cfg.analog_omega > 0 else None)
+
+
+def _digital_layer_names(model: nn.Module, block_paths: List[str]) -> List[str]:
+    def inside(name: str) -> bool:
+        return any(p == "" or name == p or name.startswith(p + ".") for p in block_paths)
+
+    return [n for n, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and n and not inside(n)]
+
+
+def make_analog(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Put ``model`` on tiles as ``cfg`` says (in place; returns the converted model).  A digital
+    run (``analog=""``) returns ``model`` unchanged."""
+    if not cfg.analog:
+        return model
+    import ffebm
+    from ffebm.analog import AnalogEP, InvalidSetting, analog_parameters, convert_to_analog, to_analog_energy
+
+    acfg = analog_config(cfg)
+    blocks = list(ffebm.energy_blocks(model))
+    ids = {id(b) for _, b in blocks}
+    paths = [n for n, m in model.named_modules() if id(m) in ids]
+    try:
+        model = to_analog_energy(model, acfg, input_coupling=cfg.analog_input, seed=cfg.seed, inplace=True)
+    except InvalidSetting as e:
+        raise ConfigError(f"analog={cfg.analog!r}: model {cfg.model!r} cannot be put on tiles "
+                          f"({str(e).splitlines()[0]})") from None
+    for name, blk in blocks:
+        g = getattr(blk, "gradient", None)
+        if not isinstance(g, AnalogEP):
+            raise ConfigError(f"analog={cfg.analog!r}: energy block '{name}' is trained with {g!r}; analog "
+                              f"energy blocks are trained with EP's pulsed updates (method=ep)")
+    if cfg.analog_layers:
+        names = _digital_layer_names(model, paths)
+        if names:
+            try:
+                model = convert_to_analog(model, acfg, layers=names, inplace=True, seed=cfg.seed + 999_000)
+            except InvalidSetting as e:
+                raise ConfigError(f"analog_layers=true: model {cfg.model!r} has a layer that cannot be put on "
+                                  f"tiles ({str(e).splitlines()[0]})") from None
+    if not analog_parameters(model):
+        hint = "" if cfg.analog_layers else "; analog_layers=true also converts its Linear/Conv2d layers"
+        raise ConfigError(f"analog={cfg.analog!r}: model {cfg.model!r} has nothing to put on tiles "
+                          f"(no energy blocks{hint})")
+    return model
+
+
+def split_parameters(model: nn.Module, cfg: TrainConfig) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(digital trainable parameters, analog weights).  Analog weights go to the
+    :class:`~ffebm.analog.AnalogOptimizer` whether ``analog`` converted them or the model was
+    built with tiles (e.g. a custom builder using ``AnalogLinear``): their backward records
+    pulsed-update pairs that only that optimiser consumes (and clears)."""
+    from ffebm.analog import analog_parameters
+
+    analog = [p for p in analog_parameters(model) if p.requires_grad]
+    ids = {id(p) for p in analog}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids], analog
+
+
+def make_analog_optimizer(cfg: TrainConfig, params: List[nn.Parameter]):
+    from ffebm.analog import AnalogOptimizer
+
+    return AnalogOptimizer(params, make_algorithm(cfg), lr=cfg.analog_lr, seed=cfg.seed)
+
+
+def nonfinite_pending(model: nn.Module) -> str:
+    """The name of an analog weight whose pending pulsed-update pairs hold NaN/inf ('' if none)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        for x, d in getattr(p, "_analog_pending", None) or ():
+            if not (torch.isfinite(x).all() and torch.isfinite(d).all()):
+                return name
+    return ""
