@@ -79,9 +79,10 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, reference_run, sig,
         monkeypatch.setenv("FFEBM_FAULT_AT_STEP", "12")
         monkeypatch.setenv("FFEBM_FAULT_SIGNAL", sig)
         monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+        before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup/&
         res = main_inproc(ARGS + ["--out", "run"], tmp_path, capsys, monkeypatch)
         monkeypatch.delenv("FFEBM_FAULT_AT_STEP")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is before  # the trainer put the previous handler back
     assert res.returncode == 128 + signum, res.stderr
     assert "Traceback" not in res.stderr and f"SIG{sig} received: checkpoint saved at step 12" in res.stderr
     assert json.loads((tmp_path / "run" / C.SUMMARY).read_text())["global_step"] == 12
