@@ -61,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ffebm
-from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogSGD, ChoppedTTv2, IdealDevice, IOConfig,
-                          SoftBounds, TikiTaka, analog_parameters, digital_parameters)
+from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogSGD, ChoppedTTv2, IOConfig, TikiTaka,
+                          analog_parameters, device_from_name, digital_parameters)
 from ffebm.analog.energy import AnalogEP, to_analog_energy
 
 ALGORITHMS = ("c-ttv2", "tiki-taka", "sgd", "digital")
@@ -180,7 +180,7 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
     if algorithm == "digital":
         opts.append(torch.optim.Adam(model.parameters(), lr=lr))
     else:
-        dev = SoftBounds() if device == "soft_bounds" else IdealDevice()
+        dev = device_from_name(device)
         io = IOConfig.perfect() if reads == "perfect" else None
         cfg = AnalogConfig(device=dev, io=io, bwd_io=io, weight_scaling_omega=omega if omega > 0 else None)
         model = to_analog_energy(model, cfg, seed=seed)
@@ -256,7 +256,9 @@ def main(argv=None) -> Dict:
     ap.add_argument("--chop-prob", type=float, default=0.1)
     ap.add_argument("--pair-form", default="mean_difference", choices=("mean_difference", "raw"))
     ap.add_argument("--reads", default="default", choices=("default", "perfect"))
-    ap.add_argument("--device", default="soft_bounds", choices=("soft_bounds", "ideal"))
+    ap.add_argument("--device", default="soft_bounds",
+                    help="device model name (soft_bounds, constant_step, linear_step, exp_step, pow_step, "
+                         "piecewise_step, ideal)")
     ap.add_argument("--gain", type=float, default=0.5, help="DenseHopfield gain a (state = a * drive)")
     ap.add_argument("--init-gain", type=float, default=1.0, help="init std = init_gain / sqrt(fan_in)")
     ap.add_argument("--bias-init", type=float, default=0.0, help="initial bias of the blocks' layers")
@@ -270,6 +272,10 @@ def main(argv=None) -> Dict:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train/test samples (smoke tests)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
+    try:
+        device_from_name(a.device)
+    except ValueError as e:
+        ap.error(f"--device: {str(e).splitlines()[0]}")
     if a.epochs < 1:
         ap.error(f"--epochs must be >= 1, got {a.epochs}")
     algs = ["c-ttv2", "sgd", "digital"] if a.algorithm == "all" else a.algorithm.split(",")
@@ -288,7 +294,7 @@ def main(argv=None) -> Dict:
                               average=a.average, t1=a.t1, t2=a.t2, arch=a.arch)
     print("\nfinal test accuracy (digits, %d epochs):" % a.epochs)
     for al, r in results.items():
-        label = "digital EP" if al == "digital" else f"analog {al} (SoftBounds, default reads)"
+        label = "digital EP" if al == "digital" else f"analog {al} ({a.device}, {a.reads} reads)"
         print(f"  {label:45s} {r['final_test_acc']:.4f}")
     summary = {al: r["final_test_acc"] for al, r in results.items()}
     print(json.dumps({"final_test_acc": summary}))
