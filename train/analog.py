@@ -179,3 +179,15 @@ def nonfinite_pending(model: nn.Module) -> str:
             if not (torch.isfinite(x).all() and torch.isfinite(d).all()):
                 return name
     return ""
+
+
+def tile_scalars(model: nn.Module) -> Dict[str, float]:
+    """TensorBoard scalars of every analog weight's devices: ``analog/<param>/abs_mean``,
+    ``range_used`` and ``at_bound`` (see :meth:`ffebm.analog.AnalogTile.weight_stats`)."""
+    out: Dict[str, float] = {}
+    for name, p in model.named_parameters():
+        tile = getattr(p, "analog_tile", None)
+        if tile is not None:
+            for k, v in tile.weight_stats().items():
+                out[f"analog/{name}/{k}"] = v
+    return out

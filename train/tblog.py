@@ -4,7 +4,9 @@
 ``relax/<block>/steps``, ``relax/<block>/residual`` (free-phase relaxation statistics of each
 energy block, averaged over the logging interval), ``epoch/train_loss``,
 ``epoch/train_accuracy``, ``epoch/test_accuracy``, ``epoch/test_loss``, and with
-``grad_check_every=N`` ``gradcheck/<block>/cosine`` (EP vs the reference gradient).
+``grad_check_every=N`` ``gradcheck/<block>/cosine`` (EP vs the reference gradient); analog runs
+add ``train/analog_lr`` and, per analog weight, ``analog/<param>/abs_mean``, ``range_used`` and
+``at_bound`` (device saturation, from :meth:`ffebm.analog.AnalogTile.weight_stats`).
 
 The event files live in ``RUN_DIR/tb``; view them with ``tensorboard --logdir runs``.
 """

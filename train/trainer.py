@@ -715,6 +715,8 @@ class Trainer:
                     for name, (s, r, k) in interval["blocks"].items():
                         vals[f"relax/{name}/steps"] = s / k
                         vals[f"relax/{name}/residual"] = r / k
+                    if self.opt_a is not None:
+                        vals.update(analog_mod.tile_scalars(self.core))
                     self.tb.scalars(vals, self.global_step)
                     interval = {"loss": 0.0, "correct": 0.0, "count": 0.0, "t": now, "steps": 0, "blocks": {}}
                 if stop_at and self.global_step >= stop_at:

@@ -243,6 +243,26 @@ class AnalogTile(nn.Module):
             self.out_scale.copy_(torch.where(s > 0, s, torch.ones_like(s)))
         self.set_tile_weights(w / self.out_scale.unsqueeze(1))
 
+    @torch.no_grad()
+    def weight_stats(self) -> Dict[str, float]:
+        """Health of the devices: ``abs_mean`` (mean |w| in tile units), ``range_used`` (mean of
+        |w| / the device's bound on that side) and ``at_bound`` (fraction of devices within 2 %
+        of their range from a bound, i.e. saturated: further pulses towards it do nothing). Devices
+        without bounds (``IdealDevice``) count as 0 in both."""
+        used, at, absw, n = 0.0, 0.0, 0.0, 0
+        for row in self.arrays:
+            for a in row:
+                w, lo, hi = a.w, a.params.w_min.expand_as(a.w), a.params.w_max.expand_as(a.w)
+                finite = torch.isfinite(lo) & torch.isfinite(hi)  # unbounded (ideal) devices never saturate
+                bound = torch.where(w >= 0, hi, -lo).clamp(min=1e-12)
+                used += torch.where(finite, w.abs() / bound, torch.zeros_like(w)).sum().item()
+                span = torch.where(finite, hi - lo, torch.zeros_like(w))
+                sat = (w - lo <= 0.02 * span) | (hi - w <= 0.02 * span)
+                at += (sat & finite).sum().item()
+                absw += w.abs().sum().item()
+                n += w.numel()
+        return {"abs_mean": absw / n, "range_used": used / n, "at_bound": at / n}
+
     def symmetry_point(self) -> Optional[Tensor]:
         """Per-device symmetry points (tile units) or None for models without one."""
         rows = []

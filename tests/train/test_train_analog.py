@@ -362,3 +362,37 @@ def test_digits_analog_recipe_reaches_90_percent(tmp_path):
     m = t.fit()
     print(f"digits-analog: {100 * m['test_accuracy']:.2f}% in {m['wall_seconds']:.1f} s")
     assert m["test_accuracy"] >= 0.90
+
+
+def test_tensorboard_logs_device_saturation(tmp_path):
+    from train.tblog import read_scalars
+
+    t = Trainer(small_cfg(max_steps="4", tensorboard="true", log_every="2"), tmp_path / "r",
+                log=lambda m: None).setup()
+    t.commit(existing=False)
+    t.fit()
+    sc = read_scalars(tmp_path / "r" / "tb")
+    names = [n for n, p in t.core.named_parameters() if getattr(p, "analog_tile", None) is not None]
+    assert names
+    for n in names:
+        for k in ("abs_mean", "range_used", "at_bound"):
+            vals = [v for _, v in sc[f"analog/{n}/{k}"]]
+            assert len(vals) == 2 and all(0.0 <= v <= 1.0 for v in vals), (n, k, vals)
+        assert sc[f"analog/{n}/abs_mean"][-1][1] > 0
+    assert [s for s, _ in sc["train/analog_lr"]] == [2, 4]
+
+
+def test_tile_weight_stats_detect_saturation():
+    from ffebm.analog import AnalogTile, ConstantStep, IdealDevice
+
+    t = AnalogTile(4, 3, ConstantStep(), seed=0)
+    t.set_tile_weights(torch.zeros(4, 3))
+    assert t.weight_stats() == {"abs_mean": 0.0, "range_used": 0.0, "at_bound": 0.0}
+    w = torch.zeros(4, 3)
+    w[0] = 10.0  # clipped to each device's upper bound
+    t.set_tile_weights(w)
+    s = t.weight_stats()
+    assert s["at_bound"] == pytest.approx(3 / 12) and s["range_used"] == pytest.approx(3 / 12)
+    ideal = AnalogTile(4, 3, IdealDevice(), seed=0)
+    ideal.set_tile_weights(w)
+    assert ideal.weight_stats()["at_bound"] == 0.0 and ideal.weight_stats()["abs_mean"] == pytest.approx(2.5)
