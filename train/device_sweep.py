@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -42,9 +42,9 @@ def _one(args: Dict) -> Dict:
 
 
 def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[int] = None, jobs: int = 1,
-          digital: bool = True, **run_kw) -> List[Dict]:
+          digital: bool = True, progress: bool = True, **run_kw) -> List[Dict]:
     """Train once per device (plus the digital model if ``digital``); returns the runs' results
-    (``device`` None for the digital run), in the order asked."""
+    (``device`` None for the digital run), in the order asked; prints a line as each finishes."""
     from ffebm.analog import device_from_name
     from train.analog_digits import DEFAULT_EPOCHS
 
@@ -54,10 +54,22 @@ def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[in
     tasks = [dict(algorithm=algorithm, epochs=epochs, device=d, **run_kw) for d in devices]
     if digital:
         tasks.append(dict(algorithm="digital", epochs=epochs, **run_kw))
+    def report(r: Dict, k: int) -> None:
+        if progress:
+            print(f"[{k}/{len(tasks)}] {r['device'] or 'digital'}: test accuracy {r['final_test_acc']:.4f} "
+                  f"({r['wall_s']:.0f} s)", flush=True)
+
     if jobs <= 1:
-        return [_one(t) for t in tasks]
+        out = []
+        for t in tasks:
+            out.append(_one(t))
+            report(out[-1], len(out))
+        return out
     with ProcessPoolExecutor(max_workers=jobs) as ex:
-        return list(ex.map(_one, tasks))
+        futs = [ex.submit(_one, t) for t in tasks]
+        for k, f in enumerate(as_completed(futs), 1):
+            report(f.result(), k)
+        return [f.result() for f in futs]
 
 
 def table(results: List[Dict]) -> str:
