@@ -13,10 +13,14 @@ class RelaxationDiverged(RuntimeError):
         self.block = block
         self.step = step
         self.phase = phase
+        self.detail = detail
         msg = f"relaxation of block '{block}' diverged at step {step} ({phase} phase): non-finite state"
         if detail:
             msg += f"; {detail}"
         super().__init__(msg)
+
+    def __reduce__(self):  # picklable (worker processes, torch.distributed) with its attributes
+        return (type(self), (self.block, self.step, self.phase, self.detail))
 
 
 class NotConverged(RuntimeError):
@@ -28,6 +32,9 @@ class NotConverged(RuntimeError):
             f"relaxation of block '{block}' ({phase} phase) did not converge in {steps} steps: "
             f"residual {residual:.3e} > tol {tol:.1e}"
         )
+
+    def __reduce__(self):
+        return (type(self), (self.block, self.phase, self.steps, self.residual, self.tol))
 
 
 class ConvergenceWarning(UserWarning):

@@ -31,3 +31,25 @@ def test_sweep_rejects_unknown_device(tmp_path, capsys):
     assert e.value.code == 2
     assert "memristor" in capsys.readouterr().err
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_a_diverging_run_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    import ffebm
+    from train import analog_digits
+
+    real = analog_digits.run
+
+    def run(**kw):  # the exp_step run blows up in its first epoch
+        if kw.get("device") == "exp_step":
+            kw["lr"] = float("inf")
+        return real(**kw)
+
+    monkeypatch.setattr(analog_digits, "run", run)
+    res = device_sweep.main(["--devices", "exp_step,soft_bounds", "--epochs", "2", "--limit", "48", "--jobs", "1",
+                             "--no-digital", "--out", str(tmp_path)])
+    bad, good = res
+    assert bad["final_test_acc"] is None and "diverged" in bad["error"] and "block" in bad["error"]
+    assert good["error"] is None and len(good["history"]) == 2
+    out = capsys.readouterr().out
+    assert "| exp_step | c-ttv2 | diverged (" in out
+    assert (tmp_path / "sweep.png").exists()

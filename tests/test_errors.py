@@ -97,3 +97,13 @@ def test_implicit_falls_back_to_unrolled_on_a_saddle():
     assert blk.backward_stats["fallback"] == "unrolled"
     ru, rp = ffebm.Unrolled().backward(blk, u, states, delta)
     assert torch.allclose(gu, ru) and all(torch.allclose(a, b) for a, b in zip(gp, rp))
+
+
+def test_errors_survive_pickling():
+    """Worker processes (device sweep, DataLoader workers, torch.distributed) send exceptions by pickle."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ffebm.RelaxationDiverged("block1", 7, "nudged+", "lr too high")))
+    assert (e.block, e.step, e.phase) == ("block1", 7, "nudged+") and "lr too high" in str(e)
+    n = pickle.loads(pickle.dumps(ffebm.NotConverged("b", "free", 10, 1e-2, 1e-4)))
+    assert (n.block, n.steps, n.residual) == ("b", 10, 1e-2) and "did not converge in 10 steps" in str(n)

@@ -162,7 +162,8 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
         reads: str = "default", device: str = "soft_bounds", lr_decay: float = 0.95, gain: float = 0.5,
         init_gain: float = 1.0, bias_init: float = 0.0, average: int = 20, t1: int = 40, t2: int = 30,
         arch: str = "dense") -> Dict:
-    """Train one configuration; returns a dict with the per-epoch and final test accuracy.
+    """Train one configuration; returns a dict with the per-epoch and final test accuracy
+    (``final_test_acc`` None and ``error`` set if a relaxation diverged).
     ``analog_lr`` None: ``ANALOG_LR[algorithm]``; ``beta`` None: 1.0 for analog runs, 0.5 digital."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"--algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -195,45 +196,52 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
     g = torch.Generator().manual_seed(seed)
     hist = []
     t0 = time.time()
-    for ep in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=g)
-        tot, n, ratios = 0.0, 0, []
-        for i in range(0, len(xtr), batch):
-            idx = perm[i:i + batch]
-            for o in opts:
-                o.zero_grad()
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            loss.backward()
-            if aparams:
-                ratios.append(_expected_update_ratio(aparams, opts[0].param_groups[0]["lr"]
-                                                     if algorithm == "sgd" else fast_lr))
-            for o in opts:
-                o.step()
-            tot += loss.item() * len(idx)
-            n += len(idx)
-        for s in scheds:
-            s.step()
-        model.eval()
-        acc = accuracy(model, xte, yte)
-        rec = {"epoch": ep + 1, "train_loss": tot / max(n, 1), "test_acc": acc, "time_s": time.time() - t0}
-        if ratios:
-            rec["update_over_dw_min"] = sum(ratios) / len(ratios)
-            rec["max_abs_w_tile"] = max(p.analog_tile.tile_weights().abs().max().item() for p in aparams)
-            rec["mean_abs_w_tile"] = sum(p.analog_tile.tile_weights().abs().mean().item()
-                                         for p in aparams) / len(aparams)
-        hist.append(rec)
+    error = None
+    try:
+        for ep in range(epochs):
+            model.train()
+            perm = torch.randperm(len(xtr), generator=g)
+            tot, n, ratios = 0.0, 0, []
+            for i in range(0, len(xtr), batch):
+                idx = perm[i:i + batch]
+                for o in opts:
+                    o.zero_grad()
+                loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+                loss.backward()
+                if aparams:
+                    ratios.append(_expected_update_ratio(aparams, opts[0].param_groups[0]["lr"]
+                                                         if algorithm == "sgd" else fast_lr))
+                for o in opts:
+                    o.step()
+                tot += loss.item() * len(idx)
+                n += len(idx)
+            for s in scheds:
+                s.step()
+            model.eval()
+            acc = accuracy(model, xte, yte)
+            rec = {"epoch": ep + 1, "train_loss": tot / max(n, 1), "test_acc": acc, "time_s": time.time() - t0}
+            if ratios:
+                rec["update_over_dw_min"] = sum(ratios) / len(ratios)
+                rec["max_abs_w_tile"] = max(p.analog_tile.tile_weights().abs().max().item() for p in aparams)
+                rec["mean_abs_w_tile"] = sum(p.analog_tile.tile_weights().abs().mean().item()
+                                             for p in aparams) / len(aparams)
+            hist.append(rec)
+            if verbose:
+                extra = (f" |upd|/dw_min {rec['update_over_dw_min']:.2f} |w_tile| mean {rec['mean_abs_w_tile']:.3f}"
+                         f" max {rec['max_abs_w_tile']:.3f}") if ratios else ""
+                print(f"[{algorithm}] epoch {ep + 1}/{epochs} loss {tot / max(n, 1):.4f} test acc {acc:.4f} "
+                      f"({time.time() - t0:.0f}s){extra}", flush=True)
+    except ffebm.RelaxationDiverged as e:  # a device/setting that blows up: report it, keep the history
+        error = f"epoch {len(hist) + 1}: {e}"
         if verbose:
-            extra = (f" |upd|/dw_min {rec['update_over_dw_min']:.2f} |w_tile| mean {rec['mean_abs_w_tile']:.3f}"
-                     f" max {rec['max_abs_w_tile']:.3f}") if ratios else ""
-            print(f"[{algorithm}] epoch {ep + 1}/{epochs} loss {tot / max(n, 1):.4f} test acc {acc:.4f} "
-                  f"({time.time() - t0:.0f}s){extra}", flush=True)
+            print(f"[{algorithm}] diverged at {error}", flush=True)
     return {"algorithm": algorithm, "epochs": epochs, "batch": batch, "lr": lr, "analog_lr": analog_lr,
             "hidden": hidden, "width": width, "seed": seed, "beta": beta, "omega": omega,
             "fast_lr": fast_lr, "transfer_every": transfer_every, "columns": columns,
             "in_chop_prob": in_chop_prob, "gain": gain, "init_gain": init_gain, "bias_init": bias_init, "pair_form": pair_form, "reads": reads, "lr_decay": lr_decay,
             "device": device if algorithm != "digital" else None, "arch": arch,
-            "final_test_acc": hist[-1]["test_acc"] if hist else accuracy(model, xte, yte), "history": hist}
+            "final_test_acc": None if error else (hist[-1]["test_acc"] if hist else accuracy(model, xte, yte)),
+            "error": error, "history": hist}
 
 
 def main(argv=None) -> Dict:
@@ -295,7 +303,7 @@ def main(argv=None) -> Dict:
     print("\nfinal test accuracy (digits, %d epochs):" % a.epochs)
     for al, r in results.items():
         label = "digital EP" if al == "digital" else f"analog {al} ({a.device}, {a.reads} reads)"
-        print(f"  {label:45s} {r['final_test_acc']:.4f}")
+        print(f"  {label:45s} " + (f"{r['final_test_acc']:.4f}" if r["error"] is None else f"diverged ({r['error']})"))
     summary = {al: r["final_test_acc"] for al, r in results.items()}
     print(json.dumps({"final_test_acc": summary}))
     if a.json:

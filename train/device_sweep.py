@@ -9,7 +9,8 @@ model changed, each with its published default settings (``dw_min`` 0.001, the m
 nonlinearity, device-to-device spread and cycle-to-cycle noise). Prints a table (final and best
 test accuracy, wall time), writes ``sweep.json`` and ``sweep.png`` (test accuracy per epoch for
 every device, and the final accuracies as bars beside the digital model's) into ``--out``.
-Runs go to ``--jobs`` worker processes, one torch thread each.
+Runs go to ``--jobs`` worker processes, one torch thread each. A run whose relaxation diverges
+(NaN/inf) is reported as such, with the block, phase, step and epoch, and the sweep goes on.
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[in
         tasks.append(dict(algorithm="digital", epochs=epochs, **run_kw))
     def report(r: Dict, k: int) -> None:
         if progress:
-            print(f"[{k}/{len(tasks)}] {r['device'] or 'digital'}: test accuracy {r['final_test_acc']:.4f} "
-                  f"({r['wall_s']:.0f} s)", flush=True)
+            what = f"test accuracy {r['final_test_acc']:.4f}" if r["error"] is None else f"diverged, {r['error']}"
+            print(f"[{k}/{len(tasks)}] {r['device'] or 'digital'}: {what} ({r['wall_s']:.0f} s)", flush=True)
 
     if jobs <= 1:
         out = []
@@ -75,9 +76,10 @@ def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[in
 def table(results: List[Dict]) -> str:
     rows = ["| device | algorithm | final test acc | best test acc | wall s |", "|---|---|---|---|---|"]
     for r in results:
-        best = max(h["test_acc"] for h in r["history"]) if r["history"] else r["final_test_acc"]
-        rows.append(f"| {r['device'] or '(digital)'} | {r['algorithm']} | {r['final_test_acc']:.4f} | "
-                    f"{best:.4f} | {r['wall_s']:.0f} |")
+        best = max((h["test_acc"] for h in r["history"]), default=None)
+        final = f"{r['final_test_acc']:.4f}" if r["error"] is None else f"diverged ({r['error'][:80]})"
+        rows.append(f"| {r['device'] or '(digital)'} | {r['algorithm']} | {final} | "
+                    f"{'-' if best is None else f'{best:.4f}'} | {r['wall_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -99,10 +101,11 @@ def plot(results: List[Dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     names = [r["device"] or "digital" for r in results]
-    accs = [r["final_test_acc"] for r in results]
+    accs = [r["final_test_acc"] or 0.0 for r in results]  # a diverged run shows as 0
     bars = bx.bar(range(len(names)), accs, color=["tab:gray" if r["device"] is None else "tab:blue" for r in results])
-    for b, a in zip(bars, accs):
-        bx.text(b.get_x() + b.get_width() / 2, a + 0.01, f"{a:.2f}", ha="center", fontsize=8)
+    for b, a, r in zip(bars, accs, results):
+        bx.text(b.get_x() + b.get_width() / 2, a + 0.01, f"{a:.2f}" if r["error"] is None else "diverged",
+                ha="center", fontsize=8)
     bx.set_xticks(range(len(names)))
     bx.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     bx.set_ylim(0, 1.05)

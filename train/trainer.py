@@ -303,10 +303,6 @@ class Trainer:
     def setup(self, resume_from: Optional[Path] = None):
         """Load data, build everything and (optionally) restore a checkpoint.  Writes nothing."""
         cfg, ctx = self.cfg, self.ctx
-        if cfg.analog and ctx.enabled:
-            raise UserError(f"analog={cfg.analog!r} runs in one process only (world size {ctx.world} asked): pulsed "
-                            f"tile updates are local to each process and DDP averages only dense gradients; "
-                            f"start it without torchrun")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg, ctx)
@@ -363,6 +359,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            if self.analog_params:  # pulsed, not all-reduced: see analog.gather_pending
+                ids = {id(p) for p in self.analog_params}
+                DDP._set_params_and_buffers_to_ignore_for_model(
+                    core, [n for n, p in core.named_parameters() if id(p) in ids])
             self.model = DDP(core, **kwargs)
         else:
             self.model = core
@@ -572,6 +572,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         if self.opt_a is not None:
+            if self.ctx.enabled:
+                analog_mod.gather_pending(self.analog_params, self.ctx.world)
             self.opt_a.step()
             self.sched_a.step()
         with torch.no_grad():
@@ -651,6 +653,11 @@ class Trainer:
                "train_relaxation": {n: {"steps_mean": v[0] / v[2], "residual_mean": v[1] / v[2]}
                                     for n, v in g["blocks"].items() if v[2]},
                "seconds": g["time"]}
+        if self.opt_a is not None and self.ctx.enabled:
+            rec["analog_tiles_in_sync"] = analog_mod.tiles_in_sync(self.analog_params, self.device)
+            if not rec["analog_tiles_in_sync"]:
+                self.log("warning: the analog tiles differ between processes (a process-local random "
+                         "stream, e.g. write noise, reached the pulses); the checkpoint holds rank 0's")
         return rec
 
     def _fit(self) -> Dict[str, Any]:
