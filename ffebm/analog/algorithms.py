@@ -399,8 +399,9 @@ class _TTRuntime(_Runtime):
         self.A = DeviceArray(dev_a, shape, generator=generator, device=dev, dtype=dt)
         sp = self.A.symmetry_point()
         sp = torch.zeros(shape, device=dev, dtype=dt) if sp is None else sp.expand(shape).clone()
-        sp = torch.nan_to_num(sp, nan=0.0)
-        self.A.set_weights(sp)  # A starts at its symmetry point (programmed there)
+        sp = torch.where(torch.isfinite(sp), sp, torch.zeros_like(sp))  # no symmetry point: 0
+        self.A.set_weights(sp)  # A starts at its symmetry point (programmed there, within its bounds)
+        sp = self.A.get_weights()
         ref = sp.clone() if cfg.reference == "symmetry_point" else torch.zeros_like(sp)
         if cfg.reference_offset != 0:
             rng = dev_a.w_max - dev_a.w_min

@@ -611,9 +611,11 @@ class LinearStep(PulsedDevice):
         return self._kd(p), -p.scale_down
 
     def symmetry_point(self, p):
-        """``w* = (a+ - a-) / (gamma+ a+/b_max - gamma- a-/b_min)`` (nan where undefined)."""
+        """``w* = (a+ - a-) / (gamma+ a+/b_max - gamma- a-/b_min)`` (nan where undefined: with
+        both slopes 0, as in the default ``gamma_up = gamma_down = 0``, there is no symmetry point)."""
         den = self._ku(p) + self._kd(p)
-        return (p.scale_up - p.scale_down) / den
+        sp = (p.scale_up - p.scale_down) / torch.where(den > 0, den, torch.ones_like(den))
+        return torch.where(den > 0, sp, torch.full_like(sp, float("nan")))
 
 
 @register_device("soft_bounds", "softbound")

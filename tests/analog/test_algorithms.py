@@ -72,3 +72,23 @@ def test_anchor_table(tau):
         assert errs["sgd"] > 5 * errs["ttv1"], errs
     if tau <= 0.6:  # the SGD floor grows as W_max/tau grows
         assert errs["sgd"] > 2 * errs["cttv2"], errs
+
+
+@pytest.mark.parametrize("alg", ["tiki-taka", "c-ttv2", "agad"])
+def test_tt_family_on_devices_without_symmetry_point(alg):
+    """LinearStep's default slopes are 0 (no symmetry point: a+ != a- and no state dependence);
+    A must start at 0, not at the +-inf the formula gives, and training must stay finite."""
+    from ffebm.analog import AnalogLinear, AnalogOptimizer, AnalogConfig, LinearStep, algorithm_from_name
+
+    torch.manual_seed(0)
+    layer = AnalogLinear(6, 4, config=AnalogConfig(device=LinearStep()), seed=0)
+    assert torch.isnan(layer.tile.symmetry_point()).all()
+    opt = AnalogOptimizer([layer.weight], algorithm_from_name(alg), lr=0.1, seed=0)
+    w0 = layer.tile.tile_weights().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.rand(8, 6)).square().sum().backward()
+        opt.step()
+    assert torch.isfinite(layer.tile.tile_weights()).all() and not torch.equal(w0, layer.tile.tile_weights())
+    st = opt.state[layer.weight]
+    assert all(torch.isfinite(v).all() for v in st.values() if torch.is_tensor(v) and v.is_floating_point())
