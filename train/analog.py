@@ -152,16 +152,15 @@ def make_analog(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def split_parameters(model: nn.Module, cfg: TrainConfig) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+def split_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """(digital trainable parameters, analog weights).  Analog weights go to the
     :class:`~ffebm.analog.AnalogOptimizer` whether ``analog`` converted them or the model was
     built with tiles (e.g. a custom builder using ``AnalogLinear``): their backward records
     pulsed-update pairs that only that optimiser consumes (and clears)."""
-    from ffebm.analog import analog_parameters
+    from ffebm.analog import analog_parameters, digital_parameters
 
-    analog = [p for p in analog_parameters(model) if p.requires_grad]
-    ids = {id(p) for p in analog}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in ids], analog
+    return ([p for p in digital_parameters(model) if p.requires_grad],
+            [p for p in analog_parameters(model) if p.requires_grad])
 
 
 def make_analog_optimizer(cfg: TrainConfig, params: List[nn.Parameter]):

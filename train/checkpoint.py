@@ -56,8 +56,9 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def atomic_write(path: Path, write_fn, mode="wb"):
-    """Write via ``write_fn(fileobj)`` to a temp file in the same folder, then os.replace."""
+def atomic_write(path: Path, write_fn, mode="wb", keep_previous: Optional[Path] = None):
+    """Write via ``write_fn(fileobj)`` to a temp file in the same folder, then os.replace.
+    ``keep_previous``: once the new file is complete, move the existing ``path`` there first."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
@@ -65,6 +66,8 @@ def atomic_write(path: Path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -215,22 +218,7 @@ def save(run_dir: Path, state: Dict[str, Any], summary: Optional[Dict[str, Any]]
         raise RuntimeError(f"cannot checkpoint a non-plain value ({e}); only tensors and plain values can be "
                            f"stored for torch.load(weights_only=True)") from None
     ckpt = run_dir / CKPT
-    fd, tmp = tempfile.mkstemp(prefix=f".{CKPT}.", suffix=".tmp", dir=str(run_dir))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if ckpt.exists():
-            os.replace(ckpt, run_dir / PREV)
-        os.replace(tmp, ckpt)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(run_dir)
+    atomic_write(ckpt, lambda f: torch.save(state, f), keep_previous=run_dir / PREV)
     if summary is not None:
         atomic_write_json(run_dir / SUMMARY, summary)
     return ckpt

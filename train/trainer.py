@@ -336,7 +336,7 @@ class Trainer:
         self.blocks = energy_blocks(core)
         self.block_paths = block_paths(core, self.blocks)
         self.signature = ckpt_mod.model_signature(core)
-        self.digital_params, self.analog_params = analog_mod.split_parameters(core, cfg)
+        self.digital_params, self.analog_params = analog_mod.split_parameters(core)
         self.opt = make_optimizer(cfg, core, self.digital_params)
         self.sched = make_scheduler(cfg, self.opt, cfg.epochs * self.steps_per_epoch, self.steps_per_epoch)
         # analog weights: pulsed updates by an AnalogOptimizer whose lr follows the same schedule factor

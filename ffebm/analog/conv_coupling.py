@@ -24,17 +24,9 @@ from torch import Tensor
 
 from ..couplings import ConvCoupling
 from .config import InvalidSetting
-from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
+from .layers import AnalogConfig, _AnalogLayer, _post_load_hook, record_pair
 
 __all__ = ["AnalogConvCoupling"]
-
-
-def _record(weight: Tensor, x: Tensor, d: Tensor) -> None:
-    pend = getattr(weight, "_analog_pending", None)
-    if pend is None:
-        pend = []
-        weight._analog_pending = pend
-    pend.append((x, d))
 
 
 class _AnalogConv(torch.autograd.Function):
@@ -64,7 +56,7 @@ class _AnalogConv(torch.autograd.Function):
             cols = c._patches(x.detach())
             d = gc.detach().flatten(2).transpose(1, 2).reshape(cols.shape[0], -1)
             if c._recording:
-                _record(w, cols, d)
+                record_pair(w, cols, d)
                 if c.config.dense_grad:
                     gw = (d.t() @ cols).reshape(w.shape).to(w.dtype)
             else:
@@ -118,21 +110,7 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
         m = cls(c.in_channels, c.out_channels, c.in_size, c.kernel_size, c.stride, c.padding, c.pool,
                 c.pool_size if c.pool != "none" else 2, c.soft_temperature, c.bias is not None,
                 config=config, seed=seed, device=c.weight.device, dtype=c.weight.dtype)
-        m.set_weights(c.weight.detach())
-        if c.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(c.bias)
-        return m
-
-    # -- weights -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def effective_weight(self) -> Tensor:
-        """Network-unit kernel the reads see: ``out_scale * (W_tile_read + extra)``, reshaped."""
-        W = self.tile.tile_weights(read=True)
-        extra = self._extra()
-        if extra is not None:
-            W = W + extra.to(W)
-        return (self.tile.out_scale.unsqueeze(1) * W).reshape(self.weight.shape)
+        return m._copy_from(c.weight, c.bias)
 
     # -- im2col ------------------------------------------------------------------------------
     def _patches(self, x: Tensor) -> Tensor:

@@ -41,7 +41,7 @@ from ..couplings import ConvCoupling, Coupling, DenseCoupling, init_weight
 from ..gradients.ep import EP
 from .config import InvalidSetting
 from .conv_coupling import AnalogConvCoupling
-from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook
+from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook, record_pair
 
 __all__ = ["AnalogDenseCoupling", "AnalogConvCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
            "analog_couplings", "reset_read_counts"]
@@ -73,11 +73,7 @@ class _AnalogPhi(torch.autograd.Function):
             d = (g * y).detach()
             if c._recording:
                 w = ctx.weight
-                pend = getattr(w, "_analog_pending", None)
-                if pend is None:
-                    pend = []
-                    w._analog_pending = pend
-                pend.append((x.detach(), d))
+                record_pair(w, x.detach(), d)
                 if c.config.dense_grad:
                     gw = (d.t() @ x).to(w.dtype)
             else:
@@ -127,21 +123,7 @@ class AnalogDenseCoupling(_AnalogLayer, Coupling):
             raise InvalidSetting("AnalogDenseCoupling.from_dense", "c", type(c).__name__, "a DenseCoupling")
         m = cls(c.in_shape, c.weight.shape[0], c.bias is not None, config, seed,
                 device=c.weight.device, dtype=c.weight.dtype)
-        m.set_weights(c.weight.detach())
-        if c.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(c.bias)
-        return m
-
-    # -- weights -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def effective_weight(self) -> Tensor:
-        """Network-unit weight the reads see: ``out_scale * (W_tile_read + extra)``."""
-        W = self.tile.tile_weights(read=True)
-        extra = self._extra()
-        if extra is not None:
-            W = W + extra.to(W)
-        return self.tile.out_scale.unsqueeze(1) * W
+        return m._copy_from(c.weight, c.bias)
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x: Tensor):

@@ -105,6 +105,16 @@ def digital_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in ids]
 
 
+def record_pair(weight: Tensor, x: Tensor, d: Tensor) -> None:
+    """Append a pulsed-update pair ``(x, d)`` (update ``-lr d^T x``) to ``weight``'s pending pairs,
+    which :class:`~ffebm.analog.optimizer.AnalogOptimizer` consumes."""
+    pend = getattr(weight, "_analog_pending", None)
+    if pend is None:
+        pend = []
+        weight._analog_pending = pend
+    pend.append((x, d))
+
+
 class _AnalogMVM(torch.autograd.Function):
     """y = read_fwd(x); dx = read_bwd(dy); records (x, dy) on the weight for the optimizer."""
 
@@ -125,11 +135,7 @@ class _AnalogMVM(torch.autograd.Function):
             x2 = x.detach().reshape(-1, x.shape[-1])
             d2 = gy.detach().reshape(-1, gy.shape[-1])
             w = ctx.weight
-            pend = getattr(w, "_analog_pending", None)
-            if pend is None:
-                pend = []
-                w._analog_pending = pend
-            pend.append((x2, d2))
+            record_pair(w, x2, d2)
             if layer.config.dense_grad:
                 gw = (d2.t() @ x2).reshape(w.shape).to(w.dtype)
         return gx, gw, None
@@ -177,6 +183,24 @@ class _AnalogLayer(nn.Module):
 
     def get_weights(self) -> Tensor:
         return self.tile.get_weights().reshape(self.weight.shape)
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """Network-unit weight the reads see, ``out_scale * (W_tile_read + extra)`` (``extra``: a
+        Tiki-Taka fast array's contribution while one is in use), in ``weight``'s shape."""
+        W = self.tile.tile_weights(read=True)
+        extra = self._extra()
+        if extra is not None:
+            W = W + extra.to(W)
+        return (self.tile.out_scale.unsqueeze(1) * W).reshape(self.weight.shape)
+
+    @torch.no_grad()
+    def _copy_from(self, weight: Tensor, bias: Optional[Tensor]) -> "_AnalogLayer":
+        """Program a digital layer's weight onto the tile and copy its bias."""
+        self.set_weights(weight.detach())
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
 
     # -- reads ----------------------------------------------------------------------------
     def _extra(self) -> Optional[Tensor]:
@@ -265,11 +289,7 @@ class AnalogLinear(_AnalogLayer):
                     seed: Optional[int] = None) -> "AnalogLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, config, seed,
                 device=lin.weight.device, dtype=lin.weight.dtype)
-        m.set_weights(lin.weight.detach())
-        if lin.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(lin.bias)
-        return m
+        return m._copy_from(lin.weight, lin.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._mvm(x)
@@ -332,11 +352,7 @@ class AnalogConv2d(_AnalogLayer):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, config, seed,
                 device=conv.weight.device, dtype=conv.weight.dtype)
-        m.set_weights(conv.weight.detach())
-        if conv.bias is not None:
-            with torch.no_grad():
-                m.bias.copy_(conv.bias)
-        return m
+        return m._copy_from(conv.weight, conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:
