@@ -3,13 +3,14 @@
     import ffebm
     block = ffebm.DenseHopfield([64, 256, 128], gradient=ffebm.EP(beta=0.5))
     y = block(x)          # equilibrium of the block's top layer; loss.backward() works
-    block.stats           # steps, residual, converged of the free relaxation
+    block.stats           # steps, residual, converged of the last free relaxation (a record only)
 """
 from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
 from .compare import GradientComparison, compare_gradients
 from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d
-from .errors import AdjointNotConverged, ConvergenceWarning, NotConverged, RelaxationDiverged
-from .gradients import EP, GradientMethod, Implicit, Unrolled
+from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupported, NotConverged, NotTwiceDifferentiable,
+                     RelaxationDiverged, UnsupportedGradient)
+from .gradients import EP, BackwardStats, BlockCall, GradientMethod, GradientResult, Implicit, Unrolled
 from .solvers import STEPPERS, Relaxation, SolveStats, relax
 from .utils import block_stats, energy_blocks, set_gradient
 
@@ -18,9 +19,10 @@ __version__ = "0.1.0"
 __all__ = [
     "EnergyBlock", "DenseHopfield", "ConvHopfield",
     "Coupling", "DenseCoupling", "ConvCoupling", "SoftPool2d",
-    "EP", "Implicit", "Unrolled", "GradientMethod",
+    "EP", "Implicit", "Unrolled", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult",
     "Relaxation", "SolveStats", "relax", "STEPPERS",
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
+    "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient",
     "compare_gradients", "GradientComparison",
     "energy_blocks", "set_gradient", "block_stats",
 ]

@@ -56,11 +56,22 @@ class GradientComparison:
     def methods(self) -> List[str]:
         return list(dict.fromkeys(r["method"] for r in self.rows))
 
+    def _rows(self, method: Optional[str]) -> List[dict]:
+        rows = [r for r in self.rows if r["comparable"] and (method is None or r["method"] == method)]
+        if not rows:
+            raise ValueError(f"no comparable gradient rows for method {method!r} (methods: {self.methods()})")
+        return rows
+
     def min_cosine(self, method: Optional[str] = None) -> float:
-        return min(r["cosine"] for r in self.rows if method is None or r["method"] == method)
+        """Smallest cosine over the comparable rows (ValueError if there are none)."""
+        return min(r["cosine"] for r in self._rows(method))
 
     def max_rel_error(self, method: Optional[str] = None) -> float:
-        return max(r["rel_error"] for r in self.rows if method is None or r["method"] == method)
+        return max(r["rel_error"] for r in self._rows(method))
+
+    def not_comparable(self, method: Optional[str] = None) -> List[str]:
+        """Parameters with no gradient on one side or both (no verdict on them)."""
+        return [r["param"] for r in self.rows if not r["comparable"] and (method is None or r["method"] == method)]
 
     def table(self) -> str:
         w = max([len(r["param"]) for r in self.rows] + [9])
@@ -70,6 +81,10 @@ class GradientComparison:
             lines.append(f"  {'parameter':<{w}}  {'block':<10}  {'cosine':>9}  {'rel.err':>9}  {'|g|':>9}")
             for r in self.rows:
                 if r["method"] != m:
+                    continue
+                if not r["comparable"]:
+                    lines.append(f"  {r['param']:<{w}}  {r['block'][:10]:<10}  {'n/a':>9}  {'n/a':>9}  "
+                                 f"{'':>9}  not comparable: {r['note']}")
                     continue
                 flag = "  <-- poor" if r["cosine"] < 0.9 else ""
                 lines.append(f"  {r['param']:<{w}}  {r['block'][:10]:<10}  {r['cosine']:9.5f}  "
@@ -86,9 +101,9 @@ class _TracingEP(GradientMethod):
     def __init__(self, ep: EP, store: Dict[str, List]):
         self.ep, self.store = ep, store
 
-    def backward(self, block, u, states, delta):
-        hist = self.ep.trace(block, u, states, delta)
-        self.store[block.name] = hist
+    def backward(self, call, delta):
+        hist = self.ep.trace(call, delta)
+        self.store[call.block.name] = hist
         return hist[-1]
 
     def describe(self) -> str:
@@ -101,10 +116,22 @@ def _grads(model, loss_fn, x, y, include_input):
     loss = loss_fn(model(x_), y)
     inputs = [p for _, p in params] + ([x_] if x_.requires_grad else [])
     gs = torch.autograd.grad(loss, inputs, allow_unused=True)
-    out = {n: (torch.zeros_like(p) if g is None else g.detach()) for (n, p), g in zip(params, gs)}
+    out = {n: (None if g is None else g.detach()) for (n, p), g in zip(params, gs)}
     if x_.requires_grad:
-        out[INPUT] = gs[-1].detach() if gs[-1] is not None else torch.zeros_like(x_)
+        out[INPUT] = gs[-1].detach() if gs[-1] is not None else None
     return out
+
+
+def _row(label: str, pname: str, block: str, g, ref) -> dict:
+    row = {"method": label, "param": pname, "block": block}
+    if g is None or ref is None:
+        side = "both" if g is None and ref is None else ("candidate" if g is None else "reference")
+        row.update(comparable=False, cosine=math.nan, rel_error=math.nan,
+                   norm=math.nan if ref is None else float(ref.double().norm()), note=f"no gradient ({side})")
+        return row
+    row.update(comparable=True, cosine=cosine(g, ref), rel_error=rel_error(g, ref),
+               norm=float(ref.double().norm()), note="")
+    return row
 
 
 def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tensor],
@@ -145,9 +172,7 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
             g = run(_TracingEP(m, store) if (trace and isinstance(m, EP)) else m)
             all_grads[label] = g
             for pname, gr in g.items():
-                rows.append({"method": label, "param": pname, "block": block_of.get(pname, "digital"),
-                             "cosine": cosine(gr, ref[pname]), "rel_error": rel_error(gr, ref[pname]),
-                             "norm": float(ref[pname].double().norm())})
+                rows.append(_row(label, pname, block_of.get(pname, "digital"), gr, ref.get(pname)))
             if store:
                 traces[label] = {}
                 for bname, blk in blocks:

@@ -43,3 +43,31 @@ class ConvergenceWarning(UserWarning):
 
 class AdjointNotConverged(RuntimeError):
     """The implicit-differentiation adjoint solve failed (no convergence or negative curvature)."""
+
+
+class NotTwiceDifferentiable(RuntimeError):
+    """A block's gradient was differentiated again (gradient penalty, ``create_graph=True``).
+
+    EP, Implicit and Unrolled give first-order gradients only; rather than a silently wrong
+    second-order value the double backward raises this error, naming the block.
+    """
+
+
+class FunctorchUnsupported(RuntimeError):
+    """An energy block was called under a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+
+    def __init__(self, block: str, transform: str = "torch.func") -> None:
+        self.block, self.transform = block, transform
+        super().__init__(
+            f"energy block '{block}' cannot run under {transform}: its relaxation takes a data-dependent "
+            "number of steps and its gradient methods call torch.autograd themselves. Call the model "
+            "directly and use loss.backward() or torch.autograd.grad (per-sample gradients: call the "
+            "block on one sample at a time)")
+
+    def __reduce__(self):
+        return (type(self), (self.block, self.transform))
+
+
+class UnsupportedGradient(RuntimeError):
+    """A gradient method was asked for a gradient it cannot compute on this block (e.g.
+    backpropagation through analog tile reads); raised instead of returning a wrong value."""

@@ -1,40 +1,148 @@
 """The autograd bridge: free solve in forward, the block's gradient method in backward.
 
+Everything the backward needs (the drive u, the free equilibrium, the free solve's statistics,
+the gradient method and relaxation settings in force at call time) is saved in *this call's*
+autograd context, never on the block: a block may be called several times before one
+``backward()`` and each call is differentiated at its own equilibrium.
+
 Parameter gradients are returned from ``backward`` (not written to ``.grad`` by hand), so
-autograd accumulates them like any other: DistributedDataParallel's hooks, gradient clipping
-and ordinary optimizers work unchanged.
+autograd accumulates them like any other: DistributedDataParallel's hooks, gradient clipping,
+frozen parameters (``requires_grad=False``: no gradient is formed for them) and ordinary
+optimizers work unchanged.
+
+Not supported, and refused with :class:`NotTwiceDifferentiable` / :class:`FunctorchUnsupported`
+instead of returning a wrong number:
+
+* differentiating a block's gradient again (gradient penalties, ``create_graph=True`` then
+  ``backward``): EP, Implicit and Unrolled produce first-order gradients only;
+* ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call`` under them): the
+  relaxation's step count depends on the data and the methods call ``torch.autograd``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
+from torch.autograd.graph import get_gradient_edge
+
+from .errors import FunctorchUnsupported, NotTwiceDifferentiable
+from .gradients.base import BlockCall
 
 States = List[torch.Tensor]
 
 
+def will_accumulate(edge) -> bool:
+    """True if the running backward will accumulate a gradient through ``edge`` into a leaf's
+    ``.grad`` (``loss.backward()``), False for ``torch.autograd.grad`` (which never accumulates)
+    and for leaves outside ``backward(inputs=...)``."""
+    if edge is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(edge.node))
+    except RuntimeError:
+        # "a leaf node was passed ... while running autograd.grad()": grad() accumulates nothing
+        return False
+
+
+def _edges(params: Sequence[torch.Tensor]) -> list:
+    out = []
+    for p in params:
+        out.append(get_gradient_edge(p) if p.requires_grad and getattr(p, "analog_ctx", None) is not None
+                   else None)
+    return out
+
+
 class _Equilibrium(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, block, u: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(block, u: torch.Tensor, holder: dict, *params: torch.Tensor):  # type: ignore[override]
         states, stats = block.solve(u.detach())
-        block.state, block.stats = states, stats
-        ctx.block = block
-        ctx.num_layers = len(states)
-        ctx.save_for_backward(u.detach(), *states)
+        holder["stats"] = stats
+        holder["states"] = states
         return states[-1].clone()
 
     @staticmethod
-    def backward(ctx, delta: torch.Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        block, u, holder = inputs[0], inputs[1], inputs[2]
+        params = inputs[3:]
+        ctx.block = block
+        ctx.method = block.gradient
+        ctx.relaxation = block.relaxation
+        ctx.nudge_relaxation = block.nudge_relaxation
+        ctx.free_stats = holder["stats"]
+        states = holder["states"]
+        ctx.num_layers = len(states)
+        ctx.edges = _edges(params)
+        # u and the parameters are saved so that autograd checks they were not modified in
+        # place between forward and backward (an optimizer step in between would be an error)
+        ctx.save_for_backward(u.detach(), *states, *params)
+
+    @staticmethod
+    def backward(ctx, delta: torch.Tensor):  # type: ignore[override]
         block = ctx.block
+        if torch.is_grad_enabled():  # create_graph=True: the result would be differentiated again
+            return (None, *_refuse_double_backward(block, ctx.method, ctx, delta))
         saved = ctx.saved_tensors
-        u, states = saved[0], list(saved[1:1 + ctx.num_layers])
-        params = block.energy_parameters()
-        grad_u, grad_params = block.gradient.backward(block, u, states, delta.contiguous())
-        if not ctx.needs_input_grad[1]:
-            grad_u = None
-        return (None, grad_u, *grad_params)
+        L = ctx.num_layers
+        u, states, params = saved[0], list(saved[1:1 + L]), tuple(saved[1 + L:])
+        need = ctx.needs_input_grad
+        wants = tuple(bool(need[3 + i]) and p.requires_grad for i, p in enumerate(params))
+        call = BlockCall(block=block, u=u, states=states, free_stats=ctx.free_stats,
+                         relaxation=ctx.relaxation, nudge_relaxation=ctx.nudge_relaxation, params=params,
+                         wants_input=bool(need[1]), wants=wants,
+                         records=tuple(w and will_accumulate(e) for w, e in zip(wants, ctx.edges)))
+        result = ctx.method.backward(call, delta.contiguous())
+        block.backward_stats = result.stats  # a record for inspection; nothing reads it back
+        grad_u = result.grad_input if need[1] else None
+        grads = [g if w else None for g, w in zip(result.grad_params, wants)]
+        return (None, grad_u, None, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, block, *args):  # type: ignore[override]
+        raise FunctorchUnsupported(block.name, "vmap")
 
 
-def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Top-layer equilibrium state of ``block`` driven by ``u``, differentiable by its method."""
-    return _Equilibrium.apply(block, u, *params)
+class _Refused(torch.autograd.Function):
+    """Passes first-order gradients through; raises if they are differentiated again."""
+
+    @staticmethod
+    def forward(ctx, message: str, anchor: torch.Tensor, *grads: Optional[torch.Tensor]):  # type: ignore[override]
+        ctx.message = message
+        return tuple(g.clone() if g is not None else None for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):  # type: ignore[override]
+        raise NotTwiceDifferentiable(ctx.message)
+
+
+def _first_order(ctx, delta) -> tuple:
+    with torch.no_grad():
+        return _Equilibrium.backward(ctx, delta)
+
+
+def _refuse_double_backward(block, method, ctx, delta) -> tuple:
+    """First-order gradients whose graph raises :class:`NotTwiceDifferentiable` when used."""
+    grads = _first_order(ctx, delta.detach())[1:]
+    message = (f"energy block '{block.name}' is not twice differentiable: its gradient method "
+               f"{method.describe()} gives first-order gradients only, so a gradient penalty or any "
+               "create_graph=True use that differentiates through it would be silently wrong. "
+               "Compute such terms without the energy block, or with create_graph=False")
+    anchor = torch.zeros((), device=delta.device, requires_grad=True)
+    return _Refused.apply(message, anchor, *grads)
+
+
+def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor]):
+    """Top-layer equilibrium state of ``block`` driven by ``u``, differentiable by its method.
+
+    Returns ``(top, states, stats)``: the differentiable top layer, and this call's free
+    equilibrium and :class:`SolveStats` (detached, for inspection)."""
+    holder: dict = {}
+    top = _Equilibrium.apply(block, u, holder, *params)
+    return top, holder["states"], holder["stats"]
+
+
+def under_functorch() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - very old torch
+        return False

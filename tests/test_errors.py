@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ffebm
+from ffebm.gradients import BlockCall
 
 
 def test_wrong_input_shape_names_expected_shape():
@@ -87,15 +88,15 @@ def _saddle_block():
 def test_implicit_refuses_a_saddle_without_fallback():
     blk, u, states, delta = _saddle_block()
     with pytest.raises(ffebm.AdjointNotConverged, match="not positive definite"):
-        ffebm.Implicit(fallback=None).backward(blk, u, states, delta)
+        ffebm.Implicit(fallback=None).backward(BlockCall.at(blk, u, states), delta)
 
 
 def test_implicit_falls_back_to_unrolled_on_a_saddle():
     blk, u, states, delta = _saddle_block()
     with pytest.warns(ffebm.ConvergenceWarning, match="falling back"):
-        gu, gp = ffebm.Implicit().backward(blk, u, states, delta)
-    assert blk.backward_stats["fallback"] == "unrolled"
-    ru, rp = ffebm.Unrolled().backward(blk, u, states, delta)
+        gu, gp = res = ffebm.Implicit().backward(BlockCall.at(blk, u, states), delta)
+    assert res.stats.fallback == "unrolled"
+    ru, rp = ffebm.Unrolled().backward(BlockCall.at(blk, u, states), delta)
     assert torch.allclose(gu, ru) and all(torch.allclose(a, b) for a, b in zip(gp, rp))
 
 

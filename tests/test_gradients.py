@@ -119,7 +119,7 @@ def test_mixed_methods_in_one_model_and_switching():
     loss_fn(model(x), y).backward()
     for n, p in model.named_parameters():
         assert cosine(mixed[n], p.grad) > 0.9999, n
-    assert b1.backward_stats["method"].startswith("Implicit")
+    assert b1.backward_stats.method.startswith("Implicit")
 
 
 def test_gradients_accumulate_like_autograd():

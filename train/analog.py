@@ -173,10 +173,12 @@ def nonfinite_pending(model: nn.Module) -> str:
     """The name of an analog weight whose pending pulsed-update pairs hold NaN/inf ('' if none)."""
     import torch
 
+    from ffebm.analog import is_analog_parameter
+
     for name, p in model.named_parameters():
-        for x, d in getattr(p, "_analog_pending", None) or ():
-            if not (torch.isfinite(x).all() and torch.isfinite(d).all()):
-                return name
+        pair = p.analog_ctx.pending() if is_analog_parameter(p) else None
+        if pair is not None and not (torch.isfinite(pair[0]).all() and torch.isfinite(pair[1]).all()):
+            return name
     return ""
 
 
@@ -184,10 +186,11 @@ def tile_scalars(model: nn.Module) -> Dict[str, float]:
     """TensorBoard scalars of every analog weight's devices: ``analog/<param>/abs_mean``,
     ``range_used`` and ``at_bound`` (see :meth:`ffebm.analog.AnalogTile.weight_stats`)."""
     out: Dict[str, float] = {}
+    from ffebm.analog import is_analog_parameter
+
     for name, p in model.named_parameters():
-        tile = getattr(p, "analog_tile", None)
-        if tile is not None:
-            for k, v in tile.weight_stats().items():
+        if is_analog_parameter(p):
+            for k, v in p.analog_ctx.tile.weight_stats().items():
                 out[f"analog/{name}/{k}"] = v
     return out
 
@@ -210,11 +213,12 @@ def gather_pending(params: List[nn.Parameter], world: int) -> None:
     import torch.distributed as dist
 
     for p in params:
-        tile = p.analog_tile
-        pend = getattr(p, "_analog_pending", None) or []
-        if pend:
-            x = torch.cat([a.reshape(-1, tile.in_size) for a, _ in pend])
-            d = torch.cat([b.reshape(-1, tile.out_size).to(x.dtype) for _, b in pend])
+        actx = p.analog_ctx
+        tile = actx.tile
+        pair = actx.pending()
+        if pair is not None:
+            x = pair[0].reshape(-1, tile.in_size)
+            d = pair[1].reshape(-1, tile.out_size).to(x.dtype)
         else:
             x = p.detach().new_zeros(0, tile.in_size)
             d = p.detach().new_zeros(0, tile.out_size)
@@ -235,7 +239,7 @@ def gather_pending(params: List[nn.Parameter], world: int) -> None:
         dist.all_gather(ds, padded(d))
         X = torch.cat([t[:c] for t, c in zip(xs, counts)])
         Dm = torch.cat([t[:c] for t, c in zip(ds, counts)]) / world
-        p._analog_pending = [(X, Dm)]
+        actx.replace(X, Dm)
 
 
 def tiles_in_sync(params: List[nn.Parameter], device) -> bool:
@@ -247,7 +251,7 @@ def tiles_in_sync(params: List[nn.Parameter], device) -> bool:
 
     s = torch.zeros(2, dtype=torch.float64, device=device)
     for k, p in enumerate(params):
-        w = p.analog_tile.tile_weights().to(device=device, dtype=torch.float64)
+        w = p.analog_ctx.tile.tile_weights().to(device=device, dtype=torch.float64)
         s[0] += w.sum() + (k + 1) * w.abs().sum()
         s[1] += (w * w).sum()
     lo, hi = s.clone(), s.clone()

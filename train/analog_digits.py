@@ -140,12 +140,12 @@ def _expected_update_ratio(params, lr: float) -> float:
     pending pairs (call before the optimizer step)."""
     r = []
     for p in params:
-        pend = getattr(p, "_analog_pending", None)
-        if not pend:
+        pair = p.analog_ctx.pending()
+        if pair is None:
             continue
-        t = p.analog_tile
-        x = torch.cat([a for a, _ in pend]).reshape(-1, t.in_size)
-        d = torch.cat([b for _, b in pend]).reshape(-1, t.out_size) / t.out_scale
+        t = p.analog_ctx.tile
+        x = pair[0].reshape(-1, t.in_size)
+        d = pair[1].reshape(-1, t.out_size) / t.out_scale
         r.append((lr * (d.t() @ x)).abs().mean().item() / float(t.device_cfg.dw_min))
     return sum(r) / max(len(r), 1)
 
@@ -222,8 +222,8 @@ def run(algorithm: str, epochs: int = DEFAULT_EPOCHS, batch: int = 64, lr: float
             rec = {"epoch": ep + 1, "train_loss": tot / max(n, 1), "test_acc": acc, "time_s": time.time() - t0}
             if ratios:
                 rec["update_over_dw_min"] = sum(ratios) / len(ratios)
-                rec["max_abs_w_tile"] = max(p.analog_tile.tile_weights().abs().max().item() for p in aparams)
-                rec["mean_abs_w_tile"] = sum(p.analog_tile.tile_weights().abs().mean().item()
+                rec["max_abs_w_tile"] = max(p.analog_ctx.tile.tile_weights().abs().max().item() for p in aparams)
+                rec["mean_abs_w_tile"] = sum(p.analog_ctx.tile.tile_weights().abs().mean().item()
                                              for p in aparams) / len(aparams)
             hist.append(rec)
             if verbose:

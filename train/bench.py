@@ -148,7 +148,7 @@ def worker(spec: dict) -> dict:
     if method != "feedforward":
         res["blocks"] = {name: {"steps": b.stats.steps, "residual": b.stats.residual,
                                 "backward": {k: (v if not isinstance(v, list) else [repr(s) for s in v])
-                                             for k, v in b.backward_stats.items()}}
+                                             for k, v in b.backward_stats.to_dict().items()}}
                          for name, b in ffebm.energy_blocks(model)}
         if spec.get("flops"):
             fl = step_flops(model, x)

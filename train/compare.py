@@ -37,7 +37,7 @@ def plot(res, path: str) -> None:
     ax.axhline(0.9, color="red", lw=0.8, ls="--")
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(params))])
     ax.set_xticklabels(params, rotation=70, ha="right", fontsize=7)
-    lo = min(0.0, min(r["cosine"] for r in res.rows))
+    lo = min([0.0] + [r["cosine"] for r in res.rows if r["comparable"]])
     ax.set_ylim(lo, 1.02)
     ax.set_ylabel(f"cosine vs {res.reference}")
     ax.set_title("per-layer gradient alignment")

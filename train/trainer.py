@@ -5,6 +5,8 @@ multi-process and failure handling.  Entry points: :func:`prepare_run` + :class:
 
 from __future__ import annotations
 
+import copy
+
 import importlib
 import json
 import math
@@ -588,7 +590,9 @@ class Trainer:
             return {}
         ref = _ffebm.Implicit() if self.cfg.grad_check_reference == "implicit" else _ffebm.Unrolled()
         cand = getattr(self.blocks[0][1], "gradient", None)
-        buffers = {k: v.detach().clone() for k, v in self.core.state_dict().items()}
+        # a copy: running the block's own method would advance its random stream (EP random sign)
+        cand = copy.deepcopy(cand) if cand is not None else None
+        buffers = copy.deepcopy(self.core.state_dict())
         rng = torch.get_rng_state()
         try:
             res = _ffebm.compare_gradients(self.core, F.cross_entropy, (x, y), reference=ref,
@@ -870,6 +874,10 @@ def _per_block_cosine(res) -> Dict[str, float]:
             groups.setdefault(group, []).append(pname)
     out = {}
     for group, names in groups.items():
+        # parameters without a gradient on either side carry no verdict (never a fake 1.0)
+        names = [n for n in names if ref.get(n) is not None and grads[cand].get(n) is not None]
+        if not names:
+            continue
         a = torch.cat([grads[cand][n].double().flatten() for n in names])
         b = torch.cat([ref[n].double().flatten() for n in names])
         na, nb = a.norm(), b.norm()

@@ -15,8 +15,9 @@ from .algorithms import (
     algorithm_from_name,
 )
 from .convert import convert_to_analog
+from .context import AnalogContext, UnownedAnalogWeight
 from .layers import (
-    AnalogConfig, AnalogConv2d, AnalogLinear, analog_parameters, digital_parameters,
+    AnalogConfig, AnalogConv2d, AnalogLinear, analog_context, analog_parameters, digital_parameters,
     is_analog_parameter,
 )
 from .optimizer import AnalogOptimizer

@@ -12,7 +12,8 @@ with ``P^T`` the pooling's adjoint at x (max: scatter to the winners; avg; soft)
 digital coupling. ``phi(x, y) = <y, P(conv(x, W_eff)) + b>`` uses the tile's effective weight
 (what the reads see), and its weight gradient ``sum_i (P^T y)_i p_i^T`` is, inside
 :class:`~ffebm.analog.energy.AnalogEP`, recorded as the pulsed outer-product pairs
-``(p_i, (P^T y)_i)`` (one per output position and sample) instead of being formed densely.
+``(p_i, (P^T y)_i)`` (one per output position and sample, :meth:`AnalogConvCoupling.weight_pairs`)
+instead of being formed densely.
 """
 from __future__ import annotations
 
@@ -24,44 +25,9 @@ from torch import Tensor
 
 from ..couplings import ConvCoupling
 from .config import InvalidSetting
-from .layers import AnalogConfig, _AnalogLayer, _post_load_hook, record_pair
+from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
 
 __all__ = ["AnalogConvCoupling"]
-
-
-class _AnalogConv(torch.autograd.Function):
-    """c = conv2d(x, W_eff) with W_eff the coupling's effective weight (a constant of the solve).
-
-    Backward: dx = conv_transpose(gc, W_eff); dW as the pairs (patches, gc) when the coupling
-    is recording (pulsed EP), else the dense ``sum_i gc_i p_i^T``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, coupling: "AnalogConvCoupling") -> Tensor:  # type: ignore[override]
-        W = coupling.effective_weight().to(dtype=x.dtype, device=x.device)
-        ctx.coupling, ctx.weight = coupling, weight
-        ctx.save_for_backward(x, W)
-        return F.conv2d(x, W, None, coupling.stride, coupling.padding)
-
-    @staticmethod
-    def backward(ctx, gc: Tensor):  # type: ignore[override]
-        x, W = ctx.saved_tensors
-        c = ctx.coupling
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = F.conv_transpose2d(gc, W, None, c.stride, c.padding, c._out_pad)
-        gw = None
-        if ctx.needs_input_grad[1]:
-            w = ctx.weight
-            cols = c._patches(x.detach())
-            d = gc.detach().flatten(2).transpose(1, 2).reshape(cols.shape[0], -1)
-            if c._recording:
-                record_pair(w, cols, d)
-                if c.config.dense_grad:
-                    gw = (d.t() @ cols).reshape(w.shape).to(w.dtype)
-            else:
-                gw = (d.t() @ cols).reshape(w.shape).to(w.dtype)
-        return gx, gw, None
 
 
 class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
@@ -96,7 +62,6 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
         if self.bias is not None:
             self.bias.data = self.bias.data.to(device=self.weight.device, dtype=self.weight.dtype)
         self.set_weights(w0.to(device=self.weight.device, dtype=self.weight.dtype))
-        self._recording = False
         self.n_forward_reads = 0
         self.n_backward_reads = 0
         self.register_load_state_dict_post_hook(_post_load_hook)
@@ -140,11 +105,22 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
     def phi(self, x: Tensor, y: Tensor) -> Tensor:
         self._link()
         self._refresh()
-        c = _AnalogConv.apply(x, self.weight, self)
+        c = F.conv2d(x, self.read_weight(x), None, self.stride, self.padding)
         p, _ = self._pool(c)
         if self.bias is not None:
             p = p + self.bias.view(1, -1, 1, 1)
         return (y * p).sum()
+
+    @torch.no_grad()
+    def weight_pairs(self, x: Tensor, y: Tensor):
+        """``(X, D)`` with ``d phi / d W = D^T X`` at the states (x, y): one row per output position
+        and sample, ``X`` the im2col patches of x and ``D`` the pooling's adjoint ``P^T y`` at
+        ``conv(x, W_eff)`` (what the reads see)."""
+        W = self.effective_weight().to(dtype=x.dtype, device=x.device)
+        c = F.conv2d(x, W, None, self.stride, self.padding)
+        _, ctx = self._pool(c)
+        g = self._pool_adjoint(y, ctx)
+        return self._patches(x), g.flatten(2).transpose(1, 2).reshape(-1, self.out_channels)
 
     def out_shape(self, in_shape):
         k = self.pool_size

@@ -15,8 +15,9 @@ EP's read-out is consistent with the reads in perfect mode. Convolutional coupli
 Pulsed EP (:class:`AnalogEP`): EP's centered estimate for a dense coupling is
 ``dW = -(y+ x+^T - y- x-^T) / (2 beta B)``, a difference of two outer products. Instead of
 forming it, :class:`AnalogEP` records the pairs ``(x+, -y+/(2 beta B))`` and
-``(x-, +y-/(2 beta B))`` on the weight (the same pending-pair mechanism as
-:class:`~ffebm.analog.layers.AnalogLinear`), and :class:`~ffebm.analog.optimizer.AnalogOptimizer`
+``(x-, +y-/(2 beta B))`` in the weight's :class:`~ffebm.analog.context.AnalogContext` (the same
+mechanism as :class:`~ffebm.analog.layers.AnalogLinear`, and likewise only when ``backward``
+accumulates into the weight), and :class:`~ffebm.analog.optimizer.AnalogOptimizer`
 applies ``W -= lr * sum_b d_b x_b^T`` as pulsed outer-product updates with its algorithm (SGD,
 Tiki-Taka, c-TTv2...). The analog weights get no ``.grad``; biases and digital layers keep their
 ordinary gradients. An analog input map (:class:`AnalogLinear`) records its pairs through its own
@@ -41,44 +42,10 @@ from ..couplings import ConvCoupling, Coupling, DenseCoupling, init_weight
 from ..gradients.ep import EP
 from .config import InvalidSetting
 from .conv_coupling import AnalogConvCoupling
-from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook, record_pair
+from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook
 
 __all__ = ["AnalogDenseCoupling", "AnalogConvCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
            "analog_couplings", "reset_read_counts"]
-
-
-class _AnalogPhi(torch.autograd.Function):
-    """phi_W(x, y) = sum_b <y_b, W x_b> with W the coupling's effective weight.
-
-    Backward: dx = g W^T y, dy = g W x; for W either the pending pair (x, g y) (when the coupling
-    is recording, i.e. inside :class:`AnalogEP`) or the dense ``g y^T x``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, weight: Tensor, coupling: "AnalogDenseCoupling") -> Tensor:  # type: ignore[override]
-        W = coupling.effective_weight().to(dtype=x.dtype, device=x.device)
-        ctx.coupling = coupling
-        ctx.weight = weight
-        ctx.save_for_backward(x, y, W)
-        return (y * (x @ W.t())).sum()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, y, W = ctx.saved_tensors
-        c = ctx.coupling
-        gx = g * (y @ W) if ctx.needs_input_grad[0] else None
-        gy = g * (x @ W.t()) if ctx.needs_input_grad[1] else None
-        gw = None
-        if ctx.needs_input_grad[2]:
-            d = (g * y).detach()
-            if c._recording:
-                w = ctx.weight
-                record_pair(w, x.detach(), d)
-                if c.config.dense_grad:
-                    gw = (d.t() @ x).to(w.dtype)
-            else:
-                gw = (d.t() @ x).to(ctx.weight.dtype)
-        return gx, gy, gw, None
 
 
 class AnalogDenseCoupling(_AnalogLayer, Coupling):
@@ -110,7 +77,6 @@ class AnalogDenseCoupling(_AnalogLayer, Coupling):
         else:
             self.register_parameter("bias", None)
         self.set_weights(w.to(self.weight.device))
-        self._recording = False
         self.n_forward_reads = 0
         self.n_backward_reads = 0
         self.register_load_state_dict_post_hook(_post_load_hook)
@@ -141,16 +107,23 @@ class AnalogDenseCoupling(_AnalogLayer, Coupling):
         self._link()
         self._refresh()
         x2 = x.reshape(x.shape[0], -1)
-        out = _AnalogPhi.apply(x2, y, self.weight, self)
+        out = (y * (x2 @ self.read_weight(x2).t())).sum()
         if self.bias is not None:
             out = out + (y * self.bias).sum()
         return out
+
+    def weight_pairs(self, x: Tensor, y: Tensor):
+        """``(X, D)`` with ``d phi / d W = D^T X`` at the states (x, y): ``X = flatten(x)``, ``D = y``."""
+        return x.reshape(x.shape[0], -1).detach(), y.detach()
 
     def out_shape(self, in_shape):
         return (self.out_features,)
 
     def extra_repr(self) -> str:
         return f"{self.in_shape} -> {self.out_features}, tile={self.tile.extra_repr()}"
+
+
+ANALOG_COUPLINGS = (AnalogDenseCoupling, AnalogConvCoupling)
 
 
 def analog_couplings(module: nn.Module) -> List[Coupling]:
@@ -167,11 +140,12 @@ def reset_read_counts(module: nn.Module) -> None:
 class AnalogEP(EP):
     """EP whose analog-coupling weight updates are recorded as pulsed outer-product pairs.
 
-    Same settings and estimate as :class:`~ffebm.gradients.ep.EP`; for every
-    :class:`AnalogDenseCoupling` of the block the read-out appends ``(s_l, ∓ s_{l+1} / ((beta_a -
-    beta_b) B))`` at each nudged state to the weight's pending pairs (for the
-    :class:`AnalogOptimizer`) and returns no gradient for it. Biases and the input get their
-    ordinary EP gradients.
+    Same settings and estimate as :class:`~ffebm.gradients.ep.EP`; for every analog coupling of
+    the block the read-out records ``(s_l, ∓ s_{l+1} / ((beta_a - beta_b) B))`` at each nudged
+    state in the weight's :class:`AnalogContext` (for the :class:`AnalogOptimizer`) when the
+    backward accumulates into the weight (``loss.backward()``), and then returns no gradient for
+    it. Asked for by ``torch.autograd.grad(loss, weight)`` instead, it returns the dense
+    equivalent ``sum d x^T`` of those pairs. Biases and the input get their ordinary EP gradients.
     """
 
     pair_form: str = "mean_difference"
@@ -184,40 +158,55 @@ class AnalogEP(EP):
     def describe(self) -> str:
         return f"AnalogEP(beta={self.beta}, variant={self.variant}, pair_form={self.pair_form})"
 
-    def backward(self, block, u, states, delta):
-        cps = analog_couplings(block.couplings)
-        before = []
-        for c in cps:
-            c._recording = True
-            c._link()
-            before.append(len(c.weight._analog_pending))
-        try:
-            out = super().backward(block, u, states, delta)
-        finally:
-            for c in cps:
-                c._recording = False
-        if self.pair_form == "mean_difference":
-            for c, n0 in zip(cps, before):
-                _mean_difference_pairs(c.weight._analog_pending, n0)
-        return out
+
+
+    def _pulsed(self, call) -> List[bool]:
+        """Per energy parameter: is it the weight of an analog coupling (pulsed, not autograd)?"""
+        ids = {id(c.weight) for c in call.block.couplings if isinstance(c, ANALOG_COUPLINGS)}
+        return [id(p) in ids for p in call.params]
+
+    def skip(self, call) -> List[bool]:
+        return self._pulsed(call)
+
+    def read_out_extra(self, call, sa, sb, scale, grads):
+        """Record each analog coupling's EP update as pulsed pairs (when this backward
+        accumulates into its weight); no dense gradient unless the config asks for one."""
+        grads = list(grads)
+        index = {id(p): i for i, p in enumerate(call.params)}
+        for k, c in enumerate(call.block.couplings):
+            if not isinstance(c, ANALOG_COUPLINGS):
+                continue
+            i = index.get(id(c.weight))
+            if i is None or not call.wants[i]:
+                continue
+            xa, ya = c.weight_pairs(sa[k], sa[k + 1])
+            xb, yb = c.weight_pairs(sb[k], sb[k + 1])
+            pairs = [(xa, -scale * ya), (xb, scale * yb)]
+            if self.pair_form == "mean_difference":
+                pairs = _mean_difference_pairs(pairs)
+            if call.records[i]:
+                c._link()
+                c.analog_ctx.record_pairs(pairs)
+            # the dense equivalent of the pulsed update where it was asked for without being
+            # recorded (torch.autograd.grad(loss, weight), compare_gradients) or by the config
+            if not call.records[i] or c.config.dense_grad:
+                grads[i] = sum(d.t() @ x for x, d in pairs).reshape(c.weight.shape).to(c.weight.dtype)
+        return tuple(grads)
 
 
 PAIR_FORMS = ("mean_difference", "raw")
 
 
-def _mean_difference_pairs(pend: list, n0: int) -> None:
-    """Rewrite the two pairs EP appended after index ``n0``, ``(x1, d1), (x2, d2)``, as
-    ``((x1 + x2) / 2, d1 + d2)`` and ``((x1 - x2) / 2, d1 - d2)``: the same sum of outer products
-    (``d1 x1^T + d2 x2^T``), but each pair now carries a *small* factor (EP's ``d1 ~ -d2`` and
-    ``x1 ~ x2``), so the pulse count, and with it the pulse noise and the soft-bounds drift of
-    up/down pulse pairs, scales with the update itself instead of with ``|y| |x| / (2 beta B)``."""
-    if len(pend) - n0 != 2:
-        return
-    (x1, d1), (x2, d2) = pend[n0], pend[n0 + 1]
+def _mean_difference_pairs(pairs: list) -> list:
+    """Rewrite EP's two pairs ``(x1, d1), (x2, d2)`` as ``((x1 + x2) / 2, d1 + d2)`` and
+    ``((x1 - x2) / 2, d1 - d2)``: the same sum of outer products (``d1 x1^T + d2 x2^T``), but
+    each pair now carries a *small* factor (EP's ``d1 ~ -d2`` and ``x1 ~ x2``), so the pulse
+    count, and with it the pulse noise and the soft-bounds drift of up/down pulse pairs, scales
+    with the update itself instead of with ``|y| |x| / (2 beta B)``."""
+    (x1, d1), (x2, d2) = pairs
     if x1.shape != x2.shape or d1.shape != d2.shape:
-        return
-    pend[n0] = (0.5 * (x1 + x2), d1 + d2)
-    pend[n0 + 1] = (0.5 * (x1 - x2), d1 - d2)
+        return pairs
+    return [(0.5 * (x1 + x2), d1 + d2), (0.5 * (x1 - x2), d1 - d2)]
 
 
 def _analog_ep_from(g: Any) -> Any:

@@ -4,9 +4,11 @@
 Forward: ``y = W x`` through the tile's forward read model (conv: one read per patch, patches
 from ``unfold`` / im2col). Backward: ``dL/dx = W^T d`` through the tile's backward read model.
 The weight update does *not* use a dense gradient: the backward pass records the pair
-``(x, d)`` (batch inputs and output gradients, conv: one pair per patch) on the weight
-parameter, and :class:`~ffebm.analog.optimizer.AnalogOptimizer` turns the pending pairs into
-pulsed outer-product updates (the way the hardware does it). ``weight.grad`` stays ``None``
+``(x, d)`` (batch inputs and output gradients, conv: one pair per patch) in the weight's
+:class:`~ffebm.analog.context.AnalogContext` (``layer.weight.analog_ctx``) -- exactly when torch
+would accumulate a gradient into ``weight.grad`` -- and
+:class:`~ffebm.analog.optimizer.AnalogOptimizer` turns the pending pairs into pulsed
+outer-product updates (the way the hardware does it). ``weight.grad`` stays ``None``
 unless the layer's config asks for ``dense_grad=True`` (for inspection / digital baselines).
 
 ``layer.weight`` is a *mirror* of the tile in network units (``out_scale * W_tile``), refreshed
@@ -24,11 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.autograd.graph import get_gradient_edge
+
 from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
+from .context import AnalogContext
 from .devices import PulsedDevice, device_from_name
 from .tile import AnalogTile
 
-__all__ = ["AnalogConfig", "AnalogLinear", "AnalogConv2d", "is_analog_parameter",
+__all__ = ["AnalogConfig", "AnalogLinear", "AnalogConv2d", "is_analog_parameter", "analog_context",
            "analog_parameters", "digital_parameters"]
 
 
@@ -83,7 +88,15 @@ class AnalogConfig:
 
 def is_analog_parameter(p: Any) -> bool:
     """True for the weight parameter of an analog layer (held on a tile)."""
-    return isinstance(p, Tensor) and getattr(p, "analog_tile", None) is not None
+    return isinstance(p, Tensor) and isinstance(getattr(p, "analog_ctx", None), AnalogContext)
+
+
+def analog_context(p: Tensor) -> AnalogContext:
+    """The :class:`AnalogContext` of an analog weight (ValueError for any other tensor)."""
+    ctx = getattr(p, "analog_ctx", None)
+    if not isinstance(ctx, AnalogContext):
+        raise ValueError(f"tensor of shape {tuple(p.shape)} is not an analog weight (no AnalogContext)")
+    return ctx
 
 
 def _analog_layers(model: nn.Module) -> List["_AnalogLayer"]:
@@ -105,28 +118,23 @@ def digital_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in ids]
 
 
-def record_pair(weight: Tensor, x: Tensor, d: Tensor) -> None:
-    """Append a pulsed-update pair ``(x, d)`` (update ``-lr d^T x``) to ``weight``'s pending pairs,
-    which :class:`~ffebm.analog.optimizer.AnalogOptimizer` consumes."""
-    pend = getattr(weight, "_analog_pending", None)
-    if pend is None:
-        pend = []
-        weight._analog_pending = pend
-    pend.append((x, d))
-
-
 class _AnalogMVM(torch.autograd.Function):
-    """y = read_fwd(x); dx = read_bwd(dy); records (x, dy) on the weight for the optimizer."""
+    """y = read_fwd(x); dx = read_bwd(dy); records (x, dy) in the weight's AnalogContext when
+    this backward accumulates into the weight (``loss.backward()``, not ``autograd.grad(y, x)``)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, layer: "_AnalogLayer") -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        ctx.weight = weight
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.analog_ctx = layer.analog_ctx
+        ctx.edge = get_gradient_edge(weight) if weight.requires_grad else None
         ctx.save_for_backward(x)
         return layer._read_forward(x)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
+        from ..function import will_accumulate
+
         (x,) = ctx.saved_tensors
         layer = ctx.layer
         gx = layer._read_backward(gy) if ctx.needs_input_grad[0] else None
@@ -134,10 +142,12 @@ class _AnalogMVM(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x2 = x.detach().reshape(-1, x.shape[-1])
             d2 = gy.detach().reshape(-1, gy.shape[-1])
-            w = ctx.weight
-            record_pair(w, x2, d2)
-            if layer.config.dense_grad:
-                gw = (d2.t() @ x2).reshape(w.shape).to(w.dtype)
+            recorded = will_accumulate(ctx.edge)
+            if recorded:
+                ctx.analog_ctx.record(x2, d2)
+            # dense where asked for without being recorded (autograd.grad(loss, weight)) or by config
+            if not recorded or layer.config.dense_grad:
+                gw = (d2.t() @ x2).reshape(ctx.weight_shape).to(ctx.weight_dtype)
         return gx, gw, None
 
 
@@ -158,13 +168,16 @@ class _AnalogLayer(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         self.tile = config.make_tile(out_size, in_size, seed=seed, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.zeros(weight_shape, device=self.tile.device, dtype=dtype))
+        self.analog_ctx = AnalogContext(self.tile, type(self).__name__)
         self._link()
 
     def _link(self) -> None:
-        self.weight.analog_tile = self.tile
-        self.weight.analog_layer_type = type(self).__name__
-        if not hasattr(self.weight, "_analog_pending"):
-            self.weight._analog_pending = []
+        """Point the weight at this layer's AnalogContext (a copied or moved Parameter loses
+        its Python attributes, so this is repeated before every use)."""
+        if self.analog_ctx.tile is not self.tile:  # tile replaced (e.g. by load_state_dict remap)
+            self.analog_ctx = AnalogContext(self.tile, type(self).__name__)
+        if getattr(self.weight, "analog_ctx", None) is not self.analog_ctx:
+            self.weight.analog_ctx = self.analog_ctx
 
     # -- weights --------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,6 +207,15 @@ class _AnalogLayer(nn.Module):
             W = W + extra.to(W)
         return (self.tile.out_scale.unsqueeze(1) * W).reshape(self.weight.shape)
 
+    def read_weight(self, like: Tensor) -> Tensor:
+        """The effective weight as a differentiable function of ``weight``: its *values* are what
+        the reads see (:meth:`effective_weight`), its *gradient* flows to ``weight`` unchanged
+        (``weight + (W_eff - weight).detach()``), so energy terms built on it (``phi``) are
+        differentiable to any order in the states and the weight (Implicit's adjoint needs the
+        mixed second derivative)."""
+        w = self.weight.to(dtype=like.dtype, device=like.device)
+        return w + (self.effective_weight().to(w) - w).detach()
+
     @torch.no_grad()
     def _copy_from(self, weight: Tensor, bias: Optional[Tensor]) -> "_AnalogLayer":
         """Program a digital layer's weight onto the tile and copy its bias."""
@@ -204,8 +226,7 @@ class _AnalogLayer(nn.Module):
 
     # -- reads ----------------------------------------------------------------------------
     def _extra(self) -> Optional[Tensor]:
-        rt = getattr(self.weight, "_analog_runtime", None)
-        return rt.read_extra() if rt is not None else None
+        return self.analog_ctx.read_extra()
 
     def _read_forward(self, x: Tensor) -> Tensor:
         y = self.tile.forward(x)

@@ -13,8 +13,10 @@ Usage (two optimizers side by side: analog weights pulsed on their tiles, everyt
         opt_a.step(); opt_d.step()
 
 How an update gets its ``(x, d)``: analog layers record, in their backward pass, the batch
-inputs ``x`` (conv: im2col patches) and the output gradients ``d`` on the weight parameter;
-``step()`` concatenates the pending pairs (several backward passes accumulate, like
+inputs ``x`` (conv: im2col patches) and the output gradients ``d`` in the weight's
+:class:`~ffebm.analog.context.AnalogContext` (``p.analog_ctx``), which the optimizer owns from
+its construction on (pairs recorded for a weight that no AnalogOptimizer owns are dropped with a
+warning); ``step()`` concatenates the pending pairs (several backward passes accumulate, like
 gradients) and hands them to the algorithm, which issues pulsed outer-product updates
 (``W -= lr * sum_b d_b x_b^T``), so no dense gradient is formed. Fallback: an analog parameter
 without pending pairs but with a dense ``.grad`` (``out x in``, e.g. set by hand) is pulsed as
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from .algorithms import AnalogAlgorithm, AnalogSGD, _Runtime
 from .config import InvalidSetting, check_range
+from .layers import is_analog_parameter
 
 __all__ = ["AnalogOptimizer"]
 
@@ -53,6 +56,10 @@ class AnalogOptimizer(torch.optim.Optimizer):
             seeds from torch's global RNG (so ``torch.manual_seed`` makes runs repeatable).
     """
 
+    #: marks optimizers that apply recorded pulse pairs (see ffebm.analog.context)
+    pulses_analog_weights = True
+
+
     def __init__(self, params: Iterable[Any], algorithm: Optional[AnalogAlgorithm] = None,
                  lr: float = 0.01, seed: Optional[int] = None) -> None:
         check_range("AnalogOptimizer", "lr", lr, 0, None)
@@ -67,11 +74,12 @@ class AnalogOptimizer(torch.optim.Optimizer):
         for gi, g in enumerate(self.param_groups):
             check_range("AnalogOptimizer", f"param_groups[{gi}].lr", g["lr"], 0, None)
             for p in g["params"]:
-                if getattr(p, "analog_tile", None) is None:
+                if not is_analog_parameter(p):
                     raise InvalidSetting(
                         "AnalogOptimizer", "params", f"tensor of shape {tuple(p.shape)}",
                         "analog weights only (weights of AnalogLinear/AnalogConv2d, see "
                         "analog_parameters(model)); give digital parameters to a torch optimizer")
+                p.analog_ctx.attach(self)
         self.algorithm = algorithm
         self.seed = seed
         self._runtimes: Dict[int, _Runtime] = {}
@@ -88,7 +96,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
         raise KeyError("parameter not in this optimizer")
 
     def _runtime(self, p: Tensor) -> _Runtime:
-        tile = p.analog_tile
+        tile = p.analog_ctx.tile
         rt = self._runtimes.get(id(p))
         if rt is not None and rt.tile is tile:
             dev = tile.out_scale.device
@@ -111,7 +119,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
         rt = self.algorithm.build(tile, g)
         self._runtimes[id(p)] = rt
         self._gens[id(p)] = g
-        p._analog_runtime = rt
+        p.analog_ctx.runtime = rt  # reads add what the algorithm holds (Tiki-Taka's fast array)
         return rt
 
     def _export(self, p: Tensor) -> Dict[str, Tensor]:
@@ -136,13 +144,14 @@ class AnalogOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             lr = float(group["lr"])
             for p in group["params"]:
-                pend = getattr(p, "_analog_pending", None)
-                if pend:
-                    x = torch.cat([a for a, _ in pend], dim=0)
-                    d = torch.cat([b for _, b in pend], dim=0)
-                    pend.clear()
+                actx = p.analog_ctx
+                if actx.optimizer is not self:
+                    actx.attach(self)
+                pair = actx.take()
+                if pair is not None:
+                    x, d = pair
                 elif p.grad is not None:
-                    tile = p.analog_tile
+                    tile = actx.tile
                     G = p.grad.reshape(tile.out_size, tile.in_size)
                     x = torch.eye(tile.in_size, device=G.device, dtype=G.dtype)
                     d = G.t()
@@ -150,16 +159,15 @@ class AnalogOptimizer(torch.optim.Optimizer):
                     continue
                 rt = self._runtime(p)
                 rt.step(x, d, lr)
-                p.data.copy_(p.analog_tile.get_weights().reshape(p.shape).to(p.dtype))
+                p.data.copy_(actx.tile.get_weights().reshape(p.shape).to(p.dtype))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear dense gradients and the recorded pulse pairs of this optimizer's weights."""
         super().zero_grad(set_to_none=set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
-                pend = getattr(p, "_analog_pending", None)
-                if pend:
-                    pend.clear()
+                p.analog_ctx.clear()
 
     def state_dict(self) -> Dict[str, Any]:
         for group in self.param_groups:
@@ -177,7 +185,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 if st:
                     self._runtime(p)
                     self._import(p, st)
-                    p.data.copy_(p.analog_tile.get_weights().reshape(p.shape).to(p.dtype))
+                    p.data.copy_(p.analog_ctx.tile.get_weights().reshape(p.shape).to(p.dtype))
 
     def __repr__(self) -> str:
         return f"AnalogOptimizer(algorithm={self.algorithm!r}, lr={self.defaults['lr']})"

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..activations import hard_sigmoid, linear
+from ..errors import FunctorchUnsupported
 from ..couplings import Coupling
 from ..solvers import Relaxation, SolveStats, relax
 
@@ -62,9 +63,11 @@ class EnergyBlock(nn.Module):
             gradient = EP()
         self.gradient = gradient
         self.block_name = name
+        # records of the last call, for inspection only: no gradient method reads them (what a
+        # backward needs travels in that call's autograd context, see ffebm.function)
         self.state: Optional[States] = None
         self.stats: Optional[SolveStats] = None
-        self.backward_stats: dict = {}
+        self.backward_stats = None
 
     # ---------------------------------------------------------------- identity and settings
     @property
@@ -121,14 +124,29 @@ class EnergyBlock(nn.Module):
             return relax(self, u, states, nudge, config or self.relaxation, phase, callback)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..function import equilibrium, under_functorch
+
+        if under_functorch():
+            raise FunctorchUnsupported(self.name)
         self.check_input(x)
         u = self.input_map(x)
         params = self.energy_parameters()
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
         if needs_grad:
-            from ..function import equilibrium
-
-            return equilibrium(self, u, params)
-        states, stats = self.solve(u)
+            top, states, stats = equilibrium(self, u, params)
+        else:
+            states, stats = self.solve(u)
+            top = states[-1]
         self.state, self.stats = states, stats
-        return states[-1]
+        return top
+
+    # ---------------------------------------------------------------- state of the method
+    def get_extra_state(self) -> dict:
+        """The gradient method's own state (EP's random-sign generator), so that a checkpoint of
+        ``state_dict()`` resumes every random stream."""
+        return {"gradient": self.gradient.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("gradient", {}), dict):
+            raise ValueError(f"block '{self.name}': extra state must be a dict with a 'gradient' dict")
+        self.gradient.load_state_dict(state.get("gradient", {}))

@@ -24,7 +24,7 @@ import torch
 
 from ..activations import free_mask
 from ..errors import AdjointNotConverged, ConvergenceWarning
-from .base import GradientMethod, Grads
+from .base import BackwardStats, BlockCall, GradientMethod, GradientResult, grad_wrt
 
 SOLVERS = ("cg", "fixed_point")
 
@@ -74,9 +74,10 @@ class Implicit(GradientMethod):
     def describe(self) -> str:
         return f"Implicit(solver={self.solver})"
 
-    def backward(self, block, u: torch.Tensor, states: List[torch.Tensor], delta: torch.Tensor) -> Grads:
+    def backward(self, call: BlockCall, delta: torch.Tensor) -> GradientResult:
+        block = call.block
         try:
-            return self._adjoint(block, u, states, delta)
+            return self._adjoint(call, delta)
         except (_NegativeCurvature, AdjointNotConverged) as err:
             if self.fallback is None:
                 if isinstance(err, _NegativeCurvature):
@@ -93,16 +94,16 @@ class Implicit(GradientMethod):
                 warnings.warn(f"implicit adjoint of block '{block.name}' failed ({type(err).__name__}); "
                               "falling back to backprop through the relaxation steps (warned once per block; "
                               "see block.backward_stats)", ConvergenceWarning, stacklevel=3)
-            grads = Unrolled().backward(block, u, states, delta)
-            block.backward_stats = {"method": self.describe(), "fallback": "unrolled"}
-            return grads
+            res = Unrolled().backward(call, delta)
+            res.stats = BackwardStats(method=self.describe(), fallback="unrolled", steps=res.stats.steps)
+            return res
 
-    def _adjoint(self, block, u, states, delta) -> Grads:
-        params = block.energy_parameters()
+    def _adjoint(self, call: BlockCall, delta: torch.Tensor) -> GradientResult:
+        block, states = call.block, call.states
         a = block.gain
         L = len(states)
         with torch.enable_grad():
-            u_ = u.detach().requires_grad_(True)
+            u_ = call.u.detach().requires_grad_(call.wants_input)
             s = [t.detach().requires_grad_(True) for t in states]
             g = torch.autograd.grad(block.primitive(s, u_), s, create_graph=True)
             masks = [free_mask(g[i].detach(), a, block.bounded(i)).to(g[i].dtype) for i in range(L)]
@@ -118,9 +119,11 @@ class Implicit(GradientMethod):
                 lam, iters, res = self._cg(hess_phi, masks, rhs, a)
             else:
                 lam, iters, res = self._fixed_point(hess_phi, masks, rhs, a)
-            block.backward_stats = {"method": self.describe(), "adjoint_iterations": iters, "adjoint_residual": res}
-            grads = torch.autograd.grad(g, [u_, *params], grad_outputs=lam, allow_unused=True)
-        return grads[0], tuple(grads[1:])
+            stats = BackwardStats(method=self.describe(), adjoint_iterations=iters, adjoint_residual=res)
+            if not any(t.requires_grad for t in g):
+                return GradientResult(None, (None,) * len(call.params), stats)
+            g_u, g_p = grad_wrt(list(g), call, u_, grad_outputs=lam)
+        return GradientResult(g_u, g_p, stats)
 
     # -- solvers --------------------------------------------------------------------------
     def _apply(self, hess_phi, masks, v, a):

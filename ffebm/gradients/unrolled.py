@@ -14,8 +14,9 @@ from typing import List, Optional
 
 import torch
 
+from ..errors import UnsupportedGradient
 from ..solvers import MODES, analytic_step
-from .base import GradientMethod, Grads
+from .base import BackwardStats, BlockCall, GradientMethod, GradientResult, grad_wrt
 
 
 @dataclass
@@ -33,21 +34,28 @@ class Unrolled(GradientMethod):
     def describe(self) -> str:
         return f"Unrolled(steps={self.steps}, from_equilibrium={self.from_equilibrium})"
 
-    def backward(self, block, u: torch.Tensor, states: List[torch.Tensor], delta: torch.Tensor) -> Grads:
-        params = block.energy_parameters()
-        mode = self.mode or block.relaxation.mode
+    def backward(self, call: BlockCall, delta: torch.Tensor) -> GradientResult:
+        block = call.block
+        tiles = [i for i, c in enumerate(block.couplings) if hasattr(c, "analog_ctx")]
+        if tiles:  # the steps read tiles: not differentiable w.r.t. the weights (nor through ADCs)
+            raise UnsupportedGradient(
+                f"Unrolled cannot differentiate block '{block.name}': couplings {tiles} are read through analog "
+                "tiles, whose reads are not differentiable w.r.t. the tile weights; use AnalogEP / EP or Implicit")
+        mode = self.mode or call.relaxation.mode
         if self.steps is not None:
             steps = self.steps
         elif self.from_equilibrium:
-            steps = block.nudge_relaxation.steps
-        else:
-            steps = block.stats.steps if block.stats is not None else block.relaxation.steps
+            steps = call.nudge_relaxation.steps
+        else:  # the step count of *this* call's free solve
+            steps = call.free_stats.steps
         with torch.enable_grad():
-            u_ = u.detach().requires_grad_(True)
-            s = [t.detach() for t in states] if self.from_equilibrium else block.initial_state(u_)
+            u_ = call.u.detach().requires_grad_(call.wants_input)
+            s = [t.detach() for t in call.states] if self.from_equilibrium else block.initial_state(u_)
             cache: dict = {}
             for _ in range(steps):
                 s = analytic_step(block, u_, s, None, mode, cache)
-            grads = torch.autograd.grad(s[-1], [u_, *params], grad_outputs=delta, allow_unused=True)
-        block.backward_stats = {"method": self.describe(), "steps": steps}
-        return grads[0], tuple(grads[1:])
+            stats = BackwardStats(method=self.describe(), steps=steps)
+            if not s[-1].requires_grad:
+                return GradientResult(None, (None,) * len(call.params), stats)
+            g_u, g_p = grad_wrt(s[-1], call, u_, grad_outputs=delta)
+        return GradientResult(g_u, g_p, stats)

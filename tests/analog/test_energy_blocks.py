@@ -75,7 +75,7 @@ def test_pulsed_ep_step_equals_digital_ep_step(variant):
         if n in analog_names:
             assert p.grad is None  # no dense gradient is formed
             n_pairs = 1 if n.startswith("input_map") else 2  # (s_a, s_b): nudged vs nudged or free
-            assert len(p._analog_pending) == n_pairs
+            assert len(p.analog_ctx._pairs) == n_pairs
         else:
             assert p.grad is not None
     oa.step()
@@ -170,7 +170,7 @@ def test_mean_difference_pairs_keep_the_update_and_shrink_the_pulse_count():
         ((ab(x) - t) ** 2).sum().backward()
         for n, p in ab.couplings.named_parameters():
             if p is getattr(ab.couplings[int(n.split(".")[0])], "weight"):
-                pend = p._analog_pending
+                pend = p.analog_ctx._pairs
                 assert len(pend) == 2
                 sums[form, n] = sum(d.t() @ xx for xx, d in pend)
                 # what the pulse count scales with: sum_b |d_b| |x_b|^T

@@ -83,7 +83,7 @@ def test_dense_grad_fallback_and_accumulation():
         a1(x).pow(2).sum().backward()
         a2(x).pow(2).sum().backward()
     torch.testing.assert_close(a1.weight.grad, a2.weight.grad)
-    a2.weight._analog_pending.clear()  # a2: only the dense gradient is left -> one-hot fallback
+    a2.weight.analog_ctx.clear()  # a2: only the dense gradient is left -> one-hot fallback
     AnalogOptimizer([a1.weight], lr=0.05).step()
     AnalogOptimizer([a2.weight], lr=0.05).step()
     torch.testing.assert_close(a1.get_weights(), a2.get_weights(), rtol=0, atol=1e-13)
@@ -127,7 +127,7 @@ def test_state_dict_roundtrip_bit_identical(algo, tmp_path):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
     for p1, p2 in zip(analog_parameters(m1), analog_parameters(m2)):
-        assert torch.equal(p1.analog_tile.tile_weights(), p2.analog_tile.tile_weights())
+        assert torch.equal(p1.analog_ctx.tile.tile_weights(), p2.analog_ctx.tile.tile_weights())
     s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
     assert s1.keys() == s2.keys()
     for k in s1:
@@ -196,6 +196,6 @@ def test_gamma_reads_fast_array():
     x = torch.randn(8, 4, dtype=torch.float64)
     al(x).sum().backward()
     opt.step()
-    rt = al.weight._analog_runtime
+    rt = al.weight.analog_ctx.runtime
     W = al.tile.get_weights() + 0.5 * (rt.A.w - rt.tensors["ref"])
     torch.testing.assert_close(al(x), x @ W.t() + al.bias, rtol=0, atol=1e-12)

@@ -17,9 +17,9 @@ torch.manual_seed(100 + rank)                                                   
 n = 3 + rank                                                                       # and batch sizes
 x = torch.rand(n, 5)
 layer(x).square().sum().backward()
-(x_local, d_local), = layer.weight._analog_pending
+x_local, d_local = layer.weight.analog_ctx.pending()
 gather_pending([layer.weight], world)
-(X, Dm), = layer.weight._analog_pending
+X, Dm = layer.weight.analog_ctx.pending()
 w0 = layer.tile.tile_weights().clone()
 AnalogOptimizer([layer.weight], AnalogSGD(), lr=0.5, seed=0).step()
 torch.save({"x": x_local, "d": d_local, "X": X, "D": Dm, "w0": w0, "w1": layer.tile.tile_weights()},

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from conftest import HERE, folder_digest, main_inproc, run_train, subprocess_env
 from train import checkpoint as C
+from ffebm.analog import is_analog_parameter
 from train import distributed as D
 from train.config import ConfigError, UserError
 from train.recipes import build_config
@@ -140,11 +141,11 @@ def test_training_pulses_the_tiles_without_dense_gradients(tmp_path):
     t = Trainer(small_cfg(max_steps="3", schedule="exponential", lr_decay="0.5"), tmp_path / "r",
                 log=lambda m: None).setup()
     aparams = list(t.opt_a.param_groups[0]["params"])
-    tiles0 = [p.analog_tile.tile_weights().clone() for p in aparams]
+    tiles0 = [p.analog_ctx.tile.tile_weights().clone() for p in aparams]
     dig0 = [p.detach().clone() for p in t.digital_params]
     seen = []
     t.opt_a.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append([(p.grad is None, len(p._analog_pending)) for p in aparams]))
+        lambda opt, args, kwargs: seen.append([(p.grad is None, p.analog_ctx.num_pairs) for p in aparams]))
     t.commit(existing=False)
     m = t.fit()
     assert m["steps"] == 3 and len(seen) == 3
@@ -152,9 +153,9 @@ def test_training_pulses_the_tiles_without_dense_gradients(tmp_path):
     assert all(no_grad and n >= 1 for s in seen for no_grad, n in s), seen
     assert all(p.grad is None for p in aparams)
     for p, w0 in zip(aparams, tiles0):
-        w = p.analog_tile.tile_weights()
+        w = p.analog_ctx.tile.tile_weights()
         assert not torch.equal(w, w0)                                # the devices were pulsed
-        assert torch.equal(p.detach(), p.analog_tile.get_weights())  # the mirror follows the tile
+        assert torch.equal(p.detach(), p.analog_ctx.tile.get_weights())  # the mirror follows the tile
     assert all(not torch.equal(p, p0) for p, p0 in zip(t.digital_params, dig0))
     assert all(p.grad is not None for p in t.digital_params)
     # both learning rates follow the same schedule factor (8 steps per epoch: still epoch 1)
@@ -370,11 +371,11 @@ def test_model_built_with_tiles_gets_the_analog_optimizer_in_a_digital_run(tmp_p
     assert t.opt_a is not None
     aparams = list(t.opt_a.param_groups[0]["params"])
     assert aparams and not {id(p) for p in aparams} & {id(p) for p in t.digital_params}
-    w0 = [p.analog_tile.tile_weights().clone() for p in aparams]
+    w0 = [p.analog_ctx.tile.tile_weights().clone() for p in aparams]
     t.commit(existing=False)
     assert t.fit()["steps"] == 3
-    assert all(len(p._analog_pending) == 0 for p in aparams)
-    assert any(not torch.equal(p.analog_tile.tile_weights(), w) for p, w in zip(aparams, w0))
+    assert all(p.analog_ctx.num_pairs == 0 for p in aparams)
+    assert any(not torch.equal(p.analog_ctx.tile.tile_weights(), w) for p, w in zip(aparams, w0))
 
 
 @pytest.mark.slow
@@ -396,7 +397,7 @@ def test_tensorboard_logs_device_saturation(tmp_path):
     t.commit(existing=False)
     t.fit()
     sc = read_scalars(tmp_path / "r" / "tb")
-    names = [n for n, p in t.core.named_parameters() if getattr(p, "analog_tile", None) is not None]
+    names = [n for n, p in t.core.named_parameters() if is_analog_parameter(p)]
     assert names
     for n in names:
         for k in ("abs_mean", "range_used", "at_bound"):

@@ -74,7 +74,10 @@ def test_gradient_check_is_logged_and_does_not_perturb_training(tmp_path):
         assert tag in sc
     # the check restores parameters, buffers and the RNG: training is unchanged
     for (k, a), (_, b) in zip(checked.core.state_dict().items(), plain.core.state_dict().items()):
-        assert torch.equal(a, b), k
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+        else:  # a block's extra state (its gradient method's random stream)
+            assert repr(a) == repr(b), k
 
 
 @pytest.mark.slow

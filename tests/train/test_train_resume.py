@@ -99,3 +99,29 @@ def test_uninterrupted_runs_are_reproducible(tmp_path, reference_run, capsys, mo
     res = main_inproc(ARGS[:-2] + ["seed=4", "augment=true", "--out", "other"], tmp_path, capsys, monkeypatch)
     with pytest.raises(AssertionError):
         assert_same_run(reference_run, tmp_path / "other")
+
+
+# a stochastic gradient method: EP with a random nudge sign per call, whose generator lives in
+# the method object (checkpointed through the block's state_dict)
+EP_ARGS = ["digits", "progress=false", "num_threads=1", "batch_size=64", "epochs=2", "ckpt_every=5", "seed=3",
+           "variant=random", "model_options=hidden=32,width=16"]
+
+
+def test_stochastic_method_resume_is_exact(tmp_path, capsys, monkeypatch):
+    res = run_train(EP_ARGS + ["--out", "ref"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    ck = C.load(tmp_path / "ref" / C.CKPT)
+    extra = [k for k in ck["model"] if k.endswith("_extra_state")]
+    assert extra and all("sign_generator" in ck["model"][k]["gradient"] for k in extra)
+    res = run_train(EP_ARGS + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=30)
+    assert res.returncode == -signal.SIGKILL
+    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    wa, _, ma, ha = _final_state(tmp_path / "ref")
+    wb, _, mb, hb = _final_state(tmp_path / "run")
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            assert torch.equal(wa[k]["gradient"]["sign_generator"], wb[k]["gradient"]["sign_generator"]), k
+    assert ma == mb and ha == hb
