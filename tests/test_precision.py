@@ -50,3 +50,20 @@ def test_bf16_ep_gradient_agrees_with_fp32_ep(seed):
     for n in grads[0]:
         # a unit near a bound may settle on the other side after bf16 steps: cosine ~0.99, not 1
         assert cosine(grads[0][n], grads[1][n]) > 0.98, n
+
+
+def test_low_precision_path_is_really_taken():
+    """Without polish steps the returned state is what the bf16 steps produced: it differs from the
+    fp32 state by bf16's resolution (2^-8), not by 0; polish steps bring it closer again."""
+    torch.manual_seed(0)
+    blk = ffebm.ConvHopfield(3, 8, [8, 8], pool=["avg", "avg"], dense=[5], linear_top=True, gain=1.0)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = blk.input_map(x).detach()
+    full, _ = blk.solve(u, config=ffebm.Relaxation(steps=40, tol=None))
+    low, _ = blk.solve(u, config=ffebm.Relaxation(steps=40, tol=None, precision=torch.bfloat16, polish_steps=0))
+    polished, _ = blk.solve(u, config=ffebm.Relaxation(steps=40, tol=None, precision=torch.bfloat16, polish_steps=3))
+    for f, l, p in zip(full, low, polished):
+        assert l.dtype == torch.float32 and p.dtype == torch.float32
+        rel = float((l - f).abs().max() / f.abs().max())
+        assert 1e-3 < rel < 5e-2, rel                                 # bf16's resolution (2^-8)
+        assert float((p - f).abs().max() / f.abs().max()) < rel       # polish returns towards fp32
