@@ -17,8 +17,12 @@ def test_readme_api_example_runs():
     code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
-    assert ns["res"].min_cosine() > 0.5
-    assert all(p.grad is not None for p in ns["model"].parameters())
+    res = ns["res"]
+    ep, unrolled = res.methods()
+    assert ep.startswith("EP") and unrolled.startswith("Unrolled")
+    # the example is seeded: EP(0.05) in float32 gives 0.89-0.97 per parameter; Unrolled ~ Implicit
+    assert res.min_cosine(ep) > 0.85 and res.max_rel_error(unrolled) < 1e-4
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ns["model"].parameters())
 
 
 @pytest.mark.parametrize("name", models.available())

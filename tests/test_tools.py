@@ -47,4 +47,5 @@ def test_bench_analog_block_rows_small(monkeypatch):
     assert [r["block"] for r in rows] == ["dense tiny", "conv tiny"]
     for r in rows:
         assert r["digital_s"] > 0 and r["analog_s"] > 0
-        assert abs(r["analog_over_digital"] - r["analog_s"] / r["digital_s"]) < 1e-9
+        # tile reads (noise, quantisation, read counting) cost more than the digital block's drives
+        assert r["analog_s"] > r["digital_s"], r

@@ -3,8 +3,8 @@
 
 Prints the test accuracy of the run's latest checkpoint (the final weights once the run has
 finished).  With ``--times`` (seconds after programming, e.g. ``0,3600,86400``) analog models
-are evaluated with conductance drift through ``ffebm.analog.drift``'s evaluate-over-time
-helper (``evaluate_over_time``), when that module provides it.  The run folder is only read.
+are evaluated with conductance drift through ``ffebm.analog.drift.evaluate_over_time`` (test
+accuracy and loss at each time).  The run folder is only read.
 
 The model is rebuilt by :meth:`train.trainer.Trainer.setup` from the stored configuration, so an
 analog run (``analog=DEVICE``) goes through the same seeded :func:`train.analog.make_analog`
@@ -65,18 +65,6 @@ def _parse(argv: List[str]):
     return opts
 
 
-def _drift_helper():
-    try:
-        from ffebm.analog import drift
-    except ImportError:
-        return None
-    for name in ("evaluate_over_time", "accuracy_over_time", "evaluate_drift"):
-        f = getattr(drift, name, None)
-        if callable(f):
-            return f
-    return None
-
-
 def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Optional[List[float]] = None,
                  device: Optional[str] = None, batch_size: Optional[int] = None, log=print) -> Dict:
     from . import checkpoint as ckpt_mod
@@ -103,26 +91,25 @@ def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Option
     log(f"{run_dir}: test accuracy {100 * res['test_accuracy']:.2f}% (loss {res['test_loss']:.4f}, "
         f"{res['test_samples']} samples, step {tr.global_step})")
     if times:
-        helper = _drift_helper()
-        if helper is None:
-            raise UserError("--times needs ffebm.analog.drift.evaluate_over_time, which this ffebm does not provide")
+        from ffebm.analog.drift import evaluate_over_time
 
         def eval_fn(model=None):
-            return tr.evaluate()["test_accuracy"]
+            r = tr.evaluate()
+            return {"accuracy": r["test_accuracy"], "loss": r["test_loss"]}
 
         try:
-            raw = helper(tr.core, eval_fn, times, seed=cfg.seed)
+            raw = evaluate_over_time(tr.core, eval_fn, times, seed=cfg.seed)
         except ValueError as e:  # e.g. no analog tiles in the model
             raise UserError(f"--times: {e}") from None
-        curve = {}
+        curve, losses = {}, {}
         for t, r in zip(times, raw):
-            if isinstance(r, dict):
-                curve[str(r.get("t", t))] = float(r["result"])
-            else:
-                curve[str(t)] = float(r)
+            key = str(float(r.get("t", t)))
+            curve[key] = float(r["result"]["accuracy"])
+            losses[key] = float(r["result"]["loss"])
         out["accuracy_over_time"] = curve
+        out["loss_over_time"] = losses
         for t, a in curve.items():
-            log(f"  t = {t} s after programming: test accuracy {100 * a:.2f}%")
+            log(f"  t = {t} s after programming: test accuracy {100 * a:.2f}% (loss {losses[t]:.4f})")
     return out
 
 

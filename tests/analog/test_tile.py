@@ -159,5 +159,8 @@ def test_cuda_update_and_read():
     a.update(xs, ds, 0.05)
     b.update(xs, ds, 0.05)
     assert torch.equal(a.get_weights(), b.get_weights())
-    # exact path too
+    # exact path too: it moves the weights, identically on two equal tiles
+    w = a.get_weights().clone()
     a.update(xs, ds, 0.05, exact=True)
+    b.update(xs, ds, 0.05, exact=True)
+    assert not torch.equal(a.get_weights(), w) and torch.equal(a.get_weights(), b.get_weights())

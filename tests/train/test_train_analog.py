@@ -88,11 +88,22 @@ def test_config_error_on_the_command_line(tmp_path, capsys, monkeypatch):
 
 
 def test_names_accepted():
-    for dev in ("soft_bounds", "SoftBounds", "constant_step", "ideal", "exp_step", "pow_step"):
-        small_cfg(analog=dev)
-    for alg in ("c-ttv2", "cttv2", "tiki-taka", "ttv2", "agad", "sgd", "mixed-precision"):
-        small_cfg(analog_algorithm=alg)
+    from ffebm.analog import (AGAD, AnalogSGD, ChoppedTTv2, ConstantStep, ExpStep, IdealDevice, MixedPrecision,
+                              PowStep, SoftBounds, TikiTaka, TTv2)
+    from train import analog as A
+
+    devices = {"soft_bounds": SoftBounds, "SoftBounds": SoftBounds, "constant_step": ConstantStep,
+               "ideal": IdealDevice, "exp_step": ExpStep, "pow_step": PowStep}
+    for name, cls in devices.items():
+        cfg = small_cfg(analog=name)
+        assert type(A.analog_config(cfg).device) is cls, name
+    algorithms = {"c-ttv2": ChoppedTTv2, "cttv2": ChoppedTTv2, "tiki-taka": TikiTaka, "ttv2": TTv2, "agad": AGAD,
+                  "sgd": AnalogSGD, "mixed-precision": MixedPrecision}
+    for name, cls in algorithms.items():
+        assert type(A.make_algorithm(small_cfg(analog_algorithm=name))) is cls, name
     small_cfg(analog="", analog_algorithm="sgd")   # a digital run ignores (but checks) the analog keys
+    with pytest.raises(ConfigError, match="analog_algorithm"):
+        small_cfg(analog="", analog_algorithm="nope")
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,6 +296,21 @@ def test_gathered_pulse_pairs_are_the_global_update(tmp_path):
         torch.testing.assert_close(r["D"], torch.cat([r0["d"], r1["d"]]) / 2, rtol=0, atol=0)
     assert torch.equal(r0["w0"], r1["w0"]) and torch.equal(r0["w1"], r1["w1"])
     assert not torch.equal(r0["w0"], r0["w1"])
+
+
+def test_torchrun_tiles_are_identical_on_every_process(tmp_path):
+    """Each process saves its own tiles after training; they are compared here directly."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "0", str(HERE / "analog_trainer_worker.py"), str(tmp_path),
+           *[f"{k}={v}" for k, v in SMALL.items() if k != "epochs"], "epochs=1"]
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"tiles{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["after"] and set(r0["after"]) == set(r1["after"])
+    for name in r0["after"]:
+        assert torch.equal(r0["before"][name], r1["before"][name]), name   # same start
+        assert not torch.equal(r0["before"][name], r0["after"][name]), name  # trained
+        assert torch.equal(r0["after"][name], r1["after"][name]), name      # and still identical
 
 
 def test_torchrun_analog_run(tmp_path):

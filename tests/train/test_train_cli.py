@@ -143,11 +143,16 @@ def test_evaluate_over_time(finished_run, tmp_path, capsys, monkeypatch):
     assert "--times" in line and "analog" in line
     # a model on simulated analog tiles: one accuracy per time after programming
     args = [a if not a.startswith("model=") else "model=tinymodel:build_analog" for a in TINY]
-    assert main_inproc(args + ["epochs=1", "--out", "an"], tmp_path, capsys, monkeypatch).returncode == 0
-    res = main_inproc(["an", "--times", "0,3600,86400", "--json", "eval.json"], tmp_path, capsys, monkeypatch,
-                      module="train.evaluate")
+    assert main_inproc(args + ["epochs=3", "analog_lr=0.5", "--out", "an"], tmp_path, capsys, monkeypatch).returncode == 0
+    year = 365 * 86400
+    res = main_inproc(["an", "--times", f"0,3600,86400,{year}", "--json", "eval.json"], tmp_path, capsys,
+                      monkeypatch, module="train.evaluate")
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "eval.json").read_text())
-    assert list(out["accuracy_over_time"]) == ["0.0", "3600.0", "86400.0"]
-    assert all(0.0 <= a <= 1.0 for a in out["accuracy_over_time"].values())
+    assert list(out["accuracy_over_time"]) == ["0.0", "3600.0", "86400.0", f"{float(year)}"]
+    acc, loss = out["accuracy_over_time"], out["loss_over_time"]
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
     assert "t = 86400.0 s after programming" in res.stdout
+    # drift is really applied: a year after programming the (compensated) weights have spread
+    # apart, and the test loss is clearly worse than right after programming
+    assert loss[f"{float(year)}"] > loss["0.0"] + 0.05, loss  # read noise alone moves it by ~0.005

@@ -66,7 +66,9 @@ def test_gradient_check_is_logged_and_does_not_perturb_training(tmp_path):
     assert set(cos) == {"gradcheck/block1/cosine", "gradcheck/block2/cosine", "gradcheck/digital/cosine"}
     for tag, vals in cos.items():
         assert [s for s, _ in vals] == [1, 2]
-        assert all(-1.0 <= v <= 1.0 for _, v in vals), (tag, vals)
+        # EP (beta 0.5, float32) against Implicit on the digits model: well aligned (0.89-0.999)
+        assert all(0.8 < v <= 1.0 for _, v in vals), (tag, vals)
+    assert all(v > 0.99 for _, v in cos["gradcheck/digital/cosine"])
     # EP at beta 0.5 is compared with Implicit, not with itself: not a perfect match
     assert min(v for vals in cos.values() for _, v in vals) < 0.9999
     assert not any(k.startswith("gradcheck/") for k in read_scalars(tmp_path / "plain" / "tb"))
@@ -88,3 +90,17 @@ def test_digits_recipe_reaches_97_percent(tmp_path):
     m = t.fit()
     print(f"digits: {100 * m['test_accuracy']:.2f}% in {m['wall_seconds']:.1f} s")
     assert m["test_accuracy"] >= 0.97
+
+
+def test_gradient_check_does_not_perturb_a_stochastic_method(tmp_path):
+    """EP's random sign stream lives in the method: the check must not advance it."""
+    checked = _digits_tiny(tmp_path, "checked", grad_check_every="1", variant="random")
+    plain = _digits_tiny(tmp_path, "plain", grad_check_every="0", variant="random")
+    other = _digits_tiny(tmp_path, "other", grad_check_every="0", variant="random", seed="7")
+    sa, sb, so = checked.core.state_dict(), plain.core.state_dict(), other.core.state_dict()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert torch.equal(sa[k]["gradient"]["sign_generator"], sb[k]["gradient"]["sign_generator"]), k
+    assert any(isinstance(sa[k], torch.Tensor) and not torch.equal(sa[k], so[k]) for k in sa)
