@@ -125,3 +125,15 @@ def test_stochastic_method_resume_is_exact(tmp_path, capsys, monkeypatch):
         else:
             assert torch.equal(wa[k]["gradient"]["sign_generator"], wb[k]["gradient"]["sign_generator"]), k
     assert ma == mb and ha == hb
+
+
+def test_resume_restores_the_global_random_stream(tmp_path, capsys, monkeypatch):
+    """Dropout draws on torch's global generator: resume must restore it to end bit-identical."""
+    args = ARGS + ["model_options=dropout=0.3"]
+    res = run_train(args + ["--out", "ref"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = run_train(args + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=30)
+    assert res.returncode == -signal.SIGKILL
+    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert_same_run(tmp_path / "ref", tmp_path / "run")

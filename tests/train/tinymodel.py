@@ -4,9 +4,11 @@
 import torch.nn as nn
 
 
-def build(num_classes=10, in_channels=1, image_size=8, hidden=32, **_ignored):
+def build(num_classes=10, in_channels=1, image_size=8, hidden=32, dropout=0.0, **_ignored):
+    """``dropout`` > 0 adds a dropout layer (it draws on torch's global random stream)."""
+    drop = [nn.Dropout(float(dropout))] if float(dropout) > 0 else []
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(),
-                         nn.Linear(hidden, num_classes))
+                         *drop, nn.Linear(hidden, num_classes))
 
 
 class _State:
