@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import inspect
+from typing import Callable, Dict, List, Optional, Set
 
 import torch.nn as nn
 
@@ -23,14 +24,33 @@ def available() -> List[str]:
     return sorted(_BUILDERS) + sorted(PRESETS)
 
 
+PRESET_OPTIONS = {"in_channels", "image_size", "tol", "gain", "method", "variant", "mode", "pool_override", "dtype",
+                  "precision"}
+
+
+def options(name: str) -> Optional[Set[str]]:
+    """The keyword options model ``name`` accepts (None: it takes any, nothing to check)."""
+    if name in _BUILDERS:
+        return keyword_options(_BUILDERS[name]) | {"dtype"}
+    if name in PRESETS:
+        return set(preset(name)) | PRESET_OPTIONS
+    raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+
+
+def keyword_options(fn: Callable[..., nn.Module]) -> Optional[Set[str]]:
+    """Named keyword parameters of a builder; None if it takes ``**kwargs`` and names none."""
+    params = inspect.signature(fn).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named if named or not any(p.kind is p.VAR_KEYWORD for p in params) else None
+
+
 def build(name: str, **overrides) -> nn.Module:
     """Build a model by name; keyword overrides replace the preset's values."""
     if name in _BUILDERS:
         model = _BUILDERS[name](**overrides)
     elif name in PRESETS:
         cfg = preset(name)
-        unknown = set(overrides) - set(cfg) - {"in_channels", "image_size", "tol", "gain", "method", "variant",
-                                               "mode", "pool_override", "dtype", "precision"}
+        unknown = set(overrides) - set(cfg) - PRESET_OPTIONS
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for preset {name!r}")
         cfg.update({k: v for k, v in overrides.items() if k != "dtype"})
@@ -43,4 +63,4 @@ def build(name: str, **overrides) -> nn.Module:
     return model
 
 
-__all__ = ["available", "build", "PRESETS", "preset", "digits_ffebm", "digits_dhn", "vgg_ffebm"]
+__all__ = ["available", "build", "options", "PRESETS", "preset", "digits_ffebm", "digits_dhn", "vgg_ffebm"]

@@ -2,9 +2,12 @@
 
 Also under torchrun: ``torchrun --nproc_per_node 2 -m train [RECIPE] ... --out DIR``.
 
-Exit status: 0 done; 2 user error (bad key/value, missing data, unusable checkpoint or run
-folder), 3 training diverged (NaN/inf or RelaxationDiverged; the last good checkpoint is kept),
-128+N stopped by signal N after saving a checkpoint (130 for Ctrl-C, 143 for SIGTERM).
+Exit status: 0 done; 2 user error (bad key/value, bad or missing data, unusable checkpoint,
+run folder in use by another process or not writable, a stored user model without
+--trust-code), 3 training diverged (NaN/inf or RelaxationDiverged; the last good, finite
+checkpoint is kept), 4 a checkpoint or result file could not be written (disk full, I/O error;
+the previous checkpoint is kept), 128+N stopped by signal N after saving a checkpoint (130 for
+Ctrl-C, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-USAGE = """usage: python -m train [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR]
+USAGE = """usage: python -m train [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR [--trust-code]]
        torchrun --nproc_per_node N -m train [RECIPE] [key=value ...] --out DIR
        python -m train --list        (recipes and configuration keys)
 
 RECIPE defaults to 'digits'.  --out defaults to a new folder runs/<time>-<recipe>; an --out
 folder that already holds the same run is resumed.  --resume RUN_DIR continues a run from
-its checkpoint with its stored configuration (only runtime keys may be changed)."""
+its checkpoint with its stored configuration (only runtime keys may be changed); a stored
+configuration naming a user model (model=module:function) is only imported with --trust-code."""
 
 
 @dataclass
@@ -32,6 +36,7 @@ class CliArgs:
     resume: Optional[str] = None
     help: bool = False
     list: bool = False
+    trust_code: bool = False
 
 
 def parse_args(argv: List[str]) -> CliArgs:
@@ -45,6 +50,8 @@ def parse_args(argv: List[str]) -> CliArgs:
             a.help = True
         elif tok in ("--list", "--list-recipes"):
             a.list = True
+        elif tok == "--trust-code":
+            a.trust_code = True
         elif tok in ("--out", "--resume") or tok.startswith(("--out=", "--resume=")):
             name, _, val = tok.partition("=")
             if not val:
@@ -54,7 +61,8 @@ def parse_args(argv: List[str]) -> CliArgs:
                 val = argv[i]
             setattr(a, name[2:], val)
         elif tok.startswith("-"):
-            raise ConfigError(f"unknown option '{tok}' (options: --out DIR, --resume RUN_DIR, --list, --help)")
+            raise ConfigError(f"unknown option '{tok}' (options: --out DIR, --resume RUN_DIR, --trust-code, --list, "
+                              "--help)")
         elif "=" in tok:
             key, _, val = tok.partition("=")
             key = key.strip().replace("-", "_")
@@ -84,6 +92,7 @@ def _print_err(msg: str, ctx=None):
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ctx = None
+    claimed = None
     try:
         from . import distributed as D
         from .config import UserError, describe_keys, format_config, unknown_key_error
@@ -109,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         import torch  # noqa: F401  (heavy imports after the cheap checks)
         from . import trainer as T
+        from .runlock import ClaimedRunFolder
         from .checkpoint import CheckpointError  # noqa: F401
 
         try:
@@ -123,7 +133,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         decision = None
         if ctx.is_main:
             try:
-                plan = T.plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {})
+                plan = T.plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {},
+                                  trust_code=args.trust_code)
+                # one process per run folder, and a folder we can write, before any work is spent
+                claimed = ClaimedRunFolder(plan.run_dir).claim()
                 decision = ("ok", {"cfg": T.to_dict(plan.cfg), "run_dir": str(plan.run_dir),
                                    "resume_from": str(plan.resume_from) if plan.resume_from else None,
                                    "existing": plan.existing, "note": plan.note})
@@ -145,6 +158,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             trainer.setup(resume_from=Path(d["resume_from"]) if d["resume_from"] else None)
         except UserError as e:
             _print_err(str(e), ctx)
+            if claimed is not None:
+                claimed.release(failed=True)
+                claimed = None
             return 2
         if trainer.finished and trainer.final is not None:
             if ctx.is_main:
@@ -159,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if ctx.enabled and args.out is None and args.resume is None:
                 print("note: pass --out DIR under torchrun so that a restarted worker group finds the run",
                       flush=True)
-        trainer.commit(existing=d["existing"])
         try:
+            trainer.commit(existing=d["existing"])
             trainer.fit()
         except T.TrainingStopped as e:
             if ctx.is_main or not ctx.enabled:
@@ -181,6 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     finally:
+        if claimed is not None:
+            claimed.release()
         if ctx is not None and ctx.enabled:
             from . import distributed as D
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +43,24 @@ class CheckpointError(UserError):
     pass
 
 
+class WriteError(Exception):
+    """A checkpoint or result file could not be written (disk full, I/O error); the previous
+    checkpoint is untouched."""
+
+
+def _write_failure(path: Path, e: BaseException) -> WriteError:
+    if isinstance(e, OSError):
+        why = e.strerror or str(e)
+    else:  # torch's zip writer reports a full disk as e.g. "unexpected pos ..."
+        why = f"write failed ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+    try:
+        free = shutil.disk_usage(path.parent).free
+        why += f"; {free / 2**20:.0f} MB free on that disk"
+    except OSError:
+        pass
+    return WriteError(f"cannot write {path}: {why}")
+
+
 # ------------------------------------------------------------------------------------------
 # atomic file writes
 # ------------------------------------------------------------------------------------------
@@ -60,7 +81,10 @@ def atomic_write(path: Path, write_fn, mode="wb", keep_previous: Optional[Path] 
     """Write via ``write_fn(fileobj)`` to a temp file in the same folder, then os.replace.
     ``keep_previous``: once the new file is complete, move the existing ``path`` there first."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as e:
+        raise _write_failure(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -69,11 +93,13 @@ def atomic_write(path: Path, write_fn, mode="wb", keep_previous: Optional[Path] 
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _write_failure(path, e) from None
         raise
     _fsync_dir(path.parent)
 
@@ -178,6 +204,24 @@ def _check_plain(obj: Any, where: str):
     raise TypeError(f"{where}: value of type {type(obj).__module__}.{type(obj).__name__} is not a tensor or plain value")
 
 
+def first_nonfinite(named) -> str:
+    """Name of the first floating tensor holding NaN/inf in ``(name, tensor)`` pairs ('' if none)."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return ""
+
+
+def optimizer_tensors(opt) -> list:
+    """``(name, tensor)`` of an optimiser's per-parameter state (Adam moments, momentum, ...)."""
+    out = []
+    for i, st in enumerate(opt.state.values()):
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out.append((f"optimizer state {k} #{i}", v))
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # signatures
 # ------------------------------------------------------------------------------------------
@@ -230,6 +274,9 @@ def find(run_dir: Path) -> Optional[Path]:
     run_dir = Path(run_dir)
     for name in (CKPT, PREV):
         p = run_dir / name
+        if p.exists() and not p.is_file():
+            raise CheckpointError(f"{p} is not a file (a {'folder' if p.is_dir() else 'special file'}); "
+                                  "move it away to resume from the other checkpoint or from step 0")
         if p.is_file():
             return p
     return None
@@ -239,15 +286,51 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|global '([\w.]+)'|GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text or found:
+            what = next((g for g in found.groups() if g), "a non-tensor object") if found else "a non-tensor object"
+            raise CheckpointError(f"{path} contains a non-tensor object ({what}), which a checkpoint written by this "
+                                  "trainer never holds: it may be malicious; refusing to load it") from None
+        raise _unreadable(path, e) from None
     except Exception as e:  # noqa: BLE001 -- torch raises many types for damaged files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ""
-        prev = path.parent / PREV
-        if path.name == CKPT and prev.is_file():
-            hint = f"; the previous checkpoint {prev} may be intact (rename it to {CKPT} to resume from it)"
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {msg[:200]}){hint}") from None
+        raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint written by train/ (no '{FORMAT}' marker)")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {ckpt.get('version')}, expected {VERSION}")
     return ckpt
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = ""
+    prev = path.parent / PREV
+    if path.name == CKPT and prev.is_file():
+        hint = f"; the previous checkpoint {prev} may be intact (rename it to {CKPT} to resume from it)"
+    return CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {msg[:200]}){hint}")
+
+
+_FIELDS = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "position": dict, "history": list,
+           "config": dict}
+_POSITION = ("epoch", "step_in_epoch", "global_step")
+
+
+def check_fields(ckpt: Dict[str, Any], path: Path) -> None:
+    """Every field the trainer reads, present and of the right type (one-line refusal otherwise)."""
+    for key, typ in _FIELDS.items():
+        if not isinstance(ckpt.get(key), typ):
+            got = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}"
+            raise CheckpointError(f"{path}: field '{key}' is {got}, expected a {typ.__name__}; refusing to load it")
+    pos = ckpt["position"]
+    for key in _POSITION:
+        v = pos.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{path}: position.{key} is {v!r}, expected an integer >= 0; refusing to load it")
+    rng = ckpt["rng"]
+    if not isinstance(rng.get("torch"), torch.Tensor) or not isinstance(rng.get("numpy"), dict) \
+            or not isinstance(rng.get("python"), (list, tuple)):
+        raise CheckpointError(f"{path}: field 'rng' lacks the torch/numpy/python generator states; refusing to load it")
+    if not all(isinstance(h, dict) for h in ckpt["history"]):
+        raise CheckpointError(f"{path}: field 'history' must be a list of records; refusing to load it")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
@@ -207,7 +209,23 @@ def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConf
     return dataclasses.replace(cfg, **changes)
 
 
+MAX_SEED = 2 ** 63 - 1
+
+
+def _max_threads() -> int:
+    return 4 * max(os.cpu_count() or 1, 1)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
+    for f in fields(TrainConfig):  # every number finite: nan/inf are refused here, not met mid-run
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}={v!r}: must be a finite number")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed!r}: must be in [0, 2**63 - 1]")
+    if cfg.num_threads > _max_threads():
+        raise ConfigError(f"num_threads={cfg.num_threads}: more than 4x this machine's {os.cpu_count()} CPUs "
+                          f"(at most {_max_threads()})")
     for key, choices in CHOICES.items():
         v = getattr(cfg, key)
         if v not in choices:
@@ -227,7 +245,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}={v!r}: must be > 0")
     if not 0 < cfg.lr_decay <= 1:
         raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
-    parse_model_options(cfg.model_options)
+    from .trainer import check_model_options  # the builder's own option names
+
+    check_model_options(cfg.model, parse_model_options(cfg.model_options))
     parse_model_options(cfg.analog_options, field="analog_options")
     from .analog import check_config  # device / algorithm names (imports ffebm.analog)
 

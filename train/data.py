@@ -62,6 +62,7 @@ class DataError(UserError):
 class ArrayDataset:
     images: torch.Tensor   # uint8 [N, C, H, W]
     labels: torch.Tensor   # int64 [N]
+    source: str = ""       # the file the images came from (named in errors)
 
     def __len__(self):
         return int(self.labels.shape[0])
@@ -69,7 +70,7 @@ class ArrayDataset:
     def subset(self, n: int) -> "ArrayDataset":
         if n <= 0 or n >= len(self):
             return self
-        return ArrayDataset(self.images[:n], self.labels[:n])
+        return ArrayDataset(self.images[:n], self.labels[:n], self.source)
 
 
 @dataclass
@@ -168,22 +169,53 @@ def _load_digits() -> Tuple[ArrayDataset, ArrayDataset, str]:
     return mk(xtr, ytr), mk(xte, yte), "sklearn.datasets.load_digits"
 
 
+MAX_IDX_BYTES = 4 << 30  # a declared idx body above 4 GiB is refused (MNIST-like sets are ~50 MB)
+
+
 def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
+    """Read an idx file; memory is bounded by the size its header declares (a gzip bomb behind a
+    small header is never decompressed beyond that)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-        if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
-            raise ValueError(f"bad idx header (type 0x{dtype_code:02x}, {ndim} dims; expected uint8, {expect_dims})")
-        dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-        count = int(np.prod(dims))
-        body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-        if body.size != count:
-            raise ValueError(f"{body.size} data bytes for shape {tuple(dims)}")
-        return body.reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as e:
+            head = f.read(4)
+            zero, dtype_code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
+                raise ValueError(f"bad idx header (type 0x{dtype_code:02x}, {ndim} dims; expected uint8, {expect_dims})")
+            dims = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+            count = int(np.prod(dims, dtype=np.int64))
+            if count > MAX_IDX_BYTES:
+                raise ValueError(f"declared shape {tuple(dims)} is {count} bytes, above the {MAX_IDX_BYTES} limit")
+            body = f.read(count)
+            if len(body) != count:
+                raise ValueError(f"{len(body)} data bytes for shape {tuple(dims)} (truncated)")
+            if f.read(1):
+                raise ValueError(f"more data than its declared shape {tuple(dims)}")
+        return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: malformed idx file ({e})") from None
+
+
+def check_labels(raw, path: Path, num_classes: int, base: int = 0) -> np.ndarray:
+    """Labels as int64 in ``[0, num_classes)`` (stored as ``base``-based integers); a clear
+    DataError naming ``path`` for anything else (floats, strings, out of range)."""
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: labels are not an array of integers ({e})") from None
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                         for v in arr.reshape(-1)):
+            arr = arr.astype(np.int64)
+        else:
+            example = arr.reshape(-1)[0] if arr.size else None
+            raise DataError(f"{path}: labels must be integers, found {arr.dtype} values (e.g. {example!r})")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.size and (arr.min() < base or arr.max() >= base + num_classes):
+        based = f" ({base}-based)" if base else ""
+        raise DataError(f"{path}: labels must be integers in {base}..{base + num_classes - 1}{based} "
+                        f"(found {arr.min()}..{arr.max()})")
+    return arr - base
 
 
 def _find_file(dirs: Sequence[Path], names: Sequence[str]) -> Optional[Path]:
@@ -209,18 +241,19 @@ def _load_mnist_like(root: Path, folder: str, label: str) -> Tuple[ArrayDataset,
                     f"pass download=true (needs network) or put the idx files in {root / folder / 'raw'}")
             paths.append((p, dims))
         images = _read_idx(*paths[0])
-        labels = _read_idx(*paths[1])
+        labels = check_labels(_read_idx(*paths[1]), paths[1][0], 10)
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{paths[0][0]}: {images.shape[0]} images but {labels.shape[0]} labels in {paths[1][0]}")
-        out.append(ArrayDataset(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))))
+        out.append(ArrayDataset(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels),
+                                str(paths[0][0])))
     return out[0], out[1], str(paths[0][0].parent)
 
 
-def _cifar_batch(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     d = safe_unpickle(path)
     try:
         data = np.asarray(_key(d, "data"))
-        labels = np.asarray(_key(d, label_key), dtype=np.int64)
+        labels = check_labels(_key(d, label_key), path, num_classes)
     except KeyError as e:
         raise DataError(f"{path}: malformed CIFAR batch (missing key {e})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
@@ -232,8 +265,10 @@ def _cifar_batch(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
 def _load_cifar(root: Path, which: str) -> Tuple[ArrayDataset, ArrayDataset, str]:
     if which == "cifar10":
         folder, train_files, test_files, key, label = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "CIFAR-10"
+        k = 10
     else:
         folder, train_files, test_files, key, label = "cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR-100"
+        k = 100
     d = root / folder
     missing = [n for n in train_files + test_files if not (d / n).is_file()]
     if missing:
@@ -241,10 +276,10 @@ def _load_cifar(root: Path, which: str) -> Tuple[ArrayDataset, ArrayDataset, str
                         f"or extract the python version of {label} into {root}")
     sets = []
     for names in (train_files, test_files):
-        parts = [_cifar_batch(d / n, key) for n in names]
+        parts = [_cifar_batch(d / n, key, k) for n in names]
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
-        sets.append(ArrayDataset(torch.from_numpy(x), torch.from_numpy(y)))
+        sets.append(ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), str(d / names[0])))
     return sets[0], sets[1], str(d)
 
 
@@ -266,15 +301,13 @@ def _imagenet_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
             data, labels = np.asarray(_key(d, "data")), np.asarray(_key(d, "labels"))
         except KeyError as e:
             raise DataError(f"{path}: malformed ImageNet32 batch (missing key {e})") from None
-    labels = labels.astype(np.int64).reshape(-1)
+    labels = check_labels(labels, path, 1000, base=1)  # stored 1-based
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: malformed ImageNet32 batch (data {data.dtype} {data.shape}, {labels.shape[0]} labels)")
     side = int(round((data.shape[1] / 3) ** 0.5))
     if 3 * side * side != data.shape[1]:
         raise DataError(f"{path}: rows of {data.shape[1]} values are not 3 x S x S images")
-    if labels.size and (labels.min() < 1 or labels.max() > 1000):
-        raise DataError(f"{path}: labels must be 1-based in 1..1000 (found {labels.min()}..{labels.max()})")
-    return data.reshape(-1, 3, side, side), labels - 1
+    return data.reshape(-1, 3, side, side), labels
 
 
 def _load_imagenet32(root: Path) -> Tuple[ArrayDataset, ArrayDataset, str]:
@@ -296,6 +329,10 @@ def _load_imagenet32(root: Path) -> Tuple[ArrayDataset, ArrayDataset, str]:
     if len(train_paths) < 10:
         print(f"note: ImageNet32: using {len(train_paths)} of 10 training batches", flush=True)
     parts = [_imagenet_batch(p) for p in train_paths]
+    for p, part in zip(train_paths, parts):
+        if part[0].shape[1:] != parts[0][0].shape[1:]:
+            raise DataError(f"{p}: images of shape {tuple(part[0].shape[1:])}, but {train_paths[0]} holds "
+                            f"{tuple(parts[0][0].shape[1:])}")
     n = sum(p[0].shape[0] for p in parts)
     x = np.empty((n,) + parts[0][0].shape[1:], dtype=np.uint8)
     y = np.empty((n,), dtype=np.int64)
@@ -306,8 +343,8 @@ def _load_imagenet32(root: Path) -> Tuple[ArrayDataset, ArrayDataset, str]:
         i += a.shape[0]
     del parts
     vx, vy = _imagenet_batch(val)
-    return (ArrayDataset(torch.from_numpy(x), torch.from_numpy(y)),
-            ArrayDataset(torch.from_numpy(vx), torch.from_numpy(vy)), str(train_paths[0].parent))
+    return (ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), str(train_paths[0])),
+            ArrayDataset(torch.from_numpy(vx), torch.from_numpy(vy), str(val)), str(train_paths[0].parent))
 
 
 def _load_fake(cfg: TrainConfig, c: int, s: int, k: int) -> Tuple[ArrayDataset, ArrayDataset, str]:
@@ -367,7 +404,11 @@ def load_datasets(cfg: TrainConfig) -> Tuple[ArrayDataset, ArrayDataset, DataInf
         else:
             train, test, source = _load_imagenet32(root)
     if train.images.shape[1:] != (c, s, s):
-        raise DataError(f"{source}: images of shape {tuple(train.images.shape[1:])}, expected {(c, s, s)}")
+        raise DataError(f"{train.source or source}: images of shape {tuple(train.images.shape[1:])}, "
+                        f"expected {(c, s, s)}")
+    if test.images.shape[1:] != train.images.shape[1:]:
+        raise DataError(f"{test.source or source}: test images of shape {tuple(test.images.shape[1:])}, but the "
+                        f"training images are {tuple(train.images.shape[1:])}")
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{source}: empty training or test set")
     train = train.subset(cfg.train_subset)

@@ -19,22 +19,27 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 USAGE = ("usage: python -m train.evaluate RUN_DIR [--checkpoint FILE] [--times T1,T2,...] "
-         "[--device DEV] [--batch-size N] [--json OUT]")
+         "[--device DEV] [--batch-size N] [--json OUT] [--trust-code]")
 
 
 def _parse(argv: List[str]):
     from .config import ConfigError
 
-    opts = {"run_dir": None, "checkpoint": None, "times": None, "device": None, "batch_size": None, "json": None}
+    opts = {"run_dir": None, "checkpoint": None, "times": None, "device": None, "batch_size": None, "json": None,
+            "trust_code": False}
     i = 0
     while i < len(argv):
         tok = argv[i]
         if tok in ("-h", "--help"):
             return None
+        if tok == "--trust-code":
+            opts["trust_code"] = True
+            i += 1
+            continue
         if tok.startswith("--"):
             name, _, val = tok[2:].partition("=")
             name = name.replace("-", "_")
-            if name not in opts or name == "run_dir":
+            if name not in opts or name in ("run_dir", "trust_code"):
                 raise ConfigError(f"unknown option '{tok}'; {USAGE}")
             if not val:
                 i += 1
@@ -66,13 +71,15 @@ def _parse(argv: List[str]):
 
 
 def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Optional[List[float]] = None,
-                 device: Optional[str] = None, batch_size: Optional[int] = None, log=print) -> Dict:
+                 device: Optional[str] = None, batch_size: Optional[int] = None, log=print,
+                 trust_code: bool = False) -> Dict:
     from . import checkpoint as ckpt_mod
     from .config import UserError, apply_overrides
-    from .trainer import Trainer, read_config
+    from .trainer import CONFIG_FILE, Trainer, check_trusted, read_config
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    check_trusted(cfg, str(run_dir / CONFIG_FILE), trust_code)
     over = {"progress": False, "tensorboard": False}
     if device:
         over["device"] = device
@@ -113,6 +120,24 @@ def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Option
     return out
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _write_json(path: Path, obj: Dict) -> None:
+    from .checkpoint import atomic_write_json
+    from .config import UserError
+
+    try:
+        atomic_write_json(path, obj)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -123,13 +148,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             if opts is None:
                 print(USAGE)
                 return 0
-            out = evaluate_run(Path(opts["run_dir"]), opts["checkpoint"], opts["times"], opts["device"],
-                               opts["batch_size"])
+            run_dir = Path(opts["run_dir"])
+            lock = None
+            if opts["json"] and run_dir.is_dir() and _inside(Path(opts["json"]), run_dir):
+                from .runlock import RunFolderLock
+
+                lock = RunFolderLock(run_dir).acquire()  # writing into a run folder: not while it trains
+            try:
+                out = evaluate_run(run_dir, opts["checkpoint"], opts["times"], opts["device"], opts["batch_size"],
+                                   trust_code=opts["trust_code"])
+                if opts["json"]:
+                    _write_json(Path(opts["json"]), out)
+            finally:
+                if lock is not None:
+                    lock.release()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if opts["json"]:
-            Path(opts["json"]).write_text(json.dumps(out, indent=2) + "\n")
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,8 +6,10 @@ multi-process and failure handling.  Entry points: :func:`prepare_run` + :class:
 from __future__ import annotations
 
 import copy
+import difflib
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -97,8 +99,36 @@ def model_kwargs(cfg: TrainConfig, info: DataInfo) -> Dict[str, Any]:
                                  "image_size", "dtype"})
     if clash:
         raise ConfigError(f"model_options: set {', '.join(clash)} with their own keys, not in model_options")
+    check_model_options(cfg.model, extra)
     kw.update(extra)
     return kw
+
+
+def check_model_options(model: str, extra: Dict[str, Any]) -> None:
+    """Refuse model_options the builder does not take (a typo would otherwise be swallowed)."""
+    if not extra:
+        return
+    if ":" in model:
+        return  # a user builder: checked once it is imported (see build_model)
+    import models
+
+    try:
+        known = models.options(model)
+    except KeyError:
+        return  # unknown model: reported by build_model with the list of names
+    _refuse_unknown_options(model, extra, known)
+
+
+def _refuse_unknown_options(model: str, extra: Dict[str, Any], known) -> None:
+    if known is None:
+        return
+    unknown = sorted(set(extra) - set(known) - {"_"})
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model_options: model {model!r} has no option '{k}'{hint}; "
+                          f"its options: {', '.join(sorted(o for o in known if o != '_'))}")
 
 
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
@@ -110,6 +140,9 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
+        import models
+
+        _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
         return fn(**kw)
     try:
         import models
@@ -238,14 +271,30 @@ def read_config(run_dir: Path) -> TrainConfig:
     return from_dict(data, source=str(p))
 
 
+def check_trusted(cfg: TrainConfig, source: str, trust_code: bool) -> None:
+    """A configuration read from a file may name only registered models, unless the user passes
+    --trust-code on the command line: importing ``module:function`` runs that module's code."""
+    if ":" not in cfg.model or trust_code:
+        return
+    mod = cfg.model.split(":", 1)[0]
+    try:  # where it would come from, found without importing anything
+        spec = importlib.util.find_spec(mod.split(".")[0])
+        where = f" (from {spec.origin})" if spec is not None and spec.origin else " (not found on the path)"
+    except (ImportError, ValueError):
+        where = ""
+    raise UserError(f"{source} names a user model {cfg.model!r}: loading it would import and run module "
+                    f"'{mod}'{where}. Only do that for a run folder you trust: pass --trust-code")
+
+
 def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[str],
-             overrides: Dict[str, str]) -> RunPlan:
+             overrides: Dict[str, str], trust_code: bool = False) -> RunPlan:
     """Decide the run folder and whether to resume, touching nothing on disk."""
     if resume is not None:
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise UserError(f"--resume {resume}: no such run folder")
         stored = read_config(run_dir)
+        check_trusted(stored, str(run_dir / CONFIG_FILE), trust_code)
         fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS)
         if fixed:
             raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
@@ -376,7 +425,19 @@ class Trainer:
 
     def _restore(self, path: Path):
         ck = ckpt_mod.load(path)
+        ckpt_mod.check_fields(ck, path)
         ckpt_mod.check_compatible(ck, path, self.cfg.model, self.signature)
+        # resume continues the same run: the configuration may differ in runtime keys only
+        try:
+            theirs = from_dict(ck["config"], source=f"{path} (its configuration)")
+        except UserError as e:
+            raise ckpt_mod.CheckpointError(str(e)) from None
+        diff = differing_keys(theirs, self.cfg)
+        if diff:
+            shown = ", ".join(f"{k}: {getattr(theirs, k)!r} -> {getattr(self.cfg, k)!r}" for k in diff[:6])
+            raise ckpt_mod.CheckpointError(
+                f"{path} was written by a run with another configuration ({shown}); only runtime keys "
+                f"({', '.join(sorted(RUNTIME_KEYS))}) may change on resume; refusing to continue it")
         try:
             self.core.load_state_dict(ck["model"])
             ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
@@ -415,9 +476,12 @@ class Trainer:
         """Create the run folder (rank 0), store config.json, open TensorBoard."""
         if self.ctx.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_mod.clean_stale_temps(self.run_dir)
+            ckpt_mod.clean_stale_temps(self.run_dir)  # under the run-folder lock (see train/runlock.py)
             if not existing or not (self.run_dir / CONFIG_FILE).exists():
-                ckpt_mod.atomic_write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
+                try:
+                    ckpt_mod.atomic_write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
+                except ckpt_mod.WriteError as e:
+                    self._stop_write_failed(e)
             if self.cfg.tensorboard:
                 purge = self.global_step + 1 if self.global_step else None
                 self.tb = TBLogger(self.run_dir / "tb", purge_step=purge)
@@ -437,6 +501,12 @@ class Trainer:
 
     def save_checkpoint(self, reason: str):
         accum = self._global_accum()   # collective: every rank calls it
+        # "last good" means finite: a non-finite model or optimiser state is never written
+        bad = ckpt_mod.first_nonfinite(list(self.core.state_dict().items()) + ckpt_mod.optimizer_tensors(self.opt)
+                                       + (ckpt_mod.optimizer_tensors(self.opt_a) if self.opt_a is not None else []))
+        if D.any_flag(1.0 if bad else 0.0, self.ctx, self.device):
+            self._stop_diverged(f"non-finite state '{bad}' at checkpoint time" if bad
+                                else "another process reported non-finite state")
         if self.ctx.is_main and self.run_dir is not None:
             state = {
                 "model_name": self.cfg.model,
@@ -462,7 +532,10 @@ class Trainer:
             summary = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                        "steps_per_epoch": self.steps_per_epoch, "finished": self.finished, "reason": reason,
                        "time": datetime.now().isoformat(timespec="seconds")}
-            path = ckpt_mod.save(self.run_dir, state, summary)
+            try:
+                path = ckpt_mod.save(self.run_dir, state, summary)
+            except ckpt_mod.WriteError as e:
+                self._stop_write_failed(e)
             self.last_ckpt = (path, self.global_step)
         D.barrier(self.ctx)
 
@@ -494,18 +567,28 @@ class Trainer:
                 return f"energy block '{bname}'"
         return "a digital layer"
 
-    def _stop_diverged(self, what: str):
+    def _last_good(self) -> str:
         if self.last_ckpt is not None:
-            keep = f"last good checkpoint: {self.last_ckpt[0]} (step {self.last_ckpt[1]})"
-        else:
-            keep = "no checkpoint had been written yet"
-        msg = f"training stopped: {what} at {self._where()}; {keep}"
+            return f"last good checkpoint: {self.last_ckpt[0]} (step {self.last_ckpt[1]})"
+        return "no checkpoint had been written yet"
+
+    def _stop_diverged(self, what: str, after_step: bool = False):
+        msg = f"training stopped: {what} at {self._where()}; {self._last_good()}"
         if self.ctx.is_main and self.run_dir is not None:
-            ckpt_mod.atomic_write_json(self.run_dir / FAILURE_FILE, {
-                "message": msg, "global_step": self.global_step + 1, "epoch": self.epoch + 1,
-                "batch": self.step_in_epoch + 1, "time": datetime.now().isoformat(timespec="seconds")})
+            record = {"message": msg, "global_step": self.global_step + 1, "epoch": self.epoch + 1,
+                      "batch": self.step_in_epoch + 1, "time": datetime.now().isoformat(timespec="seconds"),
+                      "last_good_checkpoint": str(self.last_ckpt[0]) if self.last_ckpt else None,
+                      "last_good_step": self.last_ckpt[1] if self.last_ckpt else None}
+            try:
+                ckpt_mod.atomic_write_json(self.run_dir / FAILURE_FILE, record)
+            except ckpt_mod.WriteError:
+                pass  # the message below still says everything
         self.tb.flush()
         raise TrainingStopped(msg, 3)
+
+    def _stop_write_failed(self, err: "ckpt_mod.WriteError"):
+        self.tb.flush()
+        raise TrainingStopped(f"training stopped: {err}; {self._last_good()}", 4)
 
     def _nonfinite_block(self) -> str:
         for name, blk in self.blocks:
@@ -578,6 +661,12 @@ class Trainer:
                 analog_mod.gather_pending(self.analog_params, self.ctx.world)
             self.opt_a.step()
             self.sched_a.step()
+        # a finite gradient can still make a non-finite weight (a huge lr): stop here, so that no
+        # checkpoint of this state is ever called good
+        bad = ckpt_mod.first_nonfinite(self.core.named_parameters())
+        if D.any_flag(1.0 if bad else 0.0, self.ctx, self.device):
+            self._stop_diverged(f"non-finite parameter '{bad}' ({self._param_block(bad)}) after the optimiser step"
+                                if bad else "another process reported divergence", after_step=True)
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum().item()
         return loss.item(), correct, y.numel(), stats
@@ -831,7 +920,10 @@ class Trainer:
         self.final = metrics
         self.save_checkpoint("final")
         if self.ctx.is_main and self.run_dir is not None:
-            ckpt_mod.atomic_write_json(self.run_dir / METRICS_FILE, metrics)
+            try:
+                ckpt_mod.atomic_write_json(self.run_dir / METRICS_FILE, metrics)
+            except ckpt_mod.WriteError as e:
+                self._stop_write_failed(e)
         self.log(f"final test accuracy: {100 * metrics['test_accuracy']:.2f}% "
                  f"({metrics['steps']} steps, {_fmt_time(wall)}; gradient {self.method})")
         if self.run_dir is not None:

@@ -340,9 +340,9 @@ def test_models_that_cannot_go_on_tiles(tmp_path):
     with pytest.raises(ConfigError, match="method=ep"):
         Trainer(small_cfg(method="implicit"), None, log=lambda m: None).setup()
     with pytest.raises(ConfigError, match="nothing to put on tiles.*analog_layers=true"):
-        Trainer(small_cfg(model="tinymodel:build"), None, log=lambda m: None).setup()
+        Trainer(small_cfg(model="tinymodel:build", model_options=""), None, log=lambda m: None).setup()
     # a plain MLP with analog_layers: its Linear layers go on tiles and train by pulses
-    t = Trainer(small_cfg(model="tinymodel:build", analog_layers="true", max_steps="2"), tmp_path / "mlp",
+    t = Trainer(small_cfg(model="tinymodel:build", model_options="", analog_layers="true", max_steps="2"), tmp_path / "mlp",
                 log=lambda m: None).setup()
     assert len(t.opt_a.param_groups[0]["params"]) == 2
     w0 = t.core[1].tile.tile_weights().clone()

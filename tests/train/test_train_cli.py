@@ -57,7 +57,7 @@ def test_bad_key(finished_run):
     before = folder_digest(run)
     line = one_line_error(run_train(TINY + ["epoch=3", "--out", "run"], d))
     assert "unknown key 'epoch'" in line and "batch_size" in line
-    line = one_line_error(run_train(["--resume", "run", "progres=false"], d))
+    line = one_line_error(run_train(["--resume", "run", "--trust-code", "progres=false"], d))
     assert "unknown key" in line
     assert folder_digest(run) == before
 
@@ -67,10 +67,10 @@ def test_wrong_type(finished_run, capsys, monkeypatch):
     before = folder_digest(run)
     line = one_line_error(run_train(TINY + ["epochs=two", "--out", "run"], d))
     assert "epochs='two'" in line and "expected int" in line
-    one_line_error(main_inproc(["--resume", "run", "ckpt_every=x"], d, capsys, monkeypatch))
+    one_line_error(main_inproc(["--resume", "run", "--trust-code", "ckpt_every=x"], d, capsys, monkeypatch))
     one_line_error(main_inproc(TINY + ["progress=maybe", "--out", "run"], d, capsys, monkeypatch))
     # changing a non-runtime key on resume is refused too
-    one_line_error(main_inproc(["--resume", "run", "lr=0.5"], d, capsys, monkeypatch))
+    one_line_error(main_inproc(["--resume", "run", "--trust-code", "lr=0.5"], d, capsys, monkeypatch))
     assert folder_digest(run) == before
 
 
@@ -106,20 +106,20 @@ def test_corrupt_checkpoint(finished_run, capsys, monkeypatch):
     data = (run / C.CKPT).read_bytes()
     (bad / C.CKPT).write_bytes(data[: len(data) // 2])
     before = folder_digest(bad)
-    line = one_line_error(run_train(["--resume", "badrun"], d))
+    line = one_line_error(run_train(["--resume", "badrun", "--trust-code"], d))
     assert "corrupt or truncated" in line and "checkpoint.pt" in line
     assert folder_digest(bad) == before
     # garbage bytes too
     (bad / C.CKPT).write_bytes(b"\x00garbage" * 10)
     before = folder_digest(bad)
-    one_line_error(main_inproc(["--resume", "badrun"], d, capsys, monkeypatch))
+    one_line_error(main_inproc(["--resume", "badrun", "--trust-code"], d, capsys, monkeypatch))
     assert folder_digest(bad) == before
 
 
 def test_resume_of_finished_run_changes_nothing(finished_run, capsys, monkeypatch):
     d, run, _ = finished_run
     before = folder_digest(run)
-    res = main_inproc(["--resume", "run"], d, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], d, capsys, monkeypatch)
     assert res.returncode == 0 and "already complete" in res.stdout
     assert folder_digest(run) == before
 
@@ -127,7 +127,7 @@ def test_resume_of_finished_run_changes_nothing(finished_run, capsys, monkeypatc
 def test_evaluate_command(finished_run, capsys, monkeypatch):
     d, run, _ = finished_run
     before = folder_digest(run)
-    res = main_inproc(["run"], d, capsys, monkeypatch, module="train.evaluate")
+    res = main_inproc(["run", "--trust-code"], d, capsys, monkeypatch, module="train.evaluate")
     assert res.returncode == 0, res.stderr
     m = json.loads((run / "metrics.json").read_text())
     assert f"test accuracy {100 * m['test_accuracy']:.2f}%" in res.stdout
@@ -139,13 +139,13 @@ def test_evaluate_command(finished_run, capsys, monkeypatch):
 def test_evaluate_over_time(finished_run, tmp_path, capsys, monkeypatch):
     d, run, _ = finished_run
     # a model without analog tiles: clear one-line refusal
-    line = one_line_error(main_inproc(["run", "--times", "0,3600"], d, capsys, monkeypatch, module="train.evaluate"))
+    line = one_line_error(main_inproc(["run", "--trust-code", "--times", "0,3600"], d, capsys, monkeypatch, module="train.evaluate"))
     assert "--times" in line and "analog" in line
     # a model on simulated analog tiles: one accuracy per time after programming
     args = [a if not a.startswith("model=") else "model=tinymodel:build_analog" for a in TINY]
     assert main_inproc(args + ["epochs=3", "analog_lr=0.5", "--out", "an"], tmp_path, capsys, monkeypatch).returncode == 0
     year = 365 * 86400
-    res = main_inproc(["an", "--times", f"0,3600,86400,{year}", "--json", "eval.json"], tmp_path, capsys,
+    res = main_inproc(["an", "--trust-code", "--times", f"0,3600,86400,{year}", "--json", "eval.json"], tmp_path, capsys,
                       monkeypatch, module="train.evaluate")
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "eval.json").read_text())

@@ -94,6 +94,6 @@ def test_ddp_checkpoint_resumes_in_one_process(tmp_path, single_reference, capsy
     ck = C.load(tmp_path / "run" / C.CKPT)
     assert ck["position"]["global_step"] == 30 and ck["position"]["world_size"] == 2
     assert not (tmp_path / "run" / "metrics.json").exists()
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     assert_close_run(single_reference, tmp_path / "run")

@@ -36,7 +36,7 @@ def test_failure_stops_run_and_keeps_last_good_checkpoint(tmp_path, capsys, monk
     assert not (run / "metrics.json").exists()
     # nothing else is touched by a second failing attempt from the same checkpoint
     before = {k: v for k, v in folder_digest(run).items() if not k.startswith(("tb/", "failure"))}
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     # the resumed model counts its forward passes from 0: it fails 30 steps later, after saving more
     assert res.returncode == 3 and "step 55" in res.stderr
     assert C.load(run / C.CKPT)["position"]["global_step"] == 55 - 5

@@ -53,7 +53,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, reference_run, capsys,
     summary = json.loads((tmp_path / "run" / C.SUMMARY).read_text())
     assert summary["global_step"] == 30 and summary["epoch"] == 1 and 0 < summary["step_in_epoch"] < 22
     assert not (tmp_path / "run" / "metrics.json").exists()
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout and "epoch 2, batch 8" in res.stdout
     assert_same_run(reference_run, tmp_path / "run")
@@ -86,7 +86,7 @@ def test_signal_saves_checkpoint_and_exits_cleanly(tmp_path, reference_run, sig,
     assert res.returncode == 128 + signum, res.stderr
     assert "Traceback" not in res.stderr and f"SIG{sig} received: checkpoint saved at step 12" in res.stderr
     assert json.loads((tmp_path / "run" / C.SUMMARY).read_text())["global_step"] == 12
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     assert_same_run(reference_run, tmp_path / "run")
 
@@ -115,7 +115,7 @@ def test_stochastic_method_resume_is_exact(tmp_path, capsys, monkeypatch):
     assert extra and all("sign_generator" in ck["model"][k]["gradient"] for k in extra)
     res = run_train(EP_ARGS + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=30)
     assert res.returncode == -signal.SIGKILL
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     wa, _, ma, ha = _final_state(tmp_path / "ref")
     wb, _, mb, hb = _final_state(tmp_path / "run")
@@ -134,6 +134,6 @@ def test_resume_restores_the_global_random_stream(tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     res = run_train(args + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=30)
     assert res.returncode == -signal.SIGKILL
-    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     assert_same_run(tmp_path / "ref", tmp_path / "run")

@@ -1,0 +1,164 @@
+"""One process per run folder: an exclusive lock held for the life of the trainer.
+
+``RUN/.lock`` is locked with ``fcntl.flock`` (released by the kernel when the process dies, so a
+lock left by a killed trainer is taken over safely) and holds the owner's pid, which a second
+trainer, ``--resume`` or a writing ``train.evaluate`` names when it refuses the folder. The
+file is removed on release (after taking a lock, the holder checks that the file it locked is
+still the one at the path, so removal cannot let two processes in). Where
+``fcntl`` is missing the lock file is created exclusively and a stale one (its pid no longer
+running) is taken over.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .config import UserError
+
+LOCK_FILE = ".lock"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+
+class RunFolderBusy(UserError):
+    """Another live process holds the run folder."""
+
+
+class RunFolderUnwritable(UserError):
+    """The run folder cannot be created or written."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolderLock:
+    """Exclusive, process-lifetime lock of ``run_dir`` (see the module docstring)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def _owner(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def acquire(self) -> "RunFolderLock":
+        if fcntl is not None:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise RunFolderBusy(f"{self.run_dir} is in use by pid {self._owner()} (another trainer, "
+                                            "resume or evaluation writing to it); wait for it or choose another "
+                                            "folder") from None
+                    raise
+                # the holder we waited on may have removed the file on release: lock the file
+                # that is at the path now, not an orphan
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+        else:  # pragma: no cover - non-POSIX fallback
+            while True:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                    break
+                except FileExistsError:
+                    owner = self._owner()
+                    if owner.isdigit() and _pid_alive(int(owner)):
+                        raise RunFolderBusy(f"{self.run_dir} is in use by pid {owner}") from None
+                    self.path.unlink(missing_ok=True)  # stale: its owner is gone
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file (a run folder keeps no trace of it) and drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_writable(run_dir: Path) -> None:
+    """Write and remove a probe file: a read-only or full folder fails here, before any work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=str(run_dir))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunFolderUnwritable(f"cannot write to {run_dir}: {e.strerror or e}") from None
+
+
+class ClaimedRunFolder:
+    """The run folder of this process: created if needed, locked, checked writable. ``release``
+    unlocks it and removes the folder again if this process created it and wrote nothing else."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.created = False
+        self.lock = RunFolderLock(self.run_dir)
+
+    def claim(self) -> "ClaimedRunFolder":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunFolderUnwritable(f"{self.run_dir} exists and is not a folder")
+        if not self.run_dir.exists():
+            try:
+                self.run_dir.mkdir(parents=True)
+            except OSError as e:
+                raise RunFolderUnwritable(f"cannot create run folder {self.run_dir}: {e.strerror or e}") from None
+            self.created = True
+        try:
+            check_writable(self.run_dir)
+            self.lock.acquire()
+        except BaseException:
+            self._remove_if_empty()
+            raise
+        return self
+
+    def _remove_if_empty(self) -> None:
+        if not self.created:
+            return
+        leftovers = [p for p in self.run_dir.iterdir() if p.name != LOCK_FILE]
+        if not leftovers:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a failure before anything was written, leave no empty folder behind."""
+        if failed:
+            self._remove_if_empty()
+        self.lock.release()
