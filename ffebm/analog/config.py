@@ -1,16 +1,18 @@
 """Settings of the analog substrate: read (IO) model and pulsed-update model.
 
 Small dataclasses holding the published defaults of the reference simulator (IBM AIHWKit), each
-validated on construction: an invalid value raises :class:`InvalidSetting`, a ``ValueError``
-whose message names the field and the allowed range.
+validated on construction *and on every later edit of a field* (:class:`Validated`): an invalid
+value raises :class:`InvalidSetting`, a ``ValueError`` whose message names the field and the
+allowed range, and the object keeps its previous, valid value.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-__all__ = ["InvalidSetting", "IOConfig", "UpdateConfig", "check_range", "check_choice"]
+__all__ = ["InvalidSetting", "IOConfig", "UpdateConfig", "Validated", "check_range", "check_choice"]
 
 
 class InvalidSetting(ValueError):
@@ -22,6 +24,22 @@ class InvalidSetting(ValueError):
     def __init__(self, owner: str, field: str, value: Any, allowed: str) -> None:
         self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
         super().__init__(f"{owner}.{field} = {value!r} is invalid: allowed range is {allowed}")
+
+
+class Validated:
+    """Mixin for settings dataclasses whose ``__post_init__`` validates: assigning a field after
+    construction validates a copy carrying the new value first (``__post_init__`` on it), so
+    ``device.dw_min = -1`` raises :class:`InvalidSetting` instead of surfacing later as NaNs."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        edit = name in self.__dict__ and not self.__dict__.get("_validating") \
+            and name in {f.name for f in fields(self)}  # an edit, not __init__ / normalisation
+        if edit:
+            trial = copy.copy(self)
+            object.__setattr__(trial, "_validating", True)
+            object.__setattr__(trial, name, value)
+            trial.__post_init__()
+        object.__setattr__(self, name, value)
 
 
 def check_range(owner: str, name: str, value: Any, lo: Optional[float] = None,
@@ -56,7 +74,7 @@ def _check_bool(owner: str, name: str, value: Any) -> None:
 
 
 @dataclass
-class IOConfig:
+class IOConfig(Validated):
     """Read model of one tile pass (forward ``W x`` or backward ``W^T d``).
 
     Defaults are the published ones. Order of operations per read:
@@ -110,7 +128,7 @@ class IOConfig:
 
 
 @dataclass
-class UpdateConfig:
+class UpdateConfig(Validated):
     """Pulsed (stochastic) update of a device array, published defaults.
 
     ``bl``: bit length of the stochastic pulse trains (``desired_bl`` in the reference).

@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import Tensor
 
-from .config import InvalidSetting, UpdateConfig, check_range
+from .config import InvalidSetting, UpdateConfig, Validated, check_range
 
 __all__ = [
     "DeviceParams", "PulsedDevice", "IdealDevice", "ConstantStep", "LinearStep", "SoftBounds",
@@ -158,7 +158,7 @@ def _rand(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
 
 
 @dataclass
-class PulsedDevice:
+class PulsedDevice(Validated):
     """Base of all pulsed device models (published defaults of the reference simulator).
 
     Fields: ``dw_min`` nominal step; ``dw_min_dtod`` device-to-device spread of the step (gain

@@ -313,6 +313,9 @@ class AnalogLinear(_AnalogLayer):
         return m._copy_from(lin.weight, lin.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"AnalogLinear({self.in_features}, {self.out_features}): expected input [..., "
+                             f"{self.in_features}], got {list(x.shape)}")
         y = self._mvm(x)
         return y + self.bias if self.bias is not None else y
 
@@ -376,6 +379,9 @@ class AnalogConv2d(_AnalogLayer):
         return m._copy_from(conv.weight, conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"AnalogConv2d({self.in_channels}, {self.out_channels}): expected input [N, "
+                             f"{self.in_channels}, H, W] or [{self.in_channels}, H, W], got {list(x.shape)}")
         if x.dim() == 3:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         n, _, h, w = x.shape

@@ -141,7 +141,9 @@ class AnalogOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            # param_groups can be edited after construction (schedulers do): check what is used
+            check_range("AnalogOptimizer", f"param_groups[{gi}].lr", group["lr"], 0, None)
             lr = float(group["lr"])
             for p in group["params"]:
                 actx = p.analog_ctx

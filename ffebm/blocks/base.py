@@ -47,8 +47,8 @@ class EnergyBlock(nn.Module):
         name: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if not gain > 0:
-            raise ValueError(f"gain must be > 0, got {gain!r}")
+        if not (isinstance(gain, (int, float)) and 0 < gain < math.inf):
+            raise ValueError(f"gain must be a finite number > 0, got {gain!r}")
         self.in_shape = tuple(int(d) for d in in_shape)
         self.input_map = input_map
         self.couplings = nn.ModuleList(couplings)
@@ -112,10 +112,16 @@ class EnergyBlock(nn.Module):
 
     # ---------------------------------------------------------------- solving
     def check_input(self, x: torch.Tensor) -> None:
+        """Shape check (subclasses may accept other layouts)."""
         if x.dim() < 2 or tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(
                 f"block '{self.name}' expects input of shape [B, {', '.join(map(str, self.in_shape))}], "
                 f"got {list(x.shape)}")
+
+    def check_finite(self, x: torch.Tensor) -> None:
+        # a relaxation would clip inf to the box and hide it, leaving non-finite gradients
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"block '{self.name}': input holds NaN or inf")
 
     def solve(self, u: torch.Tensor, states: Optional[States] = None, nudge: Optional[torch.Tensor] = None,
               config: Optional[Relaxation] = None, phase: str = "free", callback=None):
@@ -129,6 +135,10 @@ class EnergyBlock(nn.Module):
         if under_functorch():
             raise FunctorchUnsupported(self.name)
         self.check_input(x)
+        self.check_finite(x)
+        if x.shape[0] == 0:  # an empty batch: an empty equilibrium, still part of the graph
+            u = self.input_map(x)
+            return u.new_zeros((0, *self.layer_shapes[-1])) + 0 * u.sum()
         u = self.input_map(x)
         params = self.energy_parameters()
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
