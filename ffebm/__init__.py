@@ -6,7 +6,7 @@
     block.stats           # steps, residual, converged of the last free relaxation (a record only)
 """
 from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
-from .compare import GradientComparison, compare_gradients
+from .compare import CURRENT, GradientComparison, compare_gradients
 from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d
 from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupported, NotConverged, NotTwiceDifferentiable,
                      RelaxationDiverged, UnsupportedGradient)
@@ -23,6 +23,6 @@ __all__ = [
     "Relaxation", "SolveStats", "relax", "STEPPERS",
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
     "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient",
-    "compare_gradients", "GradientComparison",
+    "compare_gradients", "GradientComparison", "CURRENT",
     "energy_blocks", "set_gradient", "block_stats",
 ]

@@ -11,6 +11,14 @@ similarity and relative error |g - g_ref| / |g_ref|. The model's parameters, buf
 gradient methods are restored afterwards. ``trace=True`` also records, for EP candidates,
 the running estimate after each nudged step (the step-by-step convergence towards the
 reference).
+
+A parameter with a gradient on one side only is a disagreement (the absent side counts as zero:
+cosine 0, relative error 1 or inf); one with no gradient on either side is reported as *not
+comparable* (cosine and error NaN, ``comparable=False``), never as agreement. Analog weights
+trained by pulses are compared through the dense equivalent of the update they would pulse.
+Every method runs from the same random state (dropout draws the same masks).
+``candidates=[CURRENT]`` compares each block's own method (mixed-method models) with the
+reference.
 """
 from __future__ import annotations
 
@@ -23,9 +31,22 @@ import torch
 import torch.nn as nn
 
 from .gradients import EP, GradientMethod, Implicit
-from .utils import energy_blocks, set_gradient
+from .utils import energy_blocks
 
 INPUT = "<input>"
+
+
+class _Current(GradientMethod):
+    """Sentinel candidate: every block keeps the method it has."""
+
+    def describe(self) -> str:
+        return "as configured"
+
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT = _Current()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,13 +145,18 @@ def _grads(model, loss_fn, x, y, include_input):
 
 def _row(label: str, pname: str, block: str, g, ref) -> dict:
     row = {"method": label, "param": pname, "block": block}
-    if g is None or ref is None:
-        side = "both" if g is None and ref is None else ("candidate" if g is None else "reference")
-        row.update(comparable=False, cosine=math.nan, rel_error=math.nan,
-                   norm=math.nan if ref is None else float(ref.double().norm()), note=f"no gradient ({side})")
+    if g is None and ref is None:
+        row.update(comparable=False, cosine=math.nan, rel_error=math.nan, norm=math.nan,
+                   note="no gradient (both)")
         return row
+    note = "no gradient (candidate)" if g is None else ("no gradient (reference)" if ref is None else "")
+    if ref is None:
+        err = math.inf if float(g.double().norm()) > 0 else 0.0
+        row.update(comparable=True, cosine=1.0 if err == 0.0 else 0.0, rel_error=err, norm=0.0, note=note)
+        return row
+    g = torch.zeros_like(ref) if g is None else g
     row.update(comparable=True, cosine=cosine(g, ref), rel_error=rel_error(g, ref),
-               norm=float(ref.double().norm()), note="")
+               norm=float(ref.double().norm()), note=note)
     return row
 
 
@@ -154,9 +180,16 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
             block_of[f"{prefix}.{pname}" if prefix else pname] = bname
     block_of[INPUT] = "input"
 
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
     def run(method):
         model.load_state_dict(saved_state)
-        set_gradient(model, method)
+        for name, blk in blocks:  # CURRENT: each block its own method
+            blk.gradient = saved_methods[name] if method is CURRENT else method
+        torch.set_rng_state(rng)  # the same dropout masks (and other draws) for every method
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         return _grads(model, loss_fn, x, y, include_input)
 
     traces: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
@@ -169,6 +202,8 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
             if label in all_grads:
                 label = f"{label}#{i}"
             store: Dict[str, List] = {}
+            if m is CURRENT:
+                label = "as configured: " + ", ".join(f"{n}={saved_methods[n].describe()}" for n, _ in blocks)
             g = run(_TracingEP(m, store) if (trace and isinstance(m, EP)) else m)
             all_grads[label] = g
             for pname, gr in g.items():
@@ -185,8 +220,9 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
                         {pn: cosine(gp, ref[pn]) for pn, gp in zip(names, gparams) if gp is not None}
                         for (_, gparams) in store[bname]]
     finally:
-        model.load_state_dict(saved_state)
         for name, blk in blocks:
             blk.gradient = saved_methods[name]
+        model.load_state_dict(saved_state)
+        torch.set_rng_state(rng)
     return GradientComparison(reference=reference.describe(), rows=rows, grads=all_grads, block_of=block_of,
                               traces=traces)

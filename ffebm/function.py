@@ -20,6 +20,8 @@ instead of returning a wrong number:
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -65,16 +67,20 @@ class _Equilibrium(torch.autograd.Function):
         block, u, holder = inputs[0], inputs[1], inputs[2]
         params = inputs[3:]
         ctx.block = block
-        ctx.method = block.gradient
-        ctx.relaxation = block.relaxation
-        ctx.nudge_relaxation = block.nudge_relaxation
+        # snapshots: editing the block's method or settings after this call changes later
+        # calls, not this one's backward
+        ctx.method = block.gradient.snapshot()
+        ctx.relaxation = copy.copy(block.relaxation)
+        ctx.nudge_relaxation = copy.copy(block.nudge_relaxation)
         ctx.free_stats = holder["stats"]
+        ctx.slots = holder["slots"]
         states = holder["states"]
         ctx.num_layers = len(states)
         ctx.edges = _edges(params)
         # u and the parameters are saved so that autograd checks they were not modified in
-        # place between forward and backward (an optimizer step in between would be an error)
-        ctx.save_for_backward(u.detach(), *states, *params)
+        # place between forward and backward (an optimizer step in between would be an error);
+        # u itself (not detached), so that a refused double backward stays connected to it
+        ctx.save_for_backward(u, *states, *params)
 
     @staticmethod
     def backward(ctx, delta: torch.Tensor):  # type: ignore[override]
@@ -83,14 +89,17 @@ class _Equilibrium(torch.autograd.Function):
             return (None, *_refuse_double_backward(block, ctx.method, ctx, delta))
         saved = ctx.saved_tensors
         L = ctx.num_layers
-        u, states, params = saved[0], list(saved[1:1 + L]), tuple(saved[1 + L:])
+        u, states, params = saved[0].detach(), list(saved[1:1 + L]), tuple(saved[1 + L:])
         need = ctx.needs_input_grad
         wants = tuple(bool(need[3 + i]) and p.requires_grad for i, p in enumerate(params))
         call = BlockCall(block=block, u=u, states=states, free_stats=ctx.free_stats,
                          relaxation=ctx.relaxation, nudge_relaxation=ctx.nudge_relaxation, params=params,
                          wants_input=bool(need[1]), wants=wants,
                          records=tuple(w and will_accumulate(e) for w, e in zip(wants, ctx.edges)))
-        result = ctx.method.backward(call, delta.contiguous())
+        # the energy is evaluated with this call's parameter tensors (they differ from the
+        # module's own after e.g. torch.func.functional_call returned)
+        with _parameters_of_call(ctx.slots, params):
+            result = ctx.method.backward(call, delta.contiguous())
         block.backward_stats = result.stats  # a record for inspection; nothing reads it back
         grad_u = result.grad_input if need[1] else None
         grads = [g if w else None for g, w in zip(result.grad_params, wants)]
@@ -105,9 +114,9 @@ class _Refused(torch.autograd.Function):
     """Passes first-order gradients through; raises if they are differentiated again."""
 
     @staticmethod
-    def forward(ctx, message: str, anchor: torch.Tensor, *grads: Optional[torch.Tensor]):  # type: ignore[override]
+    def forward(ctx, message: str, n_anchors: int, *rest: Optional[torch.Tensor]):  # type: ignore[override]
         ctx.message = message
-        return tuple(g.clone() if g is not None else None for g in grads)
+        return tuple(g.clone() if g is not None else None for g in rest[n_anchors:])
 
     @staticmethod
     def backward(ctx, *_):  # type: ignore[override]
@@ -120,14 +129,23 @@ def _first_order(ctx, delta) -> tuple:
 
 
 def _refuse_double_backward(block, method, ctx, delta) -> tuple:
-    """First-order gradients whose graph raises :class:`NotTwiceDifferentiable` when used."""
+    """First-order gradients whose graph raises :class:`NotTwiceDifferentiable` when used.
+
+    The refusal node takes the call's input, parameters and incoming gradient as inputs, so any
+    differentiation through the returned gradients (``backward``, ``autograd.grad`` w.r.t. any of
+    them, ``backward(inputs=...)``) reaches it and raises."""
+    saved = ctx.saved_tensors
+    L = ctx.num_layers
     grads = _first_order(ctx, delta.detach())[1:]
     message = (f"energy block '{block.name}' is not twice differentiable: its gradient method "
                f"{method.describe()} gives first-order gradients only, so a gradient penalty or any "
                "create_graph=True use that differentiates through it would be silently wrong. "
                "Compute such terms without the energy block, or with create_graph=False")
-    anchor = torch.zeros((), device=delta.device, requires_grad=True)
-    return _Refused.apply(message, anchor, *grads)
+    anchors = [t for t in (saved[0], delta, *saved[1 + L:]) if t.requires_grad]
+    if not anchors:
+        anchors = [torch.zeros((), device=delta.device, requires_grad=True)]
+    out = _Refused.apply(message, len(anchors), *anchors, *grads)
+    return out
 
 
 def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor]):
@@ -135,14 +153,44 @@ def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor]):
 
     Returns ``(top, states, stats)``: the differentiable top layer, and this call's free
     equilibrium and :class:`SolveStats` (detached, for inspection)."""
-    holder: dict = {}
+    holder: dict = {"slots": parameter_slots(block)}
     top = _Equilibrium.apply(block, u, holder, *params)
     return top, holder["states"], holder["stats"]
 
 
-def under_functorch() -> bool:
-    """True inside a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+def parameter_slots(block) -> list:
+    """``(module, name)`` of each of ``block.energy_parameters()``, in order."""
+    slots, seen = [], set()
+    for mod in block.couplings.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                slots.append((mod, name))
+    return slots
+
+
+@contextlib.contextmanager
+def _parameters_of_call(slots, params):
+    """Temporarily put the call's parameter tensors where the module's are (a no-op when they
+    are the same tensors, the usual case)."""
+    swapped = []
     try:
+        for (mod, name), p in zip(slots, params):
+            if mod._parameters.get(name) is not p:
+                swapped.append((mod, name, mod._parameters[name]))
+                mod._parameters[name] = p
+        yield
+    finally:
+        for mod, name, old in reversed(swapped):
+            mod._parameters[name] = old
+
+
+def under_functorch() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jacrev, ...); not while torch.compile
+    traces (the block then runs eagerly behind a graph break)."""
+    try:
+        if torch.compiler.is_compiling():
+            return False
         return torch._C._functorch.peek_interpreter_stack() is not None
     except AttributeError:  # pragma: no cover - very old torch
         return False

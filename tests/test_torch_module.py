@@ -299,3 +299,100 @@ def test_random_ep_sign_stream_round_trips_through_state_dict():
     buf.seek(0)
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert signs(other, 20) == ahead
+
+
+# ---------------------------------------------------------------------------------------------
+# siblings found by trying the module as a user would
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["grad-weight", "grad-all", "backward-inputs"])
+def test_penalty_refused_whichever_way_it_is_differentiated(how):
+    lin, blk = _penalty_model()
+    model = nn.Sequential(lin, nn.Tanh(), blk)
+    x = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    pen = (g ** 2).sum()
+    W = blk.couplings[0].weight
+    with pytest.raises(NotTwiceDifferentiable, match="energy block 'pen'"):
+        if how == "grad-weight":
+            torch.autograd.grad(pen, [W], allow_unused=True)
+        elif how == "grad-all":
+            torch.autograd.grad(pen, list(model.parameters()))
+        else:
+            pen.backward(inputs=[W])
+
+
+def test_functional_call_without_a_transform_differentiates_the_call_parameters():
+    model = hybrid_dense(gradient=ffebm.Implicit(tol=1e-12))
+    x = torch.rand(3, 5, dtype=torch.float64)
+    fast = {k: (1.1 * v).detach().requires_grad_() for k, v in model.named_parameters()}  # "fast weights"
+    torch.func.functional_call(model, fast, (x,)).square().sum().backward()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, v in twin.named_parameters():
+            v.copy_(fast[k])
+    ref = _grads(twin, twin(x).square().sum())
+    for k, v in fast.items():
+        assert v.grad is not None and _rel(v.grad, ref[k]) < 1e-9, k
+    assert all(p.grad is None for p in model.parameters())  # the module's own tensors were not used
+
+
+def test_full_bptt_differentiates_the_averaged_output():
+    torch.manual_seed(0)
+    blk = ffebm.DenseHopfield([4, 6, 3], relaxation=ffebm.Relaxation(steps=8, tol=None, average_last=5),
+                              gradient=ffebm.Unrolled(from_equilibrium=False)).double()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    blk(x).sum().backward()
+    W = blk.couplings[0].weight
+    fd = torch.zeros_like(W)
+    with torch.no_grad():
+        for i in range(W.numel()):
+            old = W.view(-1)[i].item()
+            W.view(-1)[i] = old + 1e-6
+            p = blk(x).sum().item()
+            W.view(-1)[i] = old - 1e-6
+            m = blk(x).sum().item()
+            W.view(-1)[i] = old
+            fd.view(-1)[i] = (p - m) / 2e-6
+    assert _rel(W.grad, fd) < 1e-7
+
+
+def test_state_dicts_saved_before_method_state_still_load():
+    blk = ffebm.DenseHopfield([4, 6, 3], gradient=ffebm.EP(variant="random", seed=1))
+    old = {k: v for k, v in blk.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = ffebm.DenseHopfield([4, 6, 3], gradient=ffebm.EP(variant="random", seed=1))
+    assert not fresh.load_state_dict(old).missing_keys
+
+
+def test_inference_mode_and_no_grad_calls():
+    from ffebm.analog import AnalogLinear
+    from ffebm.analog.energy import analog_energy_block
+
+    blk = analog_energy_block(ffebm.DenseHopfield([4, 6, 3]), seed=0)
+    with torch.inference_mode():
+        assert AnalogLinear(3, 2)(torch.rand(2, 3)).shape == (2, 2)
+        assert blk(torch.rand(2, 4)).shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_blocks_eagerly_behind_a_graph_break():
+    model = hybrid_dense(gradient=ffebm.Implicit(tol=1e-12))
+    x = torch.rand(3, 5, dtype=torch.float64)
+    ref = _grads(model, model(x).square().sum())
+    compiled = torch.compile(model)
+    got = _grads(model, compiled(x).square().sum())
+    for k in ref:
+        assert _rel(got[k], ref[k]) < 1e-9, k
+
+
+def test_editing_the_method_in_place_after_a_call_does_not_change_its_backward():
+    torch.manual_seed(0)
+    blk = ffebm.DenseHopfield([4, 6, 3], gradient=ffebm.EP(beta=0.5)).double()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    ref = _grads(blk, blk(x).sum())
+    out = blk(x).sum()
+    blk.gradient.beta = 1e-3
+    blk.nudge_relaxation.steps = 1
+    got = _grads(blk, out)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert blk.backward_stats.method == "EP(beta=0.5, variant=centered)"

@@ -447,8 +447,9 @@ class Trainer:
                 self.opt_a.load_state_dict(ck["analog_optimizer"])
                 self.sched_a.load_state_dict(ck["analog_scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ckpt_mod.CheckpointError(f"{path} does not fit this run ({type(e).__name__}: "
-                                           f"{str(e).splitlines()[0][:200]})") from None
+            detail = " ".join(str(e).split())  # torch's message spans several lines: keep it, in one
+            raise ckpt_mod.CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {detail[:400]})") \
+                from None
         pos = ck["position"]
         self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
         if pos.get("steps_per_epoch") != self.steps_per_epoch and self.step_in_epoch:
@@ -678,16 +679,20 @@ class Trainer:
         if _ffebm is None or not self.blocks or not hasattr(_ffebm, "compare_gradients"):
             return {}
         ref = _ffebm.Implicit() if self.cfg.grad_check_reference == "implicit" else _ffebm.Unrolled()
-        cand = getattr(self.blocks[0][1], "gradient", None)
-        # a copy: running the block's own method would advance its random stream (EP random sign)
-        cand = copy.deepcopy(cand) if cand is not None else None
+        # each block's own method, compared on copies: running a block's method would advance its
+        # random stream (EP's random sign); the block state restore below covers it too
+        originals = {name: blk.gradient for name, blk in self.blocks}
         buffers = copy.deepcopy(self.core.state_dict())
         rng = torch.get_rng_state()
         try:
+            for _, blk in self.blocks:
+                blk.gradient = copy.deepcopy(blk.gradient)
             res = _ffebm.compare_gradients(self.core, F.cross_entropy, (x, y), reference=ref,
-                                           candidates=[cand] if cand is not None else (), include_input=False)
+                                           candidates=[_ffebm.CURRENT], include_input=False)
             return _per_block_cosine(res)
         finally:
+            for name, blk in self.blocks:
+                blk.gradient = originals[name]
             self.core.load_state_dict(buffers)
             torch.set_rng_state(rng)
 

@@ -18,7 +18,10 @@ tile). Recorded while none owns the weight, they are kept (an optimizer created 
 backward still applies them) but bounded: when a torch optimizer steps a weight that no
 AnalogOptimizer owns, or more than ``UNOWNED_LIMIT`` backward passes pile up without an owner,
 the pairs are dropped with a one-time :class:`UnownedAnalogWeight` warning saying that analog
-weights need an AnalogOptimizer. The optimizer's algorithm runtime (a Tiki-Taka fast array that
+weights need an AnalogOptimizer. An owned weight that records more than ``OWNED_LIMIT``
+backward passes without a ``step()`` or ``zero_grad()`` (input-saliency loops that call
+``loss.backward()``) has its pending pairs folded into their dense sum ``(I, G^T)`` (the same
+update, the size of the weight), with a one-time warning. The optimizer's algorithm runtime (a Tiki-Taka fast array that
 the reads also see) is published here too, as ``runtime``.
 
 Copies (``copy.deepcopy`` of a model, pickling) keep the tile and drop the pending pairs, the
@@ -40,6 +43,7 @@ Pair = Tuple[Tensor, Tensor]
 
 
 UNOWNED_LIMIT = 64  # recorded backward passes kept for a weight no AnalogOptimizer owns
+OWNED_LIMIT = 64    # recorded backward passes before an owned weight's pairs are folded
 
 
 class UnownedAnalogWeight(UserWarning):
@@ -61,6 +65,7 @@ class AnalogContext:
         self._owner: Optional[weakref.ReferenceType] = None
         self._records = 0
         self._warned = False
+        self._folded_warned = False
 
     # -- ownership ----------------------------------------------------------------------------
     @property
@@ -83,8 +88,27 @@ class AnalogContext:
         if self.optimizer is None and self._records >= UNOWNED_LIMIT:
             self.drop_unowned(f"{UNOWNED_LIMIT} backward passes recorded pulsed updates that no AnalogOptimizer "
                               "applied")
+        elif self._records >= OWNED_LIMIT:
+            self._fold()
         self._pairs.append((x.detach(), d.detach()))
         self._records += 1
+
+    def _fold(self) -> None:
+        """Replace the pending pairs by their dense sum: ``sum_b d_b x_b^T = G`` as the pairs
+        ``(e_j, G[:, j])`` (bounded memory; the same expected pulsed update)."""
+        pair = self.pending()
+        if pair is None:
+            return
+        x, d = pair
+        if not self._folded_warned:
+            self._folded_warned = True
+            warnings.warn(f"{self.layer}: {self._records} backward passes recorded pulsed updates without an "
+                          "AnalogOptimizer step() or zero_grad(); their pairs are folded into the dense update "
+                          "(call opt.zero_grad() to discard them) (warned once per weight)", UserWarning,
+                          stacklevel=4)
+        g_t = x.t() @ d  # [in, out] = G^T
+        self._pairs[:] = [(torch.eye(x.shape[1], dtype=x.dtype, device=x.device), g_t)]
+        self._records = 1
 
     def drop_unowned(self, why: str) -> None:
         """Drop the pending pairs of a weight no AnalogOptimizer owns, warning once."""

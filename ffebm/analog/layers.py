@@ -248,6 +248,8 @@ class _AnalogLayer(nn.Module):
     def _mvm(self, x: Tensor) -> Tensor:
         self._link()
         self._refresh()
+        if not torch.is_grad_enabled():  # no_grad / inference_mode: a plain read, no graph
+            return self._read_forward(x)
         return _AnalogMVM.apply(x, self.weight, self)
 
     # -- state ----------------------------------------------------------------------------

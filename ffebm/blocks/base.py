@@ -156,6 +156,16 @@ class EnergyBlock(nn.Module):
         ``state_dict()`` resumes every random stream."""
         return {"gradient": self.gradient.state_dict()}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            # a state dict saved before blocks carried their method's state (or by a block whose
+            # method has none): the method keeps its own state
+            missing_keys.remove(key)
+
     def set_extra_state(self, state: dict) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("gradient", {}), dict):
             raise ValueError(f"block '{self.name}': extra state must be a dict with a 'gradient' dict")

@@ -17,6 +17,7 @@ blocks of one model may use different ones.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -122,6 +123,12 @@ class GradientMethod:
 
     def describe(self) -> str:
         return repr(self)
+
+    def snapshot(self) -> "GradientMethod":
+        """The settings of this method as of now, for one call's backward (a shallow copy:
+        editing the block's method later does not change a call already made; random streams
+        stay shared with the method)."""
+        return copy.copy(self)
 
     def state_dict(self) -> Dict[str, Any]:
         return {}

@@ -91,6 +91,11 @@ class EP(GradientMethod):
             self._gen.manual_seed(self.seed if self.seed is not None else torch.initial_seed() % (2**63))
         return self._gen
 
+    def snapshot(self) -> "EP":
+        if self.variant == "random":
+            self._generator()  # create the stream first, so that the copy shares it
+        return super().snapshot()
+
     def state_dict(self) -> Dict[str, Any]:
         if self.variant != "random":
             return {}

@@ -52,10 +52,17 @@ class Unrolled(GradientMethod):
             u_ = call.u.detach().requires_grad_(call.wants_input)
             s = [t.detach() for t in call.states] if self.from_equilibrium else block.initial_state(u_)
             cache: dict = {}
+            # full BPTT differentiates what the free solve computed, including its averaging of
+            # the last k states (Relaxation.average_last)
+            k = call.relaxation.average_last if not self.from_equilibrium else 0
+            window: list = []
             for _ in range(steps):
                 s = analytic_step(block, u_, s, None, mode, cache)
+                if k:
+                    window = (window + [s[-1]])[-k:]
+            top = torch.stack(window).mean(0) if len(window) > 1 else s[-1]
             stats = BackwardStats(method=self.describe(), steps=steps)
-            if not s[-1].requires_grad:
+            if not top.requires_grad:
                 return GradientResult(None, (None,) * len(call.params), stats)
-            g_u, g_p = grad_wrt(s[-1], call, u_, grad_outputs=delta)
+            g_u, g_p = grad_wrt(top, call, u_, grad_outputs=delta)
         return GradientResult(g_u, g_p, stats)

@@ -256,3 +256,64 @@ def test_frozen_analog_coupling_records_nothing_and_changes_nothing_else():
         else:  # pulsed weights: the same pairs
             a, b = p.analog_ctx.pending(), q.analog_ctx.pending()
             torch.testing.assert_close(b[1].t() @ b[0], a[1].t() @ a[0], rtol=1e-10, atol=1e-12)
+
+
+def test_owned_pairs_that_pile_up_are_folded_into_the_same_update():
+    from ffebm.analog.context import OWNED_LIMIT
+
+    layer = _linear()
+    opt = AnalogOptimizer([layer.weight], lr=0.001)
+    x = torch.rand(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    n = OWNED_LIMIT + 20
+    with pytest.warns(UserWarning, match="folded into the dense update"):
+        for _ in range(n):
+            layer(x).square().sum().backward()
+    X, D = layer.weight.analog_ctx.pending()
+    assert X.shape[0] < 8 * n  # bounded (the fold plus what came after it)
+    dense = sum(torch.autograd.grad(layer(x).square().sum(), layer.weight)[0] for _ in range(1)) * n
+    torch.testing.assert_close(D.t() @ X, dense, rtol=1e-10, atol=1e-12)
+    w0 = layer.get_weights().clone()
+    opt.step()
+    torch.testing.assert_close(layer.get_weights(), w0 - 0.001 * dense, rtol=1e-9, atol=1e-12)
+
+
+def test_compare_gradients_one_sided_absence_is_disagreement_and_dropout_is_shared():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.blk = ffebm.DenseHopfield([6, 8, 3], gradient=ffebm.EP(beta=0.01), name="b").double()
+
+        def forward(self, x):
+            return self.blk(self.drop(x))
+
+    class NoWeight(ffebm.EP):
+        def backward(self, call, delta):  # forgets the coupling weight
+            res = super().backward(call, delta)
+            res.grad_params = (None,) + tuple(res.grad_params[1:])
+            return res
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.rand(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    res = ffebm.compare_gradients(model, nn.functional.cross_entropy, (x, y), reference=ffebm.Implicit(tol=1e-12),
+                                  candidates=[ffebm.Implicit(tol=1e-12), NoWeight(beta=0.01)])
+    same, forgetful = res.methods()
+    assert res.min_cosine(same) > 0.999999  # dropout drew the same mask for every method
+    rows = {r["param"]: r for r in res.rows if r["method"] == forgetful}
+    assert rows["blk.couplings.0.weight"]["cosine"] == 0.0 and rows["blk.couplings.0.weight"]["rel_error"] == 1.0
+    assert res.min_cosine(forgetful) == 0.0  # not hidden from the summary
+
+
+def test_compare_gradients_current_keeps_each_blocks_method():
+    torch.manual_seed(0)
+    model = nn.Sequential(ffebm.DenseHopfield([4, 6, 5], gradient=ffebm.Implicit(tol=1e-12)),
+                          ffebm.DenseHopfield([5, 6, 3], gradient=ffebm.EP(beta=0.3, variant="positive"))).double()
+    x, y = torch.rand(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    res = ffebm.compare_gradients(model, nn.functional.cross_entropy, (x, y), reference=ffebm.Implicit(tol=1e-12),
+                                  candidates=[ffebm.CURRENT])
+    label = res.methods()[0]
+    assert "Implicit" in label and "EP(beta=0.3" in label
+    rows = {r["param"]: r for r in res.rows}
+    assert rows["1.couplings.0.weight"]["rel_error"] > 1e-3   # block 1 ran its EP
+    assert isinstance(model[0].gradient, ffebm.Implicit) and isinstance(model[1].gradient, ffebm.EP)
