@@ -7,13 +7,7 @@ import ffebm
 
 
 def _method(method: str, beta: float, variant: str, t2: int):
-    if method == "ep":
-        return ffebm.EP(beta=beta, variant=variant, steps=t2)
-    if method == "implicit":
-        return ffebm.Implicit(tol=1e-6, max_iter=200)
-    if method == "unrolled":
-        return ffebm.Unrolled(steps=t2)
-    raise ValueError(f"method must be one of ('ep', 'implicit', 'unrolled'), got {method!r}")
+    return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2)
 
 
 def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int = 40, t2: int = 12,

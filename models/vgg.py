@@ -33,11 +33,10 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
     layers += [("dense", d, None) for d in dense] + [("dense", num_classes, None)]
     if sum(split) != len(layers):
         raise ValueError(f"split {list(split)} must sum to the number of layers ({len(layers)})")
-    grad = {"ep": lambda: ffebm.EP(beta=beta, variant=variant, steps=t2),
-            "implicit": lambda: ffebm.Implicit(tol=1e-6, max_iter=200),
-            "unrolled": lambda: ffebm.Unrolled(steps=t2)}
-    if method not in grad:
-        raise ValueError(f"method must be one of {tuple(grad)}, got {method!r}")
+    ffebm.gradients.method_from_name(method)  # an unknown name fails here, before any layer is built
+
+    def grad():
+        return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2)
     relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode, precision=precision)
     nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode, precision=precision)
     blocks: List[nn.Module] = []
@@ -51,13 +50,13 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
         if convs:
             blk = ffebm.ConvHopfield(c_in, size, [l[1] for l in convs], pool=[l[2] for l in convs], dense=dens,
                                      input_bn=True, gain=gain, linear_top=last, relaxation=relax,
-                                     nudge_relaxation=nudge, gradient=grad[method](), name=f"block{k + 1}")
+                                     nudge_relaxation=nudge, gradient=grad(), name=f"block{k + 1}")
             top = blk.layer_shapes[-1]
             if len(top) == 3:
                 c_in, size = top[0], top[1]
         else:  # a block of dense layers only: flatten the previous block's output
             n_in = c_in * size * size if blocks and len(blocks[-1].layer_shapes[-1]) == 3 else c_in
             blk = ffebm.DenseHopfield([n_in, *dens], gain=gain, linear_top=last, relaxation=relax,
-                                      nudge_relaxation=nudge, gradient=grad[method](), name=f"block{k + 1}")
+                                      nudge_relaxation=nudge, gradient=grad(), name=f"block{k + 1}")
         blocks.append(blk)
     return nn.Sequential(*blocks)

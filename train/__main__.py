@@ -107,7 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(USAGE)
             return 0
         if args.list:
-            print("recipes:\n" + describe() + "\n\nconfiguration keys:\n" + describe_keys())
+            cfg = build_config(args.recipe or "digits", args.overrides)
+            print("recipes:\n" + describe() + f"\n\nconfiguration keys (values of recipe '{cfg.recipe}'"
+                  + (" with your overrides" if args.overrides else "") + "):\n" + describe_keys(cfg))
             return 0
         from .config import field_names
 

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
 
+from ffebm.gradients import method_names
+
 
 class UserError(Exception):
     """An error caused by the user's input (configuration, files, data); reported in one line."""
@@ -31,7 +33,7 @@ class ConfigError(UserError):
 @dataclass
 class TrainConfig:
     # --- what to train ------------------------------------------------------------------
-    recipe: str = "digits"
+    recipe: str = "digits"           # the recipe the run started from (see python -m train --list)
     model: str = "digits"            # a name from models.available(), or "package.module:function"
     method: Optional[str] = None     # gradient method passed to the model builder: ep | implicit | unrolled
     variant: Optional[str] = None    # EP variant (centered, positive, negative, random, ...)
@@ -59,41 +61,41 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------
     dataset: str = "digits"          # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet32 | fake
-    data_root: str = "data"
+    data_root: str = "data"          # folder holding the data sets (MNIST/, cifar-10-batches-py/, imagenet32/)
     download: bool = False           # let torchvision download MNIST/Fashion-MNIST/CIFAR into data_root
     augment: Optional[bool] = None   # None: the data set's default (crop+flip for CIFAR/ImageNet32)
     normalize: bool = True           # per-data-set mean/std normalisation
     train_subset: int = 0            # >0: use only the first N training samples
     test_subset: int = 0             # >0: use only the first N test samples
     fake_train_size: int = 512       # sizes of the synthetic "fake" data set
-    fake_test_size: int = 128
+    fake_test_size: int = 128        # (test split of the synthetic data set)
 
     # --- optimisation -------------------------------------------------------------------
     optimizer: str = "adam"          # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 3e-4
+    lr: float = 1e-3                 # learning rate of the digital parameters (peak of the schedule)
+    weight_decay: float = 3e-4       # L2 / decoupled (adamw) weight decay
     momentum: float = 0.9            # sgd only
     grad_clip: float = 0.0           # >0: clip the global gradient norm to this (0: off)
     schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant | exponential
-    min_lr: float = 0.0
+    min_lr: float = 0.0              # the schedules never go below this lr
     lr_decay: float = 0.95           # exponential schedule: lr factor per epoch (not below min_lr)
-    epochs: int = 10
+    epochs: int = 10                 # passes over the training set
     batch_size: int = 64             # global batch (split evenly over the processes)
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500       # batch size of the evaluation passes
     drop_last: bool = True           # drop the last incomplete training batch of each epoch
     max_steps: int = 0               # >0: stop after this many optimiser steps (smoke tests)
-    seed: int = 0
+    seed: int = 0                    # seeds the model, data order, augmentation and every method's stream
 
     # --- runtime (may be changed when resuming) ------------------------------------------
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     num_threads: int = 0             # >0: torch.set_num_threads
     progress: bool = True            # tqdm progress bar
-    tensorboard: bool = True
+    tensorboard: bool = True         # TensorBoard scalars in RUN/tb
     log_every: int = 10              # steps between TensorBoard scalars
     ckpt_every: int = 0              # steps between checkpoints (0: only at epoch ends)
     eval_every: int = 1              # epochs between evaluations (the last epoch is always evaluated)
     grad_check_every: int = 0        # steps between EP-vs-reference gradient checks (0: never)
-    grad_check_batch: int = 8
+    grad_check_batch: int = 8        # samples used by each gradient check
     grad_check_reference: str = "implicit"  # implicit | unrolled
 
 
@@ -105,7 +107,7 @@ RUNTIME_KEYS = frozenset({
 })
 
 CHOICES: Dict[str, tuple] = {
-    "method": ("ep", "implicit", "unrolled", None),
+    "method": (*method_names(), None),
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "constant", "exponential"),
     "analog_reads": ("default", "perfect"),
@@ -315,10 +317,43 @@ def format_config(cfg: TrainConfig) -> str:
     return "\n".join(f"  {k:<{width}} = {json.dumps(v)}" for k, v in d.items())
 
 
-def describe_keys() -> str:
+def key_help() -> Dict[str, str]:
+    """One line of help per key: the comment beside the field in :class:`TrainConfig` (and the
+    comment lines continuing it), read from this file's source, so it cannot drift."""
+    import inspect
+    import re
+
+    out: Dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+        if m:
+            last = m.group(1)
+            out[last] = (m.group(2) or "").strip()
+            continue
+        c = re.match(r"\s+#\s*(.*)$", line)
+        if c and last is not None and out.get(last):
+            out[last] += " " + c.group(1).strip()
+        else:
+            last = None
+    return out
+
+
+def describe_keys(cfg: Optional[TrainConfig] = None) -> str:
+    """Every key: type, value (the recipe's, when ``cfg`` is given, else the default), default,
+    allowed values and one line of help. Runtime keys (changeable on resume) are marked *."""
     hints = _hints()
     default = TrainConfig()
-    lines = []
+    helps = key_help()
+    shown = cfg if cfg is not None else default
+    lines = [f"  {'key':<22} {'type':<14} {'value':<22} {'(default)':<14} help"]
     for f in fields(TrainConfig):
-        lines.append(f"  {f.name:<22} {_type_name(hints[f.name]):<14} default {json.dumps(getattr(default, f.name))}")
+        v, d = getattr(shown, f.name), getattr(default, f.name)
+        choices = CHOICES.get(f.name)
+        extra = f" [{'|'.join('none' if c is None else str(c) for c in choices)}]" if choices else ""
+        mark = "*" if f.name in RUNTIME_KEYS else " "
+        dflt = "" if v == d else f"({json.dumps(d)})"
+        lines.append(f" {mark}{f.name:<22} {_type_name(hints[f.name]):<14} {json.dumps(v):<22} {dflt:<14} "
+                     f"{helps.get(f.name, '')}{extra}")
+    lines.append("  * runtime keys: may be changed with --resume")
     return "\n".join(lines)

@@ -295,11 +295,14 @@ def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[st
             raise UserError(f"--resume {resume}: no such run folder")
         stored = read_config(run_dir)
         check_trusted(stored, str(run_dir / CONFIG_FILE), trust_code)
-        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS)
+        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS and k != "epochs")
         if fixed:
             raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
-                              f"({', '.join(sorted(RUNTIME_KEYS))}), not {', '.join(fixed)}")
+                              f"({', '.join(sorted(RUNTIME_KEYS))}) and epochs extended, not {', '.join(fixed)}")
         cfg = validate(apply_overrides(stored, overrides))
+        if cfg.epochs < stored.epochs:
+            raise ConfigError(f"--resume epochs={cfg.epochs}: a run can be extended, not shortened "
+                              f"(it has epochs={stored.epochs})")
         found = ckpt_mod.find(run_dir)
         note = "" if found else f"no checkpoint in {run_dir} yet: starting from step 0"
         return RunPlan(cfg, run_dir, found, True, note)
@@ -433,6 +436,9 @@ class Trainer:
         except UserError as e:
             raise ckpt_mod.CheckpointError(str(e)) from None
         diff = differing_keys(theirs, self.cfg)
+        extended = "epochs" in diff and self.cfg.epochs > theirs.epochs  # --resume RUN epochs=N
+        if extended:
+            diff.remove("epochs")
         if diff:
             shown = ", ".join(f"{k}: {getattr(theirs, k)!r} -> {getattr(self.cfg, k)!r}" for k in diff[:6])
             raise ckpt_mod.CheckpointError(
@@ -467,6 +473,9 @@ class Trainer:
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.finished = bool(ck.get("finished", False))
         self.final = ck.get("final")
+        if extended:  # more epochs: a finished run continues (the schedule spans the new length)
+            self.finished, self.final = False, None
+            self.log(f"extending the run from {theirs.epochs} to {self.cfg.epochs} epochs")
         ckpt_mod.set_rng_state(ck["rng"])
         self.last_ckpt = (path, self.global_step)
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.step_in_epoch} "
@@ -478,7 +487,8 @@ class Trainer:
         if self.ctx.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_mod.clean_stale_temps(self.run_dir)  # under the run-folder lock (see train/runlock.py)
-            if not existing or not (self.run_dir / CONFIG_FILE).exists():
+            stored = (self.run_dir / CONFIG_FILE).read_text() if (self.run_dir / CONFIG_FILE).exists() else None
+            if not existing or stored is None or json.loads(stored) != to_dict(self.cfg):
                 try:
                     ckpt_mod.atomic_write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
                 except ckpt_mod.WriteError as e:
@@ -678,6 +688,7 @@ class Trainer:
         Model buffers and the RNG are restored afterwards, so the check does not perturb training."""
         if _ffebm is None or not self.blocks or not hasattr(_ffebm, "compare_gradients"):
             return {}
+        # the reference is the exact gradient at the equilibrium (or recurrent backprop), at tight settings
         ref = _ffebm.Implicit() if self.cfg.grad_check_reference == "implicit" else _ffebm.Unrolled()
         # each block's own method, compared on copies: running a block's method would advance its
         # random stream (EP's random sign); the block state restore below covers it too
@@ -988,9 +999,18 @@ def _per_block_cosine(res) -> Dict[str, float]:
 def train(cfg: TrainConfig, run_dir: Optional[Path] = None, model_fn=None, resume: bool = False,
           log=print) -> Dict[str, Any]:
     """Train ``cfg`` in this process (world size 1 unless a process group is initialised)."""
+    from .runlock import ClaimedRunFolder
+
     ctx = D.DistContext()
-    trainer = Trainer(validate(cfg), run_dir, ctx, model_fn=model_fn, log=log)
-    found = ckpt_mod.find(Path(run_dir)) if (resume and run_dir is not None) else None
-    trainer.setup(resume_from=found)
-    trainer.commit(existing=resume)
-    return trainer.fit()
+    claimed = ClaimedRunFolder(Path(run_dir)).claim() if (run_dir is not None and ctx.is_main) else None
+    ok = False
+    try:
+        trainer = Trainer(validate(cfg), run_dir, ctx, model_fn=model_fn, log=log)
+        found = ckpt_mod.find(Path(run_dir)) if (resume and run_dir is not None) else None
+        trainer.setup(resume_from=found)
+        ok = True
+        trainer.commit(existing=resume)
+        return trainer.fit()
+    finally:
+        if claimed is not None:
+            claimed.release(failed=not ok)

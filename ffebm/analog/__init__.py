@@ -12,7 +12,7 @@ from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor, 
 # -- training algorithms, optimizer, layers, conversion
 from .algorithms import (
     AGAD, AnalogAlgorithm, AnalogSGD, ChoppedTTv2, MixedPrecision, TikiTaka, TTv1, TTv2,
-    algorithm_from_name,
+    algorithm_from_name, algorithm_names, register_algorithm,
 )
 from .convert import convert_to_analog
 from .context import AnalogContext, UnownedAnalogWeight

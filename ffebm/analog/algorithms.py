@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .config import InvalidSetting, IOConfig, UpdateConfig, check_choice, check_range
+from .config import InvalidSetting, IOConfig, Settings, UpdateConfig, check_choice, check_range
 from .devices import DeviceArray, DeviceParams, PulsedDevice, device_from_name
 
 __all__ = [
@@ -59,7 +59,7 @@ def _check_bool(owner: str, name: str, value: Any) -> None:
 
 
 @dataclass
-class AnalogAlgorithm:
+class AnalogAlgorithm(Settings):
     """Base of the algorithm settings. ``update``: pulsed-update settings of the updates this
     algorithm issues (``None``: the tile's own :class:`UpdateConfig`)."""
 
@@ -74,11 +74,6 @@ class AnalogAlgorithm:
         o = type(self).__name__
         if self.update is not None and not isinstance(self.update, UpdateConfig):
             raise InvalidSetting(o, "update", self.update, "an UpdateConfig or None")
-
-    def replace(self, **kw: Any) -> "AnalogAlgorithm":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)
 
     def build(self, tile: Any, generator: torch.Generator) -> "_Runtime":
         raise NotImplementedError
@@ -257,11 +252,32 @@ class AGAD(ChoppedTTv2):
     name = "agad"
 
 
-_REGISTRY = {
-    "sgd": AnalogSGD, "analog_sgd": AnalogSGD, "mixed_precision": MixedPrecision, "mp": MixedPrecision,
-    "tiki_taka": TikiTaka, "ttv1": TikiTaka, "tt": TikiTaka, "ttv2": TTv2,
-    "cttv2": ChoppedTTv2, "c_ttv2": ChoppedTTv2, "chopped_ttv2": ChoppedTTv2, "agad": AGAD,
-}
+_REGISTRY: Dict[str, type] = {}
+
+
+def register_algorithm(*names: str):
+    """Class decorator adding an :class:`AnalogAlgorithm` under ``names`` (lower case, ``_`` for
+    ``-``) to :func:`algorithm_from_name`: ``@register_algorithm("mine") @dataclass class Mine(...)``."""
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, AnalogAlgorithm)):
+            raise InvalidSetting("register_algorithm", "cls", cls, "an AnalogAlgorithm subclass")
+        for n in names:
+            _REGISTRY[n.lower().replace("-", "_")] = cls
+        return cls
+    return deco
+
+
+def algorithm_names() -> List[str]:
+    """Every registered name (aliases included)."""
+    return sorted(_REGISTRY)
+
+
+register_algorithm("sgd", "analog_sgd")(AnalogSGD)
+register_algorithm("mixed_precision", "mp")(MixedPrecision)
+register_algorithm("tiki_taka", "ttv1", "tt")(TikiTaka)
+register_algorithm("ttv2")(TTv2)
+register_algorithm("cttv2", "c_ttv2", "chopped_ttv2")(ChoppedTTv2)
+register_algorithm("agad")(AGAD)
 
 
 def algorithm_from_name(name: str, **kw: Any) -> AnalogAlgorithm:

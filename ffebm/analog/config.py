@@ -8,11 +8,12 @@ allowed range, and the object keeps its previous, valid value.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-__all__ = ["InvalidSetting", "IOConfig", "UpdateConfig", "Validated", "check_range", "check_choice"]
+__all__ = ["InvalidSetting", "IOConfig", "UpdateConfig", "Settings", "Validated", "check_range", "check_choice"]
 
 
 class InvalidSetting(ValueError):
@@ -26,7 +27,15 @@ class InvalidSetting(ValueError):
         super().__init__(f"{owner}.{field} = {value!r} is invalid: allowed range is {allowed}")
 
 
-class Validated:
+class Settings:
+    """Mixin for settings dataclasses: ``replace(**changes)`` is :func:`dataclasses.replace`
+    (a new, validated object; the original is unchanged)."""
+
+    def replace(self, **kw: Any):
+        return dataclasses.replace(self, **kw)
+
+
+class Validated(Settings):
     """Mixin for settings dataclasses whose ``__post_init__`` validates: assigning a field after
     construction validates a copy carrying the new value first (``__post_init__`` on it), so
     ``device.dw_min = -1`` raises :class:`InvalidSetting` instead of surfacing later as NaNs."""
@@ -121,11 +130,6 @@ class IOConfig(Validated):
         """A read with every non-ideality off (``y = W x`` exactly)."""
         return cls(is_perfect=True)
 
-    def replace(self, **kw: Any) -> "IOConfig":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)
-
 
 @dataclass
 class UpdateConfig(Validated):
@@ -164,7 +168,3 @@ class UpdateConfig(Validated):
     def desired_bl(self) -> int:  # the reference simulator's name
         return self.bl
 
-    def replace(self, **kw: Any) -> "UpdateConfig":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)

@@ -213,11 +213,6 @@ class PulsedDevice(Validated):
         check_range(o, "corrupt_devices_prob", self.corrupt_devices_prob, 0, 1)
         check_range(o, "corrupt_devices_range", self.corrupt_devices_range, 0, None)
 
-    def replace(self, **kw: Any) -> "PulsedDevice":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)
-
     def without_variability(self) -> "PulsedDevice":
         """The same model with device-to-device spread and pulse noise off."""
         kw = {f.name: 0.0 for f in fields(self)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import InvalidSetting, check_range
+from .config import InvalidSetting, Settings, check_range
 from .devices import _randn, make_generator
 from .tile import AnalogTile, find_analog_tiles
 
@@ -49,7 +49,7 @@ class ProgrammedWeights:
 
 
 @dataclass
-class PCMDriftModel:
+class PCMDriftModel(Settings):
     """Published PCM-like statistical model (settings, validated). ``*_scale`` fields scale the
     corresponding noise (1 = published, 0 = off)."""
 
@@ -132,11 +132,6 @@ class PCMDriftModel:
         gp = self.conductance_at(pw.g_pos, pw.gt_pos, pw.nu_pos, t, generator)
         gn = self.conductance_at(pw.g_neg, pw.gt_neg, pw.nu_neg, t, generator)
         return self.to_weights(gp, gn, pw.scale)
-
-    def replace(self, **kw: Any) -> "PCMDriftModel":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)
 
 
 def _mean_abs_read(w: Tensor) -> Tensor:

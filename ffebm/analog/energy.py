@@ -35,7 +35,6 @@ import math
 from typing import Any, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..couplings import ConvCoupling, Coupling, DenseCoupling, init_weight

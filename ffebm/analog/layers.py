@@ -19,8 +19,8 @@ on every forward and after every optimizer step; write weights with ``layer.set_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from torch.autograd.graph import get_gradient_edge
 
-from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
+from .config import InvalidSetting, IOConfig, UpdateConfig, Validated, check_range
 from .context import AnalogContext
 from .devices import PulsedDevice, device_from_name
 from .tile import AnalogTile
@@ -38,7 +38,7 @@ __all__ = ["AnalogConfig", "AnalogLinear", "AnalogConv2d", "is_analog_parameter"
 
 
 @dataclass
-class AnalogConfig:
+class AnalogConfig(Validated):
     """How a layer's weight is held on a tile.
 
     ``device``: device model (a :class:`PulsedDevice` or its name; None = ``ConstantStep()``,
@@ -72,11 +72,6 @@ class AnalogConfig:
             check_range(o, "weight_scaling_omega", self.weight_scaling_omega, 0, None, lo_open=True)
         if not isinstance(self.dense_grad, bool):
             raise InvalidSetting(o, "dense_grad", self.dense_grad, "True or False")
-
-    def replace(self, **kw: Any) -> "AnalogConfig":
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(kw)
-        return type(self)(**d)
 
     def make_tile(self, out_size: int, in_size: int, seed: Optional[int] = None,
                   device: Any = None, dtype: Optional[torch.dtype] = None) -> AnalogTile:

@@ -3,5 +3,6 @@ from .base import BackwardStats, BlockCall, GradientMethod, GradientResult, prim
 from .ep import EP
 from .implicit import Implicit
 from .unrolled import Unrolled
+from .registry import method_from_name, method_names, register_method
 
-__all__ = ["GradientMethod", "BlockCall", "BackwardStats", "GradientResult", "EP", "Implicit", "Unrolled", "primitive_difference_grads"]
+__all__ = ["method_from_name", "method_names", "register_method", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult", "EP", "Implicit", "Unrolled", "primitive_difference_grads"]

@@ -10,7 +10,7 @@ computed output. Memory grows linearly with the steps (EP's does not).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
