@@ -126,13 +126,7 @@ class ConvCoupling(Coupling):
             return F.avg_pool2d(c, k), None
         if self.pool == "max":
             return F.max_pool2d(c, k, return_indices=True)
-        # soft pooling: p = sum_i w_i c_i with w = softmax(c / T) over each window
-        t = self.soft_temperature
-        m = F.max_pool2d(c, k).detach()  # shift for stability; softmax is shift-invariant
-        e = torch.exp((c - _up(m, k)) / t)
-        z = F.avg_pool2d(e, k) * (k * k)
-        w = e / _up(z, k)
-        p = F.avg_pool2d(w * c, k) * (k * k)
+        p, w = soft_pool(c, k, self.soft_temperature)
         return p, (w, c, p)
 
     def _pool_adjoint(self, y: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -191,8 +185,13 @@ class SoftPool2d(nn.Module):
         self.k, self.t = kernel_size, temperature
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        k, t = self.k, self.t
-        m = F.max_pool2d(c, k).detach()
-        e = torch.exp((c - _up(m, k)) / t)
-        w = e / _up(F.avg_pool2d(e, k) * (k * k), k)
-        return F.avg_pool2d(w * c, k) * (k * k)
+        return soft_pool(c, self.k, self.t)[0]
+
+
+def soft_pool(c: torch.Tensor, k: int, t: float) -> tuple:
+    """Soft pooling over non-overlapping k x k windows: ``p = sum_i w_i c_i`` with
+    ``w = softmax(c / T)`` per window. Returns ``(p, w)``."""
+    m = F.max_pool2d(c, k).detach()  # shift for stability; softmax is shift-invariant
+    e = torch.exp((c - _up(m, k)) / t)
+    w = e / _up(F.avg_pool2d(e, k) * (k * k), k)
+    return F.avg_pool2d(w * c, k) * (k * k), w

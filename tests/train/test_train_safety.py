@@ -146,6 +146,7 @@ def test_last_good_checkpoint_is_finite(tmp_path):
     res = run_train(DIGITS_SMALL + ["epochs=2", "ckpt_every=5", "lr=1e6", "optimizer=sgd", "grad_clip=0",
                                     "--out", "run"], tmp_path)
     assert res.returncode == 3, res.stderr
+    assert "after the optimiser step" in res.stderr  # stopped at the step that broke the weights
     failure = json.loads((tmp_path / "run" / "failure.json").read_text())
     good = failure["last_good_checkpoint"]
     assert good and good in res.stderr and f"step {failure['last_good_step']}" in res.stderr
@@ -352,3 +353,22 @@ def test_insane_values_refused_at_validation(tmp_path, capsys, monkeypatch, kv, 
     line = one_line_error(main_inproc(["digits", kv, "--out", "run"], tmp_path, capsys, monkeypatch))
     assert expect in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_non_finite_state_is_never_written(tmp_path):
+    from train.recipes import build_config
+    from train.trainer import Trainer, TrainingStopped
+
+    cfg = build_config("digits", dict(model="tinymodel:build", progress="false", tensorboard="false",
+                                      num_threads="1", epochs="1"))
+    t = Trainer(cfg, tmp_path / "run", log=lambda m: None).setup()
+    t.commit(existing=False)
+    t.t0 = 0.0
+    t.save_checkpoint("every")
+    good = C.load(tmp_path / "run" / C.CKPT)
+    with torch.no_grad():
+        next(t.core.parameters())[0, 0] = float("nan")
+    with pytest.raises(TrainingStopped, match="non-finite state .* at checkpoint time") as e:
+        t.save_checkpoint("every")
+    assert e.value.code == 3
+    assert torch.equal(C.load(tmp_path / "run" / C.CKPT)["model"]["1.weight"], good["model"]["1.weight"])
