@@ -5,6 +5,17 @@
     y = block(x)          # equilibrium of the block's top layer; loss.backward() works
     block.stats           # steps, residual, converged of the last free relaxation (a record only)
 """
+import os as _os
+
+# In a source checkout, models/ and train/ sit beside ffebm/; installed, they are the
+# subpackages ffebm.models and ffebm.train (pyproject's package-dir). Either way they import as
+# ffebm.models / ffebm.train, names that cannot collide with a user's own models.py or train.py.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "models")) and \
+        _os.path.isfile(_os.path.join(_root, "models", "__init__.py")) and \
+        _os.path.isfile(_os.path.join(_root, "train", "__init__.py")):
+    __path__.append(_root)
+
 from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
 from .compare import CURRENT, GradientComparison, compare_gradients
 from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d

@@ -97,7 +97,7 @@ def step_flops(model, x) -> float:
 
 def worker(spec: dict) -> dict:
     import ffebm
-    import models
+    from ffebm import models
 
     _reset_peak()
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    out = subprocess.run([sys.executable, "-m", "train.bench", "--worker", json.dumps(spec)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", f"{__package__}.bench", "--worker", json.dumps(spec)], capture_output=True,
                          text=True, env=env)
     if out.returncode != 0:
         return {**spec, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
@@ -170,7 +170,7 @@ def conv_limit(model_name: str, batch: int, threads: int, steps: int) -> dict:
     convolutions and transposed convolutions (channels-last, as the model runs) measured alone,
     times the number of steps. The ratio to the measured training step says how much time goes
     to anything but convolutions (pooling, activations, residuals, Python)."""
-    import models
+    from ffebm import models
     import torch.nn.functional as F
     from ffebm.couplings import ConvCoupling, DenseCoupling
 

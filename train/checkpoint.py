@@ -77,6 +77,13 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file under the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write_fn, mode="wb", keep_previous: Optional[Path] = None):
     """Write via ``write_fn(fileobj)`` to a temp file in the same folder, then os.replace.
     ``keep_previous``: once the new file is complete, move the existing ``path`` there first."""
@@ -86,6 +93,7 @@ def atomic_write(path: Path, write_fn, mode="wb", keep_previous: Optional[Path] 
     except OSError as e:
         raise _write_failure(path, e) from None
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes 0600 files; give the user's usual permissions
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()

@@ -66,7 +66,7 @@ def plot(res, path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import ffebm
-    import models
+    from ffebm import models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits", help=f"one of: {', '.join(models.available())}")

@@ -31,7 +31,7 @@ def _one(args: Dict) -> Dict:
     import torch
 
     import ffebm
-    from train.analog_digits import run
+    from .analog_digits import run
 
     torch.set_num_threads(1)
     with warnings.catch_warnings():
@@ -47,7 +47,7 @@ def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[in
     """Train once per device (plus the digital model if ``digital``); returns the runs' results
     (``device`` None for the digital run), in the order asked; prints a line as each finishes."""
     from ffebm.analog import device_from_name
-    from train.analog_digits import DEFAULT_EPOCHS
+    from .analog_digits import DEFAULT_EPOCHS
 
     for d in devices:
         device_from_name(d)  # unknown names fail here, before any work

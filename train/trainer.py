@@ -110,7 +110,7 @@ def check_model_options(model: str, extra: Dict[str, Any]) -> None:
         return
     if ":" in model:
         return  # a user builder: checked once it is imported (see build_model)
-    import models
+    from ffebm import models
 
     try:
         known = models.options(model)
@@ -140,12 +140,12 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
-        import models
+        from ffebm import models
 
         _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
         return fn(**kw)
     try:
-        import models
+        from ffebm import models
     except ImportError as e:
         raise ConfigError(f"model={cfg.model!r}: the models package is not importable ({e})") from None
     names = list(models.available())

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from ..couplings import ConvCoupling
@@ -81,14 +82,14 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
     def _patches(self, x: Tensor) -> Tensor:
         """``[B * L, C_in k k]``: one row per output position (b-major, then row-major position)."""
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [B, Ckk, L]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return rearrange(cols, "b ckk l -> (b l) ckk")
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x: Tensor):
         self.n_forward_reads += 1
         b = x.shape[0]
         c = self._read_forward(self._patches(x))  # [B*L, C_out]
-        c = c.reshape(b, -1, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, *self.conv_size)
+        c = rearrange(c, "(b h w) c -> b c h w", b=b, h=self.conv_size[0], w=self.conv_size[1])
         y, ctx = self._pool(c)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
@@ -98,8 +99,8 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
         self.n_backward_reads += 1
         g = self._pool_adjoint(y, ctx)  # [B, C_out, Hc, Wc]
         b = g.shape[0]
-        z = self._read_backward(g.flatten(2).transpose(1, 2).reshape(-1, self.out_channels))  # [B*L, Ckk]
-        z = z.reshape(b, -1, z.shape[1]).transpose(1, 2)
+        z = self._read_backward(rearrange(g, "b c h w -> (b h w) c"))  # one transposed read per position
+        z = rearrange(z, "(b l) ckk -> b ckk l", b=b)
         return F.fold(z, self.in_size, self.kernel_size, padding=self.padding, stride=self.stride)
 
     def phi(self, x: Tensor, y: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
         c = F.conv2d(x, W, None, self.stride, self.padding)
         _, ctx = self._pool(c)
         g = self._pool_adjoint(y, ctx)
-        return self._patches(x), g.flatten(2).transpose(1, 2).reshape(-1, self.out_channels)
+        return self._patches(x), rearrange(g, "b c h w -> (b h w) c")
 
     def out_shape(self, in_shape):
         k = self.pool_size

@@ -34,8 +34,8 @@ def parse_seeds(text: str) -> List[int]:
 
 
 def run_seeds(recipe: str, overrides: Dict[str, str], seeds: Sequence[int], log=print) -> Dict:
-    from train.recipes import build_config
-    from train.trainer import train
+    from ..recipes import build_config
+    from ..trainer import train
 
     runs = []
     for seed in seeds:
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from train.config import UserError
+    from ..config import UserError
 
     try:
         seeds = parse_seeds(args.seeds)
