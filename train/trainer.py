@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ffebm.analog.distributed import gather_pairs, tiles_in_sync
+
 from . import analog as analog_mod
 from . import checkpoint as ckpt_mod
 from . import distributed as D
@@ -413,7 +415,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-            if self.analog_params:  # pulsed, not all-reduced: see analog.gather_pending
+            if self.analog_params:  # pulsed, not all-reduced: see ffebm.analog.distributed
                 ids = {id(p) for p in self.analog_params}
                 DDP._set_params_and_buffers_to_ignore_for_model(
                     core, [n for n, p in core.named_parameters() if id(p) in ids])
@@ -669,7 +671,7 @@ class Trainer:
         self.sched.step()
         if self.opt_a is not None:
             if self.ctx.enabled:
-                analog_mod.gather_pending(self.analog_params, self.ctx.world)
+                gather_pairs(self.analog_params, self.ctx.world)
             self.opt_a.step()
             self.sched_a.step()
         # a finite gradient can still make a non-finite weight (a huge lr): stop here, so that no
@@ -763,7 +765,7 @@ class Trainer:
                                     for n, v in g["blocks"].items() if v[2]},
                "seconds": g["time"]}
         if self.opt_a is not None and self.ctx.enabled:
-            rec["analog_tiles_in_sync"] = analog_mod.tiles_in_sync(self.analog_params, self.device)
+            rec["analog_tiles_in_sync"] = tiles_in_sync(self.analog_params, self.device)
             if not rec["analog_tiles_in_sync"]:
                 self.log("warning: the analog tiles differ between processes (a process-local random "
                          "stream, e.g. write noise, reached the pulses); the checkpoint holds rank 0's")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ffebm.analog import AnalogConfig, AnalogLinear, AnalogOptimizer, AnalogSGD, ConstantStep
-from train.analog import gather_pending
+from ffebm.analog.distributed import gather_pairs
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -18,7 +18,7 @@ n = 3 + rank                                                                    
 x = torch.rand(n, 5)
 layer(x).square().sum().backward()
 x_local, d_local = layer.weight.analog_ctx.pending()
-gather_pending([layer.weight], world)
+gather_pairs([layer.weight], world)
 X, Dm = layer.weight.analog_ctx.pending()
 w0 = layer.tile.tile_weights().clone()
 AnalogOptimizer([layer.weight], AnalogSGD(), lr=0.5, seed=0).step()

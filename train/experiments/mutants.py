@@ -60,7 +60,7 @@ MUTANTS: List[Mutant] = [
            "train/trainer.py", "else float(a @ b / (na * nb)))", "else -float(a @ b / (na * nb)))",
            ["tests/train/test_train_recipes.py", "-k", "gradient_check"]),
     Mutant("gather-skipped", "pulse pairs are not gathered across processes (tiles drift apart)",
-           "train/analog.py", "    for p in params:\n        actx = p.analog_ctx",
+           "ffebm/analog/distributed.py", "    for p in params:\n        actx = p.analog_ctx",
            "    return\n    for p in params:\n        actx = p.analog_ctx",
            ["tests/train/test_train_analog.py", "-k", "identical_on_every_process or gathered"]),
     Mutant("no-analog-step", "the analog digits experiment never steps its optimisers",
