@@ -247,7 +247,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}={v!r}: must be > 0")
     if not 0 < cfg.lr_decay <= 1:
         raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
-    from .trainer import check_model_options  # the builder's own option names
+    from .build import check_model_options  # the builder's own option names
 
     check_model_options(cfg.model, parse_model_options(cfg.model_options))
     parse_model_options(cfg.analog_options, field="analog_options")

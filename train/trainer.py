@@ -6,23 +6,16 @@ multi-process and failure handling.  Entry points: :func:`prepare_run` + :class:
 from __future__ import annotations
 
 import copy
-import difflib
-
-import importlib
-import importlib.util
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,26 +25,18 @@ from ffebm.analog.distributed import gather_pairs, tiles_in_sync
 from . import analog as analog_mod
 from . import checkpoint as ckpt_mod
 from . import distributed as D
-from .config import (RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys,
-                     format_config, from_dict, parse_model_options, to_dict, validate)
-from .data import ArrayDataset, DataInfo, Preprocess, TrainBatches, batch_seed, load_datasets, shard_test_set
+from .config import RUNTIME_KEYS, ConfigError, TrainConfig, UserError, differing_keys, from_dict, to_dict, validate
+from .data import DataInfo, Preprocess, TrainBatches, batch_seed, load_datasets, shard_test_set
 from .tblog import TBLogger
 
-try:  # the engine is optional for plain nn.Module models
-    import ffebm as _ffebm
-except ImportError:  # pragma: no cover - only before the engine exists
-    _ffebm = None
+import ffebm as _ffebm
+from ffebm import RelaxationDiverged
 
-
-class _NeverRaised(Exception):
-    pass
-
-
-RelaxationDiverged = getattr(_ffebm, "RelaxationDiverged", _NeverRaised) if _ffebm else _NeverRaised
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-FAILURE_FILE = "failure.json"
+from .build import (block_paths, build_model, check_model_options, energy_blocks, freeze_bn_affine,  # noqa: F401
+                    gradient_method, make_optimizer, make_scheduler, model_kwargs, resolve_device, schedule_factor,
+                    seed_everything)
+from .runfolder import (CONFIG_FILE, FAILURE_FILE, METRICS_FILE, RunPlan, check_trusted, plan_run,  # noqa: F401
+                        read_config)
 
 
 class TrainingStopped(Exception):
@@ -62,275 +47,10 @@ class TrainingStopped(Exception):
         self.code = code
 
 
-# ------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def resolve_device(cfg: TrainConfig, ctx: D.DistContext) -> torch.device:
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device={cfg.device}: CUDA is not available on this machine")
-        if want == "cuda":
-            return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
-    return torch.device(want)
-
-
-def model_kwargs(cfg: TrainConfig, info: DataInfo) -> Dict[str, Any]:
-    kw: Dict[str, Any] = dict(num_classes=cfg.num_classes or info.num_classes,
-                              in_channels=cfg.in_channels or info.in_channels,
-                              image_size=cfg.image_size or info.image_size)
-    for key in ("beta", "t1", "t2", "method", "variant"):
-        v = getattr(cfg, key)
-        if v is not None:
-            kw[key] = v
-    if cfg.model_dtype:
-        dt = getattr(torch, cfg.model_dtype, None)
-        if not isinstance(dt, torch.dtype):
-            raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
-        kw["dtype"] = dt
-    extra = parse_model_options(cfg.model_options)
-    clash = sorted(set(extra) & {"beta", "t1", "t2", "method", "variant", "num_classes", "in_channels",
-                                 "image_size", "dtype"})
-    if clash:
-        raise ConfigError(f"model_options: set {', '.join(clash)} with their own keys, not in model_options")
-    check_model_options(cfg.model, extra)
-    kw.update(extra)
-    return kw
-
-
-def check_model_options(model: str, extra: Dict[str, Any]) -> None:
-    """Refuse model_options the builder does not take (a typo would otherwise be swallowed)."""
-    if not extra:
-        return
-    if ":" in model:
-        return  # a user builder: checked once it is imported (see build_model)
-    from ffebm import models
-
-    try:
-        known = models.options(model)
-    except KeyError:
-        return  # unknown model: reported by build_model with the list of names
-    _refuse_unknown_options(model, extra, known)
-
-
-def _refuse_unknown_options(model: str, extra: Dict[str, Any], known) -> None:
-    if known is None:
-        return
-    unknown = sorted(set(extra) - set(known) - {"_"})
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(k, sorted(known), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model_options: model {model!r} has no option '{k}'{hint}; "
-                          f"its options: {', '.join(sorted(o for o in known if o != '_'))}")
-
-
-def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
-    """``cfg.model`` is a name from ``models.available()`` or ``"package.module:function"``."""
-    kw = model_kwargs(cfg, info)
-    if ":" in cfg.model:
-        mod_name, fn_name = cfg.model.split(":", 1)
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
-        from ffebm import models
-
-        _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
-        return fn(**kw)
-    try:
-        from ffebm import models
-    except ImportError as e:
-        raise ConfigError(f"model={cfg.model!r}: the models package is not importable ({e})") from None
-    names = list(models.available())
-    if cfg.model not in names:
-        raise ConfigError(f"model={cfg.model!r} is not a known model; available: {', '.join(names)}")
-    try:
-        return models.build(cfg.model, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
-
-
-def energy_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    if _ffebm is None or not hasattr(_ffebm, "energy_blocks"):
-        return []
-    return list(_ffebm.energy_blocks(model))
-
-
-def block_paths(model: nn.Module, blocks) -> Dict[str, str]:
-    """{module path of each energy block: its block name}."""
-    ids = {id(b): n for n, b in blocks}
-    return {path: ids[id(m)] for path, m in model.named_modules() if id(m) in ids}
-
-
-def gradient_method(model: nn.Module, cfg: TrainConfig) -> str:
-    blocks = energy_blocks(model)
-    descs = []
-    for _, blk in blocks:
-        g = getattr(blk, "gradient", None)
-        if g is not None and repr(g) not in descs:
-            descs.append(repr(g))
-    if descs:
-        return " / ".join(descs)
-    if blocks:
-        return f"{cfg.method or 'default'}(beta={cfg.beta}, variant={cfg.variant})"
-    return "backprop (no energy blocks)"
-
-
-def freeze_bn_affine(model: nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            for p in (m.weight, m.bias):
-                if p is not None and p.requires_grad:
-                    p.requires_grad_(False)
-                    n += 1
-    return n
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module, params: Optional[List[nn.Parameter]] = None
-                   ) -> torch.optim.Optimizer:
-    """The torch optimiser of ``params`` (default: every trainable parameter; an analog run
-    passes its digital parameters, see :func:`train.analog.split_parameters`)."""
-    if params is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        what = "digital (non-tile) " if cfg.analog else ""
-        raise UserError(f"model {cfg.model!r} has no trainable {what}parameters")
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def schedule_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """lr(step) / lr of the configured schedule (the factor the analog lr follows too)."""
-    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    if cfg.schedule == "cosine":
-        t_max = max(1, total_steps)
-        return lambda s: floor + (1.0 - floor) * (1.0 + math.cos(math.pi * min(s, t_max) / t_max)) / 2.0
-    if cfg.schedule == "exponential":
-        spe = max(1, steps_per_epoch)
-        return lambda s: max(cfg.lr_decay ** (s // spe), floor)
-    return lambda s: 1.0
-
-
-def make_scheduler(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int = 1):
-    """Stepped once per optimiser step.  ``exponential``: the lr is multiplied by ``lr_decay``
-    at every epoch end (not below ``min_lr``)."""
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
-    if cfg.schedule == "exponential":
-        return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total_steps, steps_per_epoch))
-    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-
-
 def _fmt_time(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-# ------------------------------------------------------------------------------------------
-# run folder
-# ------------------------------------------------------------------------------------------
-@dataclass
-class RunPlan:
-    cfg: TrainConfig
-    run_dir: Path
-    resume_from: Optional[Path]     # checkpoint to load (None: start at step 0)
-    existing: bool                  # the run folder already holds this run's config.json
-    note: str = ""
-
-
-def _default_run_dir(cfg: TrainConfig, base: Path = Path("runs")) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    d = base / f"{stamp}-{cfg.recipe}"
-    i = 1
-    while d.exists():
-        d = base / f"{stamp}-{cfg.recipe}-{i}"
-        i += 1
-    return d
-
-
-def read_config(run_dir: Path) -> TrainConfig:
-    p = run_dir / CONFIG_FILE
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a run folder (no {CONFIG_FILE})") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{p} is unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p} does not hold a configuration object")
-    return from_dict(data, source=str(p))
-
-
-def check_trusted(cfg: TrainConfig, source: str, trust_code: bool) -> None:
-    """A configuration read from a file may name only registered models, unless the user passes
-    --trust-code on the command line: importing ``module:function`` runs that module's code."""
-    if ":" not in cfg.model or trust_code:
-        return
-    mod = cfg.model.split(":", 1)[0]
-    try:  # where it would come from, found without importing anything
-        spec = importlib.util.find_spec(mod.split(".")[0])
-        where = f" (from {spec.origin})" if spec is not None and spec.origin else " (not found on the path)"
-    except (ImportError, ValueError):
-        where = ""
-    raise UserError(f"{source} names a user model {cfg.model!r}: loading it would import and run module "
-                    f"'{mod}'{where}. Only do that for a run folder you trust: pass --trust-code")
-
-
-def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[str],
-             overrides: Dict[str, str], trust_code: bool = False) -> RunPlan:
-    """Decide the run folder and whether to resume, touching nothing on disk."""
-    if resume is not None:
-        run_dir = Path(resume)
-        if not run_dir.is_dir():
-            raise UserError(f"--resume {resume}: no such run folder")
-        stored = read_config(run_dir)
-        check_trusted(stored, str(run_dir / CONFIG_FILE), trust_code)
-        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS and k != "epochs")
-        if fixed:
-            raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
-                              f"({', '.join(sorted(RUNTIME_KEYS))}) and epochs extended, not {', '.join(fixed)}")
-        cfg = validate(apply_overrides(stored, overrides))
-        if cfg.epochs < stored.epochs:
-            raise ConfigError(f"--resume epochs={cfg.epochs}: a run can be extended, not shortened "
-                              f"(it has epochs={stored.epochs})")
-        found = ckpt_mod.find(run_dir)
-        note = "" if found else f"no checkpoint in {run_dir} yet: starting from step 0"
-        return RunPlan(cfg, run_dir, found, True, note)
-    assert cfg is not None
-    if out is None:
-        return RunPlan(cfg, _default_run_dir(cfg), None, False)
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
-        stored = read_config(run_dir)
-        diff = differing_keys(stored, cfg)
-        if diff:
-            shown = ", ".join(f"{k}: {getattr(stored, k)!r} -> {getattr(cfg, k)!r}" for k in diff[:4])
-            raise UserError(f"--out {out} already holds a different run ({shown}); choose another folder, "
-                            f"or continue it with --resume {out}")
-        found = ckpt_mod.find(run_dir)
-        return RunPlan(cfg, run_dir, found, True,
-                       f"{run_dir} holds this run already: resuming" + ("" if found else " from step 0"))
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UserError(f"--out {out} is a non-empty folder that is not a run folder; refusing to write into it")
-    return RunPlan(cfg, run_dir, None, False)
-
-
-# ------------------------------------------------------------------------------------------
-# the trainer
 # ------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Optional[Path], ctx: Optional[D.DistContext] = None,
@@ -688,7 +408,7 @@ class Trainer:
     def grad_check(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
         """Per-block cosine between the run's gradient and the reference, via ffebm.compare_gradients.
         Model buffers and the RNG are restored afterwards, so the check does not perturb training."""
-        if _ffebm is None or not self.blocks or not hasattr(_ffebm, "compare_gradients"):
+        if not self.blocks:
             return {}
         # the reference is the exact gradient at the equilibrium (or recurrent backprop), at tight settings
         ref = _ffebm.Implicit() if self.cfg.grad_check_reference == "implicit" else _ffebm.Unrolled()
@@ -741,7 +461,6 @@ class Trainer:
 
     # -- main loop ------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
         self.t0 = time.time()
         if self.finished and self.final is not None:
             self.log(f"run already complete: test accuracy {100 * self.final['test_accuracy']:.2f}%")

@@ -1,0 +1,186 @@
+"""Building a run: device, seeds, the model (registered name or user builder, its options
+checked), optimiser and learning-rate schedule."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import random
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import ffebm as _ffebm
+
+from . import distributed as D
+from .config import ConfigError, TrainConfig, UserError, parse_model_options
+from .data import DataInfo
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: TrainConfig, ctx: D.DistContext) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={cfg.device}: CUDA is not available on this machine")
+        if want == "cuda":
+            return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+    return torch.device(want)
+
+
+def model_kwargs(cfg: TrainConfig, info: DataInfo) -> Dict[str, Any]:
+    kw: Dict[str, Any] = dict(num_classes=cfg.num_classes or info.num_classes,
+                              in_channels=cfg.in_channels or info.in_channels,
+                              image_size=cfg.image_size or info.image_size)
+    for key in ("beta", "t1", "t2", "method", "variant"):
+        v = getattr(cfg, key)
+        if v is not None:
+            kw[key] = v
+    if cfg.model_dtype:
+        dt = getattr(torch, cfg.model_dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
+        kw["dtype"] = dt
+    extra = parse_model_options(cfg.model_options)
+    clash = sorted(set(extra) & {"beta", "t1", "t2", "method", "variant", "num_classes", "in_channels",
+                                 "image_size", "dtype"})
+    if clash:
+        raise ConfigError(f"model_options: set {', '.join(clash)} with their own keys, not in model_options")
+    check_model_options(cfg.model, extra)
+    kw.update(extra)
+    return kw
+
+
+def check_model_options(model: str, extra: Dict[str, Any]) -> None:
+    """Refuse model_options the builder does not take (a typo would otherwise be swallowed)."""
+    if not extra:
+        return
+    if ":" in model:
+        return  # a user builder: checked once it is imported (see build_model)
+    from ffebm import models
+
+    try:
+        known = models.options(model)
+    except KeyError:
+        return  # unknown model: reported by build_model with the list of names
+    _refuse_unknown_options(model, extra, known)
+
+
+def _refuse_unknown_options(model: str, extra: Dict[str, Any], known) -> None:
+    if known is None:
+        return
+    unknown = sorted(set(extra) - set(known) - {"_"})
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model_options: model {model!r} has no option '{k}'{hint}; "
+                          f"its options: {', '.join(sorted(o for o in known if o != '_'))}")
+
+
+def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
+    """``cfg.model`` is a name from ``models.available()`` or ``"package.module:function"``."""
+    kw = model_kwargs(cfg, info)
+    if ":" in cfg.model:
+        mod_name, fn_name = cfg.model.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
+        from ffebm import models
+
+        _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
+        return fn(**kw)
+    try:
+        from ffebm import models
+    except ImportError as e:
+        raise ConfigError(f"model={cfg.model!r}: the models package is not importable ({e})") from None
+    names = list(models.available())
+    if cfg.model not in names:
+        raise ConfigError(f"model={cfg.model!r} is not a known model; available: {', '.join(names)}")
+    try:
+        return models.build(cfg.model, **kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
+
+
+def energy_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return list(_ffebm.energy_blocks(model))
+
+
+def block_paths(model: nn.Module, blocks) -> Dict[str, str]:
+    """{module path of each energy block: its block name}."""
+    ids = {id(b): n for n, b in blocks}
+    return {path: ids[id(m)] for path, m in model.named_modules() if id(m) in ids}
+
+
+def gradient_method(model: nn.Module, cfg: TrainConfig) -> str:
+    blocks = energy_blocks(model)
+    descs = []
+    for _, blk in blocks:
+        g = getattr(blk, "gradient", None)
+        if g is not None and repr(g) not in descs:
+            descs.append(repr(g))
+    if descs:
+        return " / ".join(descs)
+    if blocks:
+        return f"{cfg.method or 'default'}(beta={cfg.beta}, variant={cfg.variant})"
+    return "backprop (no energy blocks)"
+
+
+def freeze_bn_affine(model: nn.Module) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            for p in (m.weight, m.bias):
+                if p is not None and p.requires_grad:
+                    p.requires_grad_(False)
+                    n += 1
+    return n
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, params: Optional[List[nn.Parameter]] = None
+                   ) -> torch.optim.Optimizer:
+    """The torch optimiser of ``params`` (default: every trainable parameter; an analog run
+    passes its digital parameters, see :func:`train.analog.split_parameters`)."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        what = "digital (non-tile) " if cfg.analog else ""
+        raise UserError(f"model {cfg.model!r} has no trainable {what}parameters")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def schedule_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """lr(step) / lr of the configured schedule (the factor the analog lr follows too)."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    if cfg.schedule == "cosine":
+        t_max = max(1, total_steps)
+        return lambda s: floor + (1.0 - floor) * (1.0 + math.cos(math.pi * min(s, t_max) / t_max)) / 2.0
+    if cfg.schedule == "exponential":
+        spe = max(1, steps_per_epoch)
+        return lambda s: max(cfg.lr_decay ** (s // spe), floor)
+    return lambda s: 1.0
+
+
+def make_scheduler(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int = 1):
+    """Stepped once per optimiser step.  ``exponential``: the lr is multiplied by ``lr_decay``
+    at every epoch end (not below ``min_lr``)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+    if cfg.schedule == "exponential":
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total_steps, steps_per_epoch))
+    return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)

@@ -1,0 +1,113 @@
+"""The run folder: where a run lives, whether it resumes, and what a stored configuration may
+name (only registered models, unless ``--trust-code``). Plans only; nothing is written here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, Optional
+
+from . import checkpoint as ckpt_mod
+from .config import (RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys,
+                     from_dict, validate)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+FAILURE_FILE = "failure.json"
+
+
+# ------------------------------------------------------------------------------------------
+# run folder
+# ------------------------------------------------------------------------------------------
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    run_dir: Path
+    resume_from: Optional[Path]     # checkpoint to load (None: start at step 0)
+    existing: bool                  # the run folder already holds this run's config.json
+    note: str = ""
+
+
+def _default_run_dir(cfg: TrainConfig, base: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    d = base / f"{stamp}-{cfg.recipe}"
+    i = 1
+    while d.exists():
+        d = base / f"{stamp}-{cfg.recipe}-{i}"
+        i += 1
+    return d
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    p = run_dir / CONFIG_FILE
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no {CONFIG_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} is unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} does not hold a configuration object")
+    return from_dict(data, source=str(p))
+
+
+def check_trusted(cfg: TrainConfig, source: str, trust_code: bool) -> None:
+    """A configuration read from a file may name only registered models, unless the user passes
+    --trust-code on the command line: importing ``module:function`` runs that module's code."""
+    if ":" not in cfg.model or trust_code:
+        return
+    mod = cfg.model.split(":", 1)[0]
+    try:  # where it would come from, found without importing anything
+        spec = importlib.util.find_spec(mod.split(".")[0])
+        where = f" (from {spec.origin})" if spec is not None and spec.origin else " (not found on the path)"
+    except (ImportError, ValueError):
+        where = ""
+    raise UserError(f"{source} names a user model {cfg.model!r}: loading it would import and run module "
+                    f"'{mod}'{where}. Only do that for a run folder you trust: pass --trust-code")
+
+
+def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[str],
+             overrides: Dict[str, str], trust_code: bool = False) -> RunPlan:
+    """Decide the run folder and whether to resume, touching nothing on disk."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {resume}: no such run folder")
+        stored = read_config(run_dir)
+        check_trusted(stored, str(run_dir / CONFIG_FILE), trust_code)
+        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS and k != "epochs")
+        if fixed:
+            raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
+                              f"({', '.join(sorted(RUNTIME_KEYS))}) and epochs extended, not {', '.join(fixed)}")
+        cfg = validate(apply_overrides(stored, overrides))
+        if cfg.epochs < stored.epochs:
+            raise ConfigError(f"--resume epochs={cfg.epochs}: a run can be extended, not shortened "
+                              f"(it has epochs={stored.epochs})")
+        found = ckpt_mod.find(run_dir)
+        note = "" if found else f"no checkpoint in {run_dir} yet: starting from step 0"
+        return RunPlan(cfg, run_dir, found, True, note)
+    assert cfg is not None
+    if out is None:
+        return RunPlan(cfg, _default_run_dir(cfg), None, False)
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        stored = read_config(run_dir)
+        diff = differing_keys(stored, cfg)
+        if diff:
+            shown = ", ".join(f"{k}: {getattr(stored, k)!r} -> {getattr(cfg, k)!r}" for k in diff[:4])
+            raise UserError(f"--out {out} already holds a different run ({shown}); choose another folder, "
+                            f"or continue it with --resume {out}")
+        found = ckpt_mod.find(run_dir)
+        return RunPlan(cfg, run_dir, found, True,
+                       f"{run_dir} holds this run already: resuming" + ("" if found else " from step 0"))
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"--out {out} is a non-empty folder that is not a run folder; refusing to write into it")
+    return RunPlan(cfg, run_dir, None, False)
+
+
+# ------------------------------------------------------------------------------------------
+# the trainer
