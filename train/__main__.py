@@ -165,6 +165,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 claimed = None
             return 2
         if trainer.finished and trainer.final is not None:
+            metrics = run_dir / T.METRICS_FILE
+            if ctx.is_main and not metrics.exists():  # a run stopped while writing its results
+                from .checkpoint import WriteError, atomic_write_json
+
+                try:
+                    atomic_write_json(metrics, trainer.final)
+                except WriteError as e:
+                    _print_err(str(e))
+                    return 4
             if ctx.is_main:
                 print(f"run already complete: test accuracy {100 * trainer.final['test_accuracy']:.2f}% "
                       f"(metrics in {run_dir / T.METRICS_FILE})", flush=True)
@@ -183,6 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except T.TrainingStopped as e:
             if ctx.is_main or not ctx.enabled:
                 print(str(e), file=sys.stderr, flush=True)
+            if claimed is not None and trainer.last_ckpt is None and trainer.global_step == 0:
+                claimed.release(failed=True)  # nothing was trained: leave no half-made folder
+                claimed = None
             return e.code
         except RuntimeError as e:
             if not ctx.enabled or not D.is_peer_failure(e):

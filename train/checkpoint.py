@@ -45,7 +45,12 @@ class CheckpointError(UserError):
 
 class WriteError(Exception):
     """A checkpoint or result file could not be written (disk full, I/O error); the previous
-    checkpoint is untouched."""
+    checkpoint is untouched. ``written``: a checkpoint that *was* completed before the failure
+    (its readable summary failed), or None."""
+
+    def __init__(self, message: str, written: Optional[Path] = None) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 def _write_failure(path: Path, e: BaseException) -> WriteError:
@@ -272,7 +277,10 @@ def save(run_dir: Path, state: Dict[str, Any], summary: Optional[Dict[str, Any]]
     ckpt = run_dir / CKPT
     atomic_write(ckpt, lambda f: torch.save(state, f), keep_previous=run_dir / PREV)
     if summary is not None:
-        atomic_write_json(run_dir / SUMMARY, summary)
+        try:
+            atomic_write_json(run_dir / SUMMARY, summary)
+        except WriteError as e:
+            raise WriteError(str(e), written=ckpt) from None
     return ckpt
 
 
@@ -297,8 +305,8 @@ def load(path: Path, map_location="cpu") -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         text = str(e)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|global '([\w.]+)'|GLOBAL ([\w.]+)", text)
-        if "Weights only load failed" in text or found:
-            what = next((g for g in found.groups() if g), "a non-tensor object") if found else "a non-tensor object"
+        if found:  # a pickled object of some class: never in a checkpoint this trainer writes
+            what = next(g for g in found.groups() if g)
             raise CheckpointError(f"{path} contains a non-tensor object ({what}), which a checkpoint written by this "
                                   "trainer never holds: it may be malicious; refusing to load it") from None
         raise _unreadable(path, e) from None

@@ -245,6 +245,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         v = getattr(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key}={v!r}: must be > 0")
+    if cfg.model_dtype is not None and cfg.model_dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise ConfigError(f"model_dtype={cfg.model_dtype!r}: expected float16, bfloat16, float32, float64 or none")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr={cfg.min_lr!r}: must not exceed lr={cfg.lr!r}")
     if not 0 < cfg.lr_decay <= 1:
         raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
     from .build import check_model_options  # the builder's own option names

@@ -39,6 +39,7 @@ a resumed run sees exactly the same augmented batches.
 from __future__ import annotations
 
 import gzip
+import math
 import importlib
 import io
 import os
@@ -172,7 +173,7 @@ def _load_digits() -> Tuple[ArrayDataset, ArrayDataset, str]:
 MAX_IDX_BYTES = 4 << 30  # a declared idx body above 4 GiB is refused (MNIST-like sets are ~50 MB)
 
 
-def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
+def _read_idx(path: Path, expect_dims: int, max_count: Optional[int] = None) -> np.ndarray:
     """Read an idx file; memory is bounded by the size its header declares (a gzip bomb behind a
     small header is never decompressed beyond that)."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -183,9 +184,11 @@ def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
             if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
                 raise ValueError(f"bad idx header (type 0x{dtype_code:02x}, {ndim} dims; expected uint8, {expect_dims})")
             dims = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-            count = int(np.prod(dims, dtype=np.int64))
-            if count > MAX_IDX_BYTES:
-                raise ValueError(f"declared shape {tuple(dims)} is {count} bytes, above the {MAX_IDX_BYTES} limit")
+            count = math.prod(dims)  # Python ints: no overflow
+            limit = MAX_IDX_BYTES if max_count is None else min(MAX_IDX_BYTES, max_count)
+            if count > limit:
+                raise ValueError(f"declared shape {tuple(dims)} is {count} values, above the limit of {limit}"
+                                 + (" (the number of images)" if max_count is not None else ""))
             body = f.read(count)
             if len(body) != count:
                 raise ValueError(f"{len(body)} data bytes for shape {tuple(dims)} (truncated)")
@@ -201,21 +204,25 @@ def check_labels(raw, path: Path, num_classes: int, base: int = 0) -> np.ndarray
     DataError naming ``path`` for anything else (floats, strings, out of range)."""
     try:
         arr = np.asarray(raw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise DataError(f"{path}: labels are not an array of integers ({e})") from None
     if arr.dtype.kind not in "iu":
         if arr.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                          for v in arr.reshape(-1)):
-            arr = arr.astype(np.int64)
+            try:
+                arr = arr.astype(np.int64)
+            except OverflowError:
+                raise DataError(f"{path}: labels must be integers in 0..{num_classes - 1} (found a huge value)") \
+                    from None
         else:
             example = arr.reshape(-1)[0] if arr.size else None
             raise DataError(f"{path}: labels must be integers, found {arr.dtype} values (e.g. {example!r})")
-    arr = arr.astype(np.int64).reshape(-1)
-    if arr.size and (arr.min() < base or arr.max() >= base + num_classes):
+    arr = arr.reshape(-1)
+    if arr.size and (int(arr.min()) < base or int(arr.max()) >= base + num_classes):
         based = f" ({base}-based)" if base else ""
         raise DataError(f"{path}: labels must be integers in {base}..{base + num_classes - 1}{based} "
                         f"(found {arr.min()}..{arr.max()})")
-    return arr - base
+    return arr.astype(np.int64) - base if base else arr.astype(np.int64)
 
 
 def _find_file(dirs: Sequence[Path], names: Sequence[str]) -> Optional[Path]:
@@ -241,7 +248,8 @@ def _load_mnist_like(root: Path, folder: str, label: str) -> Tuple[ArrayDataset,
                     f"pass download=true (needs network) or put the idx files in {root / folder / 'raw'}")
             paths.append((p, dims))
         images = _read_idx(*paths[0])
-        labels = check_labels(_read_idx(*paths[1]), paths[1][0], 10)
+        # one label per image: a label file declaring more is refused before it is read
+        labels = check_labels(_read_idx(*paths[1], max_count=images.shape[0]), paths[1][0], 10)
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{paths[0][0]}: {images.shape[0]} images but {labels.shape[0]} labels in {paths[1][0]}")
         out.append(ArrayDataset(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels),

@@ -120,6 +120,9 @@ def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Option
     return out
 
 
+RUN_FILES = {"config.json", "metrics.json", "failure.json", "checkpoint.json", ".lock"}
+
+
 def _inside(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
@@ -132,10 +135,12 @@ def _write_json(path: Path, obj: Dict) -> None:
     from .checkpoint import atomic_write_json
     from .config import UserError
 
+    from .checkpoint import WriteError
+
     try:
         atomic_write_json(path, obj)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except (OSError, WriteError) as e:
+        raise UserError(str(e) if isinstance(e, WriteError) else f"cannot write {path}: {e.strerror or e}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -153,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if opts["json"] and run_dir.is_dir() and _inside(Path(opts["json"]), run_dir):
                 from .runlock import RunFolderLock
 
+                if Path(opts["json"]).name in RUN_FILES or Path(opts["json"]).name.startswith("checkpoint"):
+                    raise UserError(f"--json {opts['json']}: that is one of the run's own files; write elsewhere")
                 lock = RunFolderLock(run_dir).acquire()  # writing into a run folder: not while it trains
             try:
                 out = evaluate_run(run_dir, opts["checkpoint"], opts["times"], opts["device"], opts["batch_size"],

@@ -40,8 +40,13 @@ def _default_run_dir(cfg: TrainConfig, base: Path = Path("runs")) -> Path:
     return d
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_config(run_dir: Path) -> TrainConfig:
     p = run_dir / CONFIG_FILE
+    if p.exists() and (not p.is_file() or p.stat().st_size > MAX_CONFIG_BYTES):
+        raise UserError(f"{p} is not a configuration file (a special file, folder or over 1 MB)")
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
@@ -104,7 +109,11 @@ def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[st
         found = ckpt_mod.find(run_dir)
         return RunPlan(cfg, run_dir, found, True,
                        f"{run_dir} holds this run already: resuming" + ("" if found else " from step 0"))
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    # a lock or temp file left by a trainer killed before it wrote config.json does not count
+    leftovers = [q for q in run_dir.iterdir() if not (q.name == ".lock" or (q.name.startswith(".")
+                                                                             and q.name.endswith(".tmp")))] \
+        if run_dir.is_dir() else []
+    if leftovers:
         raise UserError(f"--out {out} is a non-empty folder that is not a run folder; refusing to write into it")
     return RunPlan(cfg, run_dir, None, False)
 

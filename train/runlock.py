@@ -62,7 +62,12 @@ class RunFolderLock:
     def acquire(self) -> "RunFolderLock":
         if fcntl is not None:
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                if self.path.is_symlink():  # a shipped link would make us truncate its target
+                    raise RunFolderUnwritable(f"{self.path} is a symbolic link; refusing to use it as a lock")
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                except OSError as e:
+                    raise RunFolderUnwritable(f"cannot create lock {self.path}: {e.strerror or e}") from None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
@@ -84,7 +89,7 @@ class RunFolderLock:
         else:  # pragma: no cover - non-POSIX fallback
             while True:
                 try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
                     break
                 except FileExistsError:
                     owner = self._owner()

@@ -47,6 +47,23 @@ class TrainingStopped(Exception):
         self.code = code
 
 
+_NUMBERS = ("epoch", "global_step", "train_loss", "train_accuracy", "train_samples", "seconds", "lr", "analog_lr",
+            "test_accuracy", "test_loss")
+
+
+def _check_history(history: List[Dict[str, Any]]) -> None:
+    """The per-epoch records a checkpoint carries hold numbers where the trainer sums them."""
+    for i, h in enumerate(history):
+        for k in _NUMBERS:
+            if k in h and (isinstance(h[k], bool) or not isinstance(h[k], (int, float))):
+                raise ValueError(f"history[{i}].{k} is {h[k]!r}, not a number")
+        for k in ("train_relaxation", "test_relaxation"):
+            v = h.get(k, {})
+            if not isinstance(v, dict) or not all(isinstance(r, dict) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in r.values()) for r in v.values()):
+                raise ValueError(f"history[{i}].{k} is not a record of numbers per block")
+
+
 def _fmt_time(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
@@ -101,7 +118,13 @@ class Trainer:
         self.test_local = shard_test_set(self.test_set, ctx.world, ctx.rank)
 
         seed_everything(cfg.seed)
-        core = self.model_fn(cfg, self.info)
+        try:
+            core = self.model_fn(cfg, self.info)
+        except (MemoryError, RuntimeError) as e:  # e.g. a size option far too large to allocate
+            if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+                raise
+            raise ConfigError(f"model {cfg.model!r} cannot be built with these options: not enough memory "
+                              f"({' '.join(str(e).split())[:160]})") from None
         if not isinstance(core, nn.Module):
             raise UserError(f"model {cfg.model!r} did not build an nn.Module")
         core = analog_mod.make_analog(core, cfg)   # analog=DEVICE: energy blocks onto tiles (seeded)
@@ -166,18 +189,39 @@ class Trainer:
             raise ckpt_mod.CheckpointError(
                 f"{path} was written by a run with another configuration ({shown}); only runtime keys "
                 f"({', '.join(sorted(RUNTIME_KEYS))}) may change on resume; refusing to continue it")
+        bad = ckpt_mod.first_nonfinite(ck["model"].items())
+        if bad:
+            raise ckpt_mod.CheckpointError(f"{path}: '{bad}' holds NaN or inf; a checkpoint of a diverged state is "
+                                           "not resumable (use the previous checkpoint)")
+        pos = ck["position"]
+        if pos["epoch"] > self.cfg.epochs or pos["step_in_epoch"] > self.steps_per_epoch:
+            raise ckpt_mod.CheckpointError(f"{path}: position epoch {pos['epoch']}, batch {pos['step_in_epoch']} is "
+                                           f"outside this run ({self.cfg.epochs} epochs of {self.steps_per_epoch} "
+                                           "batches)")
         try:
-            self.core.load_state_dict(ck["model"])
-            ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
-            self.opt.load_state_dict(ck["optimizer"])
-            self.sched.load_state_dict(ck["scheduler"])
-            if self.opt_a is not None:
-                self.opt_a.load_state_dict(ck["analog_optimizer"])
-                self.sched_a.load_state_dict(ck["analog_scheduler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            self._load_states(ck)
+            self._load_position(ck, extended, theirs)
+            ckpt_mod.set_rng_state(ck["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
             detail = " ".join(str(e).split())  # torch's message spans several lines: keep it, in one
             raise ckpt_mod.CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {detail[:400]})") \
                 from None
+        self.last_ckpt = (path, self.global_step)
+        self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.step_in_epoch} "
+                 f"(global step {self.global_step})")
+
+    def _load_states(self, ck: Dict[str, Any]) -> None:
+        self.core.load_state_dict(ck["model"])
+        ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.opt_a is not None:
+            self.opt_a.load_state_dict(ck["analog_optimizer"])
+            self.sched_a.load_state_dict(ck["analog_scheduler"])
+        if not isinstance(self.sched.last_epoch, int):
+            raise TypeError(f"scheduler.last_epoch is {self.sched.last_epoch!r}")
+
+    def _load_position(self, ck: Dict[str, Any], extended: bool, theirs: TrainConfig) -> None:
         pos = ck["position"]
         self.epoch, self.step_in_epoch, self.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
         if pos.get("steps_per_epoch") != self.steps_per_epoch and self.step_in_epoch:
@@ -191,17 +235,16 @@ class Trainer:
                 if name in self.block_acc:
                     self.block_acc[name] = [float(x) for x in v]
         self.history = [dict(h) for h in ck.get("history", [])]
+        _check_history(self.history)
         self.elapsed_before = float(ck.get("elapsed", 0.0))
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.finished = bool(ck.get("finished", False))
         self.final = ck.get("final")
+        if self.finished and not (isinstance(self.final, dict) and "test_accuracy" in self.final):
+            raise ValueError("a finished run must hold its final metrics ('final')")
         if extended:  # more epochs: a finished run continues (the schedule spans the new length)
             self.finished, self.final = False, None
             self.log(f"extending the run from {theirs.epochs} to {self.cfg.epochs} epochs")
-        ckpt_mod.set_rng_state(ck["rng"])
-        self.last_ckpt = (path, self.global_step)
-        self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.step_in_epoch} "
-                 f"(global step {self.global_step})")
 
     # -- run folder ---------------------------------------------------------------------------
     def commit(self, existing: bool):
@@ -268,6 +311,8 @@ class Trainer:
             try:
                 path = ckpt_mod.save(self.run_dir, state, summary)
             except ckpt_mod.WriteError as e:
+                if e.written is not None:  # the checkpoint itself is complete; its summary is not
+                    self.last_ckpt = (e.written, self.global_step)
                 self._stop_write_failed(e)
             self.last_ckpt = (path, self.global_step)
         D.barrier(self.ctx)

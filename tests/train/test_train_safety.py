@@ -372,3 +372,100 @@ def test_a_checkpoint_of_non_finite_state_is_never_written(tmp_path):
         t.save_checkpoint("every")
     assert e.value.code == 3
     assert torch.equal(C.load(tmp_path / "run" / C.CKPT)["model"]["1.weight"], good["model"]["1.weight"])
+
+
+# ------------------------------------------------------------------------------------------
+# hardening found by trying to break the above
+# ------------------------------------------------------------------------------------------
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(finished, capsys, monkeypatch):
+    run = _copy_run(finished / "run", finished / "linked")
+    victim = finished / "victim.txt"
+    victim.write_text("precious")
+    (run / ".lock").symlink_to(victim)
+    line = one_line_error(main_inproc(["--resume", str(run), "--trust-code"], finished, capsys, monkeypatch))
+    assert "symbolic link" in line
+    assert victim.read_text() == "precious"
+
+
+def test_idx_header_cannot_overflow_the_size_check(tmp_path):
+    from train.data import DataError, _read_idx
+
+    path = tmp_path / "x-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:  # 65535 * 42009217 * 6700417 = 2**64 - 1 (int64 wraps to -1)
+        f.write(struct.pack(">HBBIII", 0, 8, 3, 65535, 42009217, 6700417) + bytes(1000))
+    with pytest.raises(DataError, match="above the limit"):
+        _read_idx(path, 3)
+
+
+def test_label_file_larger_than_the_images_is_not_read(tmp_path):
+    from train.data import DataError, _read_idx
+
+    path = tmp_path / "x-labels-idx1-ubyte.gz"
+    _idx(path, np.zeros(5000))
+    with pytest.raises(DataError, match="above the limit of 10 \\(the number of images\\)"):
+        _read_idx(path, 1, max_count=10)
+
+
+def test_special_config_file_refused(finished, capsys, monkeypatch):
+    run = finished / "special"
+    run.mkdir()
+    (run / "config.json").symlink_to("/dev/zero")
+    line = one_line_error(main_inproc(["--resume", str(run)], finished, capsys, monkeypatch))
+    assert "not a configuration file" in line
+
+
+def test_folder_of_a_trainer_killed_before_its_config_is_reused(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("12345\n")            # left by kill -9 (its flock died with it)
+    (run / ".config.json.abc.tmp").write_text("{")
+    res = main_inproc(TINY + ["epochs=1", "--out", "run"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert (run / "metrics.json").exists() and not (run / ".lock").exists()
+
+
+def test_evaluate_refuses_to_write_over_the_runs_own_files(finished, capsys, monkeypatch):
+    run = _copy_run(finished / "run", finished / "clobber")
+    before = folder_digest(run)
+    for name in ("checkpoint.pt", "config.json"):
+        line = one_line_error(main_inproc([str(run), "--trust-code", "--json", str(run / name)], finished, capsys,
+                                          monkeypatch, module="train.evaluate"))
+        assert "one of the run's own files" in line
+    line = one_line_error(main_inproc([str(run), "--trust-code", "--json", str(finished / "no" / "where.json")],
+                                      finished, capsys, monkeypatch, module="train.evaluate"))
+    assert "cannot write" in line
+    assert folder_digest(run) == before
+
+
+@pytest.mark.parametrize("change,expect", [
+    (lambda ck: ck["model"].__setitem__("1.weight", ck["model"]["1.weight"] * float("nan")), "holds NaN or inf"),
+    (lambda ck: ck["position"].__setitem__("step_in_epoch", 500), "outside this run"),
+    (lambda ck: ck.__setitem__("history", [{"train_samples": "x"}]), "history[0].train_samples"),
+    (lambda ck: ck.__setitem__("accum", {"loss_sum": "x"}), "does not fit this run"),
+    (lambda ck: ck["rng"].__setitem__("torch", torch.zeros(3)), "does not fit this run"),
+    (lambda ck: ck.update(finished=True, final="done"), "final metrics"),
+])
+def test_crafted_checkpoint_contents_refused_in_one_line(finished, capsys, monkeypatch, change, expect):
+    import uuid
+
+    run = _copy_run(finished / "run", finished / f"crafted-{uuid.uuid4().hex[:6]}")
+    ck = C.load(run / C.CKPT)
+    change(ck)
+    torch.save(ck, run / C.CKPT)
+    line = one_line_error(main_inproc(["--resume", str(run), "--trust-code"], finished, capsys, monkeypatch))
+    assert expect in line, line
+
+
+def test_results_lost_to_a_full_disk_are_written_by_the_next_resume(finished, capsys, monkeypatch):
+    run = _copy_run(finished / "run", finished / "nometrics")
+    assert not (run / "metrics.json").exists()
+    res = main_inproc(["--resume", str(run), "--trust-code"], finished, capsys, monkeypatch)
+    assert res.returncode == 0 and "already complete" in res.stdout
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == C.load(run / C.CKPT)["final"][
+        "test_accuracy"]
+
+
+@pytest.mark.parametrize("kv,expect", [("model_dtype=foo", "model_dtype='foo'"), ("min_lr=0.5", "must not exceed lr")])
+def test_more_insane_values(tmp_path, capsys, monkeypatch, kv, expect):
+    line = one_line_error(main_inproc(["digits", kv, "--out", "run"], tmp_path, capsys, monkeypatch))
+    assert expect in line and not (tmp_path / "run").exists()
