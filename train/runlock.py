@@ -158,7 +158,9 @@ class ClaimedRunFolder:
     def _remove_if_empty(self) -> None:
         if not self.created:
             return
-        leftovers = [p for p in self.run_dir.iterdir() if p.name != LOCK_FILE]
+        # what a run writes before its first step (the lock, its configuration, an empty
+        # TensorBoard folder) does not make it worth keeping
+        leftovers = [p for p in self.run_dir.iterdir() if p.name not in (LOCK_FILE, "config.json", "tb")]
         if not leftovers:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

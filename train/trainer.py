@@ -403,6 +403,13 @@ class Trainer:
         except RelaxationDiverged as e:
             problem = (f"relaxation diverged in energy block '{getattr(e, 'block', '?')}' "
                        f"(relaxation step {getattr(e, 'step', '?')})")
+        except (ValueError, RuntimeError, IndexError) as e:
+            if self.global_step or self.last_ckpt is not None:
+                raise
+            # the very first batch: the model and the data do not fit together (a configuration error)
+            raise TrainingStopped(f"error: model {self.cfg.model!r} cannot take the {self.cfg.dataset} batches "
+                                  f"(input {list(x.shape)}, {self.info.num_classes} classes): "
+                                  f"{' '.join(str(e).split())[:200]}", 2) from None
         if D.any_flag(1.0 if problem else 0.0, self.ctx, self.device):
             self._stop_diverged(problem or "another process reported divergence")
         stats = self._block_stats()

@@ -469,3 +469,11 @@ def test_results_lost_to_a_full_disk_are_written_by_the_next_resume(finished, ca
 def test_more_insane_values(tmp_path, capsys, monkeypatch, kv, expect):
     line = one_line_error(main_inproc(["digits", kv, "--out", "run"], tmp_path, capsys, monkeypatch))
     assert expect in line and not (tmp_path / "run").exists()
+
+
+def test_model_that_cannot_take_the_data_fails_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    res = main_inproc(["digits", "dataset=fake", "progress=false", "num_threads=1", "--out", "run"], tmp_path, capsys,
+                      monkeypatch)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot take the fake batches" in res.stderr and "[64, 3, 32, 32]" in res.stderr
+    assert not (tmp_path / "run").exists()
