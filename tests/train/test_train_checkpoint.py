@@ -96,3 +96,15 @@ def test_analog_state_is_checkpointed(tmp_path):
     t.fit()
     t2 = Trainer(cfg, tmp_path, log=lambda m: None).setup(resume_from=tmp_path / C.CKPT)
     assert torch.equal(t2.core.device_state.counter, torch.full((3,), 7.0))
+
+
+def test_checkpoint_files_get_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        C.save(tmp_path, {"model_name": "m", "x": torch.ones(2)}, {"step": 1})
+    finally:
+        os.umask(old)
+    for name in (C.CKPT, C.SUMMARY):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # not mkstemp's 0600
