@@ -104,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             _print_err(str(e))
             return 2
         if args.help:
-            print(USAGE)
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+            print(USAGE.replace("python -m train", prog) if prog.startswith("ffebm-") else USAGE)
             return 0
         if args.list:
             cfg = build_config(args.recipe or "digits", args.overrides)

@@ -123,6 +123,30 @@ def block_paths(model: nn.Module, blocks) -> Dict[str, str]:
     return {path: ids[id(m)] for path, m in model.named_modules() if id(m) in ids}
 
 
+METHOD_TYPES = {"ep": _ffebm.EP, "implicit": _ffebm.Implicit, "unrolled": _ffebm.Unrolled}
+
+
+def check_model_took(model: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse method / variant / beta settings that the built model's energy blocks ignored (a user
+    builder that trains EP whatever ``method=`` says would otherwise report the wrong method)."""
+    blocks = energy_blocks(model)
+    if not blocks:
+        return
+    for name, blk in blocks:
+        g = blk.gradient
+        want = METHOD_TYPES.get(cfg.method) if cfg.method else None
+        if want is not None and not isinstance(g, want):
+            raise ConfigError(f"method={cfg.method}: model {cfg.model!r} ignored it (energy block '{name}' uses "
+                              f"{g.describe()}); pass the setting its builder takes, or leave method unset")
+        if isinstance(g, _ffebm.EP):
+            if cfg.variant is not None and g.variant != cfg.variant:
+                raise ConfigError(f"variant={cfg.variant}: model {cfg.model!r} ignored it (energy block '{name}' "
+                                  f"uses {g.describe()})")
+            if cfg.beta is not None and float(g.beta) != float(cfg.beta):
+                raise ConfigError(f"beta={cfg.beta}: model {cfg.model!r} ignored it (energy block '{name}' uses "
+                                  f"{g.describe()})")
+
+
 def gradient_method(model: nn.Module, cfg: TrainConfig) -> str:
     blocks = energy_blocks(model)
     descs = []

@@ -132,10 +132,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _write_json(path: Path, obj: Dict) -> None:
-    from .checkpoint import atomic_write_json
+    from .checkpoint import WriteError, atomic_write_json
     from .config import UserError
 
-    from .checkpoint import WriteError
+    if path.exists() and not path.is_file():
+        raise UserError(f"--json {path}: not a regular file (a folder or special file); refusing to replace it")
 
     try:
         atomic_write_json(path, obj)
@@ -158,8 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if opts["json"] and run_dir.is_dir() and _inside(Path(opts["json"]), run_dir):
                 from .runlock import RunFolderLock
 
-                if Path(opts["json"]).name in RUN_FILES or Path(opts["json"]).name.startswith("checkpoint"):
-                    raise UserError(f"--json {opts['json']}: that is one of the run's own files; write elsewhere")
+                target = Path(opts["json"])
+                if target.name in RUN_FILES or target.name.startswith("checkpoint") or target.suffix != ".json" \
+                        or "tb" in target.resolve().relative_to(run_dir.resolve()).parts:
+                    raise UserError(f"--json {opts['json']}: inside the run folder only a new .json file of your own "
+                                    "may be written (not the run's files); write elsewhere")
                 lock = RunFolderLock(run_dir).acquire()  # writing into a run folder: not while it trains
             try:
                 out = evaluate_run(run_dir, opts["checkpoint"], opts["times"], opts["device"], opts["batch_size"],

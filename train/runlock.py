@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -77,10 +78,16 @@ class RunFolderLock:
                                             "resume or evaluation writing to it); wait for it or choose another "
                                             "folder") from None
                     raise
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    # a FIFO, device or a hard link to a file elsewhere: never truncate it
+                    os.close(fd)
+                    raise RunFolderUnwritable(f"{self.path} is not a plain file of this folder (a special file or a "
+                                              "hard link); refusing to use it as a lock")
                 # the holder we waited on may have removed the file on release: lock the file
                 # that is at the path now, not an orphan
                 try:
-                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                    same = os.path.samestat(st, os.stat(self.path))
                 except FileNotFoundError:
                     same = False
                 if same:

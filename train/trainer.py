@@ -32,7 +32,8 @@ from .tblog import TBLogger
 import ffebm as _ffebm
 from ffebm import RelaxationDiverged
 
-from .build import (block_paths, build_model, check_model_options, energy_blocks, freeze_bn_affine,  # noqa: F401
+from .build import (block_paths, build_model, check_model_options, check_model_took, energy_blocks,  # noqa: F401
+                    freeze_bn_affine,
                     gradient_method, make_optimizer, make_scheduler, model_kwargs, resolve_device, schedule_factor,
                     seed_everything)
 from .runfolder import (CONFIG_FILE, FAILURE_FILE, METRICS_FILE, RunPlan, check_trusted, plan_run,  # noqa: F401
@@ -62,6 +63,10 @@ def _check_history(history: List[Dict[str, Any]]) -> None:
             if not isinstance(v, dict) or not all(isinstance(r, dict) and all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in r.values()) for r in v.values()):
                 raise ValueError(f"history[{i}].{k} is not a record of numbers per block")
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _fmt_time(s: float) -> str:
@@ -144,6 +149,7 @@ class Trainer:
             self.opt_a = analog_mod.make_analog_optimizer(cfg, self.analog_params)
             self.sched_a = torch.optim.lr_scheduler.LambdaLR(
                 self.opt_a, schedule_factor(cfg, cfg.epochs * self.steps_per_epoch, self.steps_per_epoch))
+        check_model_took(core, cfg)
         self.method = gradient_method(core, cfg)
 
         # position
@@ -210,6 +216,20 @@ class Trainer:
         self.log(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.step_in_epoch} "
                  f"(global step {self.global_step})")
 
+    def _check_loaded_optimisers(self) -> None:
+        """Learning rates and optimiser states loaded from a checkpoint are finite numbers."""
+        for opt, sched, what in ((self.opt, self.sched, "optimizer"), (self.opt_a, self.sched_a, "analog optimizer")):
+            if opt is None:
+                continue
+            for i, g in enumerate(opt.param_groups):
+                if not _finite_number(g.get("lr")):
+                    raise ValueError(f"{what} param_groups[{i}].lr is {g.get('lr')!r}")
+            if not all(_finite_number(v) for v in getattr(sched, "base_lrs", [])):
+                raise ValueError(f"{what} scheduler base_lrs {sched.base_lrs!r} are not finite numbers")
+            bad = ckpt_mod.first_nonfinite(ckpt_mod.optimizer_tensors(opt))
+            if bad:
+                raise ValueError(f"{what}: {bad} holds NaN or inf")
+
     def _load_states(self, ck: Dict[str, Any]) -> None:
         self.core.load_state_dict(ck["model"])
         ckpt_mod.restore_extra_state(self.core, ck.get("extra_state", {}))
@@ -220,6 +240,7 @@ class Trainer:
             self.sched_a.load_state_dict(ck["analog_scheduler"])
         if not isinstance(self.sched.last_epoch, int):
             raise TypeError(f"scheduler.last_epoch is {self.sched.last_epoch!r}")
+        self._check_loaded_optimisers()
 
     def _load_position(self, ck: Dict[str, Any], extended: bool, theirs: TrainConfig) -> None:
         pos = ck["position"]
@@ -240,8 +261,12 @@ class Trainer:
         self.train_seconds = float(ck.get("train_seconds", 0.0))
         self.finished = bool(ck.get("finished", False))
         self.final = ck.get("final")
-        if self.finished and not (isinstance(self.final, dict) and "test_accuracy" in self.final):
-            raise ValueError("a finished run must hold its final metrics ('final')")
+        if not isinstance(ck.get("finished", False), bool):
+            raise TypeError("'finished' must be true or false")
+        if self.finished and not (isinstance(self.final, dict) and _finite_number(self.final.get("test_accuracy"))):
+            raise ValueError("a finished run must hold its final metrics ('final' with a finite test_accuracy)")
+        if not (_finite_number(self.elapsed_before) and _finite_number(self.train_seconds)):
+            raise ValueError("'elapsed' and 'train_seconds' must be finite numbers")
         if extended:  # more epochs: a finished run continues (the schedule spans the new length)
             self.finished, self.final = False, None
             self.log(f"extending the run from {theirs.epochs} to {self.cfg.epochs} epochs")

@@ -430,7 +430,7 @@ def test_evaluate_refuses_to_write_over_the_runs_own_files(finished, capsys, mon
     for name in ("checkpoint.pt", "config.json"):
         line = one_line_error(main_inproc([str(run), "--trust-code", "--json", str(run / name)], finished, capsys,
                                           monkeypatch, module="train.evaluate"))
-        assert "one of the run's own files" in line
+        assert "not the run's files" in line
     line = one_line_error(main_inproc([str(run), "--trust-code", "--json", str(finished / "no" / "where.json")],
                                       finished, capsys, monkeypatch, module="train.evaluate"))
     assert "cannot write" in line
@@ -444,6 +444,12 @@ def test_evaluate_refuses_to_write_over_the_runs_own_files(finished, capsys, mon
     (lambda ck: ck.__setitem__("accum", {"loss_sum": "x"}), "does not fit this run"),
     (lambda ck: ck["rng"].__setitem__("torch", torch.zeros(3)), "does not fit this run"),
     (lambda ck: ck.update(finished=True, final="done"), "final metrics"),
+    (lambda ck: ck.update(finished=True, final={"test_accuracy": float("nan")}), "final metrics"),
+    (lambda ck: ck.update(finished="yes"), "'finished' must be true or false"),
+    (lambda ck: ck["optimizer"]["param_groups"][0].__setitem__("lr", "x"), "param_groups[0].lr is 'x'"),
+    (lambda ck: [st.__setitem__("exp_avg", st["exp_avg"] * float("nan")) for st in ck["optimizer"]["state"].values()],
+     "holds NaN or inf"),
+    (lambda ck: ck.__setitem__("elapsed", float("nan")), "must be finite numbers"),
 ])
 def test_crafted_checkpoint_contents_refused_in_one_line(finished, capsys, monkeypatch, change, expect):
     import uuid
@@ -477,3 +483,31 @@ def test_model_that_cannot_take_the_data_fails_in_one_line_and_leaves_nothing(tm
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "cannot take the fake batches" in res.stderr and "[64, 3, 32, 32]" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_of_the_folder_is_refused(finished, capsys, monkeypatch, kind):
+    run = _copy_run(finished / "run", finished / f"lock-{kind}")
+    victim = finished / f"victim-{kind}.txt"
+    victim.write_text("precious")
+    if kind == "hardlink":
+        os.link(victim, run / ".lock")
+    else:
+        os.mkfifo(run / ".lock")
+    line = one_line_error(main_inproc(["--resume", str(run), "--trust-code"], finished, capsys, monkeypatch))
+    assert "not a plain file of this folder" in line
+    assert victim.read_text() == "precious"
+
+
+def test_evaluate_writes_only_new_json_files_into_a_run_folder(finished, capsys, monkeypatch):
+    run = _copy_run(finished / "run", finished / "evaljson")
+    (run / "tb").mkdir()
+    (run / "tb" / "events.out.tfevents.1").write_bytes(b"event")
+    for target in (run / "tb" / "events.out.tfevents.1", run / "tb" / "x.json", run / "notes.txt"):
+        line = one_line_error(main_inproc([str(run), "--trust-code", "--json", str(target)], finished, capsys,
+                                          monkeypatch, module="train.evaluate"))
+        assert "only a new .json file" in line
+    assert (run / "tb" / "events.out.tfevents.1").read_bytes() == b"event"
+    res = main_inproc([str(run), "--trust-code", "--json", str(run / "eval.json")], finished, capsys, monkeypatch,
+                      module="train.evaluate")
+    assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["test_accuracy"] >= 0
