@@ -511,3 +511,13 @@ def test_evaluate_writes_only_new_json_files_into_a_run_folder(finished, capsys,
     res = main_inproc([str(run), "--trust-code", "--json", str(run / "eval.json")], finished, capsys, monkeypatch,
                       module="train.evaluate")
     assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["test_accuracy"] >= 0
+
+
+@pytest.mark.parametrize("kv,expect", [("method=implicit", "method=implicit: model 'tinymodel:build_ep_always' ignored"),
+                                       ("beta=0.2", "beta=0.2: model 'tinymodel:build_ep_always' ignored"),
+                                       ("variant=positive", "variant=positive")])
+def test_settings_a_user_model_ignores_are_refused(tmp_path, capsys, monkeypatch, kv, expect):
+    args = ["digits", "model=tinymodel:build_ep_always", "progress=false", "num_threads=1", kv, "--out", "run"]
+    line = one_line_error(main_inproc(args, tmp_path, capsys, monkeypatch))
+    assert expect in line, line
+    assert not (tmp_path / "run").exists()

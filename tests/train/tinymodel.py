@@ -85,3 +85,12 @@ def build_analog(**kw):
     from ffebm.analog import convert_to_analog
 
     return convert_to_analog(build(**kw), seed=0)
+
+
+def build_ep_always(num_classes=10, in_channels=1, image_size=8, **_ignored):
+    """A user builder with an energy block that always trains by EP(beta=0.5), whatever it is told."""
+    import ffebm
+
+    return nn.Sequential(nn.Flatten(), ffebm.DenseHopfield([in_channels * image_size * image_size, 16, 8],
+                                                           gradient=ffebm.EP(beta=0.5)),
+                         nn.Linear(8, num_classes))
