@@ -43,9 +43,21 @@ def test_bench_analog_block_rows_small(monkeypatch):
         "conv tiny": (lambda: ffebm.ConvHopfield(2, (4, 4), [3, 4], pool="avg", steps=3, tol=None, nudge_steps=2),
                       (2, 4, 4), 2),
     })
+    pulsed = []
+    real_step = bench_analog.AnalogOptimizer.step
+
+    def counting_step(self, *a, **kw):  # what the bench times is a real pulsed training step
+        before = [p.analog_ctx.tile.get_weights().clone() for g in self.param_groups for p in g["params"]]
+        out = real_step(self, *a, **kw)
+        after = [p.analog_ctx.tile.get_weights() for g in self.param_groups for p in g["params"]]
+        pulsed.append(any(not __import__("torch").equal(b, c) for b, c in zip(before, after)))
+        return out
+
+    monkeypatch.setattr(bench_analog.AnalogOptimizer, "step", counting_step)
     rows = bench_analog.block_rows(1, __import__("torch").device("cpu"))
     assert [r["block"] for r in rows] == ["dense tiny", "conv tiny"]
     for r in rows:
         assert r["digital_s"] > 0 and r["analog_s"] > 0
-        # tile reads (noise, quantisation, read counting) cost more than the digital block's drives
-        assert r["analog_s"] > r["digital_s"], r
+    # warm-up + 1 timed step per analog block, and the tiles moved (c-TTv2 first fills its fast
+    # array, then transfers onto the tile)
+    assert len(pulsed) == 4 and (pulsed[0] or pulsed[1]) and (pulsed[2] or pulsed[3]), pulsed
