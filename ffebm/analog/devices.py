@@ -188,6 +188,9 @@ class PulsedDevice(Validated):
     # multiplicative cycle-to-cycle noise (step * (1 + std xi)); additive otherwise
     # (step + std * scale * xi). A class attribute here; LinearStep makes it a field.
     mult_noise = True
+    #: capability: a pulsed update of this device *is* the floating-point update ``W -= lr d x^T``
+    #: (no pulse trains needed); the pulse machinery then applies it directly
+    exact_updates = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -531,6 +534,8 @@ class ConstantStep(PulsedDevice):
 class IdealDevice(ConstantStep):
     """No device physics: a pulsed update is the exact floating-point update ``W -= lr d x^T``;
     single pulses move by exactly ``dw_min``. No spread, no noise, unbounded by default."""
+
+    exact_updates = True
 
     dw_min_dtod: float = 0.0
     dw_min_std: float = 0.0

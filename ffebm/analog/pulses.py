@@ -156,7 +156,6 @@ def pulsed_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float
 
     Returns the new states and statistics {n_up, n_down, bl}.
     """
-    from .devices import IdealDevice
 
     check_range("pulsed_update", "lr", float(lr), None, None)
     out_n, in_n = w.shape
@@ -167,7 +166,7 @@ def pulsed_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float
     lr = float(lr)
     if lr < 0:
         lr, d = -lr, -d
-    if cfg.pulse_type == "none" or isinstance(device_cfg, IdealDevice):
+    if cfg.pulse_type == "none" or device_cfg.exact_updates:
         w = device_cfg.clip(w - lr * (d.t() @ x), params)
         z = torch.zeros((), dtype=w.dtype, device=w.device)
         return w, {"n_up": z, "n_down": z.clone(),
