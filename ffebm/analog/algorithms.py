@@ -33,7 +33,7 @@ with ``reference_offset_sign="constant"``), to study imperfect references.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch

@@ -21,7 +21,7 @@ evaluation function at each time, restoring the trained weights afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

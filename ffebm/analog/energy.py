@@ -159,13 +159,10 @@ class AnalogEP(EP):
 
 
 
-    def _pulsed(self, call) -> List[bool]:
-        """Per energy parameter: is it the weight of an analog coupling (pulsed, not autograd)?"""
+    def skip(self, call) -> List[bool]:
+        """Per energy parameter: the weight of an analog coupling (pulsed, not asked of autograd)."""
         ids = {id(c.weight) for c in call.block.couplings if isinstance(c, ANALOG_COUPLINGS)}
         return [id(p) in ids for p in call.params]
-
-    def skip(self, call) -> List[bool]:
-        return self._pulsed(call)
 
     def read_out_extra(self, call, sa, sb, scale, grads):
         """Record each analog coupling's EP update as pulsed pairs (when this backward
