@@ -2,10 +2,12 @@
 analog training algorithms and layers."""
 from .config import InvalidSetting, IOConfig, UpdateConfig
 from .devices import (
-    DEVICE_REGISTRY, ConstantStep, DeviceArray, DeviceParams, ExpStep, IdealDevice, LinearStep,
+    DEVICE_REGISTRY, ConstantStep, DeviceParams, ExpStep, IdealDevice, LinearStep,
     PiecewiseStep, PowStep, PulsedDevice, SoftBounds, device_from_name, register_device,
 )
+from .integrate import apply_pulses
 from .pulses import coincidence_counts, pulse_probabilities
+from .device_array import DeviceArray
 from .tile import AnalogTile, find_analog_tiles, is_analog_tile, read_backward, read_forward
 from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor, evaluate_over_time
 

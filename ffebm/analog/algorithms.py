@@ -40,7 +40,9 @@ import torch
 from torch import Tensor
 
 from .config import InvalidSetting, IOConfig, Settings, UpdateConfig, check_choice, check_range
-from .devices import DeviceArray, DeviceParams, PulsedDevice, device_from_name
+from .device_array import DeviceArray
+from .devices import DeviceParams, PulsedDevice, SoftBounds, device_from_name
+from .rng import make_generator
 
 __all__ = [
     "AnalogAlgorithm", "AnalogSGD", "TikiTaka", "TTv1", "TTv2", "ChoppedTTv2", "AGAD",
@@ -571,16 +573,15 @@ def least_squares_run(algorithm: AnalogAlgorithm, tau: float = 0.4, steps: int =
     published spread of the steps and pulse noise), W starting at 0. Returns the final mean
     squared weight error (start: ~0.03)."""
     from .tile import AnalogTile
-    from .devices import SoftBounds
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)
     w_star = (torch.rand(out_size, in_size, generator=gen, dtype=dtype) * 0.6 - 0.3).to(device)
     dev = device_cfg if device_cfg is not None else SoftBounds(
         w_max=tau, w_min=-tau, w_max_dtod=0.0, w_min_dtod=0.0)
     tile = AnalogTile(out_size, in_size, dev, io=IOConfig.perfect(), seed=seed + 1,
                       device=device, dtype=dtype)
     tile.set_weights(torch.zeros(out_size, in_size, dtype=dtype, device=device))
-    g2 = torch.Generator(device=tile.device).manual_seed(seed + 2)
+    g2 = make_generator(seed + 2, tile.device)
     rt = algorithm.build(tile, g2)
     for _ in range(steps):
         x = torch.randn(batch, in_size, generator=gen, dtype=dtype).to(tile.device)

@@ -1,10 +1,20 @@
-"""Resistive device models (response of one device to one programming pulse) and device arrays.
+"""Resistive device models: the response of one device to one programming pulse.
 
 Every model is a small dataclass holding its published default settings, validated on
-construction, and deriving from :class:`PulsedDevice`. A device array (:class:`DeviceArray`)
-draws the device-to-device spread once from a seed (per-device up/down step, bounds, model
-extras), keeps the device states ``w`` and applies pulses with cycle-to-cycle noise, clipping
-each device to its own bounds after every pulse.
+construction, and deriving from :class:`PulsedDevice`. A model *describes* a device:
+
+* the expected step of one up / down pulse as a function of the state, ``s_up(w)`` /
+  ``s_down(w)`` (:meth:`PulsedDevice.step_up` / :meth:`PulsedDevice.step_down`), and, when it
+  has one, a closed form for n pulses (``affine_up``/``affine_down`` or ``closed_form``);
+* its device-to-device spread (:meth:`PulsedDevice.sample` draws the per-device parameters
+  :class:`DeviceParams` once: up/down step, bounds, model extras);
+* its cycle-to-cycle noise and bounds: one pulse is
+  ``w <- clip(w + s(w) (1 + dw_min_std xi), w_min, w_max)`` (:meth:`PulsedDevice.pulse_once`).
+
+Applying pulses is not a model's job: :mod:`ffebm.analog.integrate` applies n pulses (closed
+forms or a per-pulse loop), :mod:`ffebm.analog.pulses` turns a pulsed update into pulse trains,
+and :class:`~ffebm.analog.device_array.DeviceArray` holds the states of an array of devices.
+This module imports none of them.
 
 Sign convention (the reference simulator's): an *up* pulse increases ``w``; in a pulsed update
 ``W <- W - lr d x^T`` a coincidence with ``x_j d_i > 0`` sends a *down* pulse to device (i, j).
@@ -21,13 +31,15 @@ Write one dataclass deriving from :class:`PulsedDevice` with
 * optionally ``_sample_extra(shape, randn, p)`` returning a dict of extra per-device tensors
   (e.g. a spread exponent) that then appear as attributes of ``p``,
 * optionally ``affine_up(p)`` / ``affine_down(p)`` returning ``(k, beta)`` when one noiseless
-  pulse is the affine map ``w -> (1 - k) w + beta`` (then n pulses are applied in closed form);
+  pulse is the affine map ``w -> (1 - k) w + beta`` (then n pulses are applied in closed form),
+  or ``closed_form(w, n_up, n_down, p, generator)`` for a closed form of the model's own;
   otherwise n pulses are applied by a vectorised per-pulse loop (exact, slower).
 
 and register it with ``@register_device("MyDevice", "my_device")`` so that
 ``device_from_name("my_device")`` finds it. Cycle-to-cycle noise
-(``w += step * (1 + dw_min_std * xi)``), write noise, clipping, device-to-device spread of the
-step and bounds, and the pulsed-update machinery come from the base class. Example::
+(``w += step * (1 + dw_min_std * xi)``), write noise, clipping and device-to-device spread of the
+step and bounds come from the base class, the pulsed-update machinery works unchanged for the new
+model. Example::
 
     @register_device("SqrtStep")
     @dataclass
@@ -46,11 +58,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import Tensor
 
-from .config import InvalidSetting, UpdateConfig, Validated, check_range
+from . import rng
+from .config import InvalidSetting, Validated, check_range
 
 __all__ = [
     "DeviceParams", "PulsedDevice", "IdealDevice", "ConstantStep", "LinearStep", "SoftBounds",
-    "ExpStep", "PowStep", "PiecewiseStep", "DeviceArray", "device_from_name", "register_device",
+    "ExpStep", "PowStep", "PiecewiseStep", "device_from_name", "register_device",
     "DEVICE_REGISTRY",
 ]
 
@@ -134,24 +147,6 @@ class DeviceParams:
         return f"DeviceParams({inner})"
 
 
-def _randn(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
-    """Standard normal draws of ``shape`` on ``like``'s device/dtype from ``generator`` (which may
-    live on another device: then drawn there and moved)."""
-    dev = like.device
-    if generator is not None and generator.device.type != dev.type:
-        return torch.randn(shape, generator=generator, device=generator.device,
-                           dtype=like.dtype).to(dev)
-    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype)
-
-
-def _rand(shape, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
-    dev = like.device
-    if generator is not None and generator.device.type != dev.type:
-        return torch.rand(shape, generator=generator, device=generator.device,
-                          dtype=like.dtype).to(dev)
-    return torch.rand(shape, generator=generator, device=dev, dtype=like.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # base class
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +180,8 @@ class PulsedDevice(Validated):
     corrupt_devices_prob: float = 0.0
     corrupt_devices_range: float = 0.1
 
-    # multiplicative cycle-to-cycle noise (step * (1 + std xi)); additive otherwise
-    # (step + std * scale * xi). A class attribute here; LinearStep makes it a field.
+    #: multiplicative cycle-to-cycle noise (step * (1 + std xi)); additive otherwise
+    #: (step + std * scale * xi). A class attribute here; LinearStep makes it a field.
     mult_noise = True
     #: capability: a pulsed update of this device *is* the floating-point update ``W -= lr d x^T``
     #: (no pulse trains needed); the pulse machinery then applies it directly
@@ -231,7 +226,7 @@ class PulsedDevice(Validated):
         like = torch.empty(0, device=device, dtype=dtype)
 
         def randn() -> Tensor:
-            return _randn(shape, generator, like)
+            return rng.randn(shape, generator, like)
 
         one = torch.ones(shape, device=like.device, dtype=dtype)
         gain = (one + self.dw_min_dtod * randn()).abs() if self.dw_min_dtod > 0 else one
@@ -243,8 +238,8 @@ class PulsedDevice(Validated):
         lo, hi = torch.minimum(w_min, w_max), torch.maximum(w_min, w_max)
         p = DeviceParams(scale_up=scale_up, scale_down=scale_down, w_min=lo, w_max=hi)
         if self.corrupt_devices_prob > 0:
-            bad = _rand(shape, generator, like) < self.corrupt_devices_prob
-            val = (2 * _rand(shape, generator, like) - 1) * self.corrupt_devices_range
+            bad = rng.rand(shape, generator, like) < self.corrupt_devices_prob
+            val = (2 * rng.rand(shape, generator, like) - 1) * self.corrupt_devices_range
             p.w_min = torch.where(bad, val, p.w_min)
             p.w_max = torch.where(bad, val, p.w_max)
             p.scale_up = torch.where(bad, torch.zeros_like(scale_up), p.scale_up)
@@ -281,10 +276,20 @@ class PulsedDevice(Validated):
 
     def affine_up(self, p: DeviceParams) -> Optional[Tuple[Tensor, Tensor]]:
         """``(k, beta)`` if one noiseless up pulse is ``w -> (1-k) w + beta`` (valid over the whole
-        range, k in [0, 1)); None otherwise."""
+        range, k in [0, 1)); None otherwise. With both maps the pulse machinery applies n pulses
+        by their geometric sums (:func:`ffebm.analog.integrate.affine_closed_form`)."""
         return None
 
     def affine_down(self, p: DeviceParams) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(k, beta)`` if one noiseless down pulse is ``w -> (1-k) w + beta``; None otherwise."""
+        return None
+
+    def closed_form(self, w: Tensor, n_up: Tensor, n_down: Tensor, p: DeviceParams,
+                    generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+        """States after ``n_up`` up and ``n_down`` down pulses (elementwise counts, noise and
+        clipping included), when the model has a closed form of its own; None (the default)
+        lets the pulse machinery integrate :meth:`affine_up`/:meth:`affine_down` or loop over
+        single pulses (:func:`ffebm.analog.integrate.apply_pulses`)."""
         return None
 
     def symmetry_point(self, p: DeviceParams) -> Optional[Tensor]:
@@ -297,203 +302,24 @@ class PulsedDevice(Validated):
     def pulse_once(self, w: Tensor, direction: Tensor, p: DeviceParams,
                    generator: Optional[torch.Generator] = None) -> Tensor:
         """Apply at most one pulse per device: ``direction`` is +1 (up), -1 (down) or 0 (none).
-        Cycle-to-cycle noise on every pulse, then clipping to the device's bounds."""
+
+        ``w <- clip(w + s (1 + dw_min_std xi), w_min, w_max)`` with ``s = step_up(w)`` for an up
+        pulse, ``-step_down(w)`` for a down pulse, ``xi ~ N(0, 1)`` drawn for every device;
+        with additive noise (``mult_noise`` False) ``s + dw_min_std scale xi`` instead
+        (``scale``: the device's ``scale_up`` / ``scale_down``). The reference semantics of
+        one pulse, which the n-pulse closed forms reproduce."""
         up = direction > 0
         down = direction < 0
         step = torch.where(up, self.step_up(w, p), torch.zeros((), dtype=w.dtype, device=w.device))
         step = torch.where(down, -self.step_down(w, p), step)
         if self.dw_min_std > 0:
-            xi = _randn(w.shape, generator, w)
+            xi = rng.randn(w.shape, generator, w)
             if self.mult_noise:
                 step = step * (1.0 + self.dw_min_std * xi)
             else:
                 sc = torch.where(up, p.scale_up, p.scale_down) * (up | down)
                 step = step + self.dw_min_std * sc * xi
         return self.clip(w + step, p)
-
-    # -- n pulses ---------------------------------------------------------------------------
-    def apply_pulses(self, w: Tensor, n_up: Tensor, n_down: Optional[Tensor] = None,
-                     p: Optional[DeviceParams] = None,
-                     generator: Optional[torch.Generator] = None, exact: bool = False) -> Tensor:
-        """Apply ``n_up`` up and ``n_down`` down pulses to each device (elementwise counts).
-
-        ``n_down=None``: ``n_up`` holds signed counts (positive = up). ``p=None``: nominal
-        devices. Mixed counts are applied as half of the ``min(n_up, n_down)`` up/down pairs
-        (alternating order), the excess ``|n_up - n_down|`` pulses of one sign, then the other
-        half of the pairs. ``exact=True`` forces the per-pulse loop; otherwise models with an
-        affine per-pulse map use the closed form (exact noiseless response for single-sign runs;
-        order-averaged pairs; cycle-to-cycle noise with the variance of the noiseless
-        trajectory; clipping at the end).
-        Returns the new states (a new tensor).
-        """
-        if n_down is None:
-            n = n_up
-            n_up, n_down = n.clamp(min=0), (-n).clamp(min=0)
-        if p is None:
-            p = self.nominal(w.shape, w.device, w.dtype)
-        n_up = n_up.to(w.dtype).expand_as(w)
-        n_down = n_down.to(w.dtype).expand_as(w)
-        if not exact:
-            au, ad = self.affine_up(p), self.affine_down(p)
-            if au is not None and ad is not None:
-                return self._apply_affine(w, n_up, n_down, p, au, ad, generator)
-        return self._apply_loop(w, n_up, n_down, p, generator)
-
-    def _apply_loop(self, w: Tensor, n_up: Tensor, n_down: Tensor, p: DeviceParams,
-                    generator: Optional[torch.Generator]) -> Tensor:
-        """Per-pulse vectorised loop over the devices that still have pulses to receive
-        (devices sorted by count, so step k touches a prefix: cost ~ total pulses)."""
-        m = torch.maximum(n_up, n_down).reshape(-1)
-        kmax = int(m.max().item()) if m.numel() else 0
-        w = w.clone()
-        if kmax == 0:
-            return w
-        shape = w.shape
-        order = torch.argsort(m, descending=True)
-        ms = m[order]
-        n_active = int((ms > 0).sum().item())
-        order, ms = order[:n_active], ms[:n_active]
-        flat = w.reshape(-1)
-        ws = flat[order]
-        us = n_up.reshape(-1)[order]
-        ds = n_down.reshape(-1)[order]
-        mp = torch.minimum(us, ds)  # pairs
-        m1 = torch.floor(mp / 2)  # pairs before the excess
-        rs = (us - ds).abs()
-        sgn = torch.sign(us - ds)
-        ps = p.map(lambda t: t.expand(shape).reshape(-1)[order])
-        # number of devices with more than k pulses, for each k
-        hist = torch.bincount(ms.long(), minlength=kmax + 1)
-        active = (n_active - torch.cumsum(hist, 0)).tolist()
-        one = torch.ones((), dtype=w.dtype, device=w.device)
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        for k in range(kmax):
-            a = active[k]
-            if a <= 0:
-                break
-            pk = ps.map(lambda t: t[:a])
-            wk = ws[:a]
-            # schedule per device: m1 pairs, the |n_up - n_down| excess pulses, the other pairs
-            in_excess = (m1[:a] <= k) & (k < m1[:a] + rs[:a])
-            is_pair = ~in_excess
-            du = torch.where(is_pair, one, torch.where(sgn[:a] > 0, one, zero))
-            dd = torch.where(is_pair, -one, torch.where(sgn[:a] < 0, -one, zero))
-            if k % 2 == 0:
-                wk = self.pulse_once(wk, du, pk, generator)
-                wk = self.pulse_once(wk, dd, pk, generator)
-            else:
-                wk = self.pulse_once(wk, dd, pk, generator)
-                wk = self.pulse_once(wk, du, pk, generator)
-            ws[:a] = wk
-        flat = flat.clone()
-        flat[order] = ws
-        return flat.reshape(shape)
-
-    def _affine_cache(self, p: DeviceParams, au, ad) -> Dict[str, Any]:
-        """Per-device constants of the closed form (cached on ``p``, dropped by ``p.map``)."""
-        c = p.__dict__.get("_affine")
-        if c is not None:
-            return c
-        ku, bu = au
-        kd, bd = ad
-        ku, kd = ku.expand_as(p.w_max), kd.expand_as(p.w_max)
-        bu, bd = bu.expand_as(p.w_max), bd.expand_as(p.w_max)
-        lu = torch.log1p(-ku.clamp(max=1.0 - 1e-12))
-        ld = torch.log1p(-kd.clamp(max=1.0 - 1e-12))
-        lp = lu + ld
-        kp = -torch.expm1(lp)  # 1 - rho, rho = (1-ku)(1-kd)
-        kp2 = -torch.expm1(2 * lp)  # 1 - rho^2
-
-        def inv(k: Tensor, eps: float = 1e-9) -> Tensor:
-            return torch.where(k < eps, torch.zeros_like(k), 1.0 / k.clamp(min=eps))
-
-        kmin = float(torch.minimum(ku.min(), kd.min())) if ku.numel() else 1.0
-        mult = self.mult_noise
-        c = {"ku": ku, "kd": kd, "bu": bu, "bd": bd, "lu": lu, "ld": ld, "lp": lp,
-             "iku": inv(ku), "ikd": inv(kd), "ikp": inv(kp), "ikp2": inv(kp2, 1e-12),
-             # order-averaged constant of one up/down pair
-             "cp": bu + bd - 0.5 * (kd * bu + ku * bd),
-             # squared step of one pulse of the excess run, / (1-k)^2 (for the run variance)
-             "e2u": torch.exp(-2 * lu), "e2d": torch.exp(-2 * ld),
-             # su(w)^2 + sd(w)^2 = q0 + q1 w + q2 w^2 (multiplicative noise; constant otherwise)
-             "q0": bu.square() + bd.square(),
-             "q1h": -(bu * ku + bd * kd) if mult else torch.zeros_like(bu),
-             "q2h": 0.5 * (ku.square() + kd.square()) if mult else torch.zeros_like(bu),
-             "any_small": kmin < 1e-9}
-        p.__dict__["_affine"] = c
-        return c
-
-    def _apply_affine(self, w: Tensor, n_up: Tensor, n_down: Tensor, p: DeviceParams,
-                      au: Tuple[Tensor, Tensor], ad: Tuple[Tensor, Tensor],
-                      generator: Optional[torch.Generator]) -> Tensor:
-        """Closed form for pulses acting as ``w -> (1-k) w + beta``.
-
-        Mean: of ``m = min(n_up, n_down)`` order-averaged up/down pairs (``w -> rho w + c``)
-        half are applied, then the ``|n_up - n_down|`` pulses of one sign, then the other half
-        (Strang splitting: the excess is spread through the sequence in reality); each phase is
-        affine-geometric, so single-sign runs are exact.
-        Noise (cycle-to-cycle, one draw per device): variance of the excess run exact along its
-        noiseless trajectory, ``s(w_1)^2 n (1-k)^(2(n-1))``; of the pairs
-        ``qbar (1 - rho^(2m)) / (1 - rho^2)`` with ``qbar`` the mean of
-        ``s_up(w)^2 + s_down(w)^2`` at the start and end states (exact for constant steps and
-        at the symmetry point); cross-contraction between phases to first order. Clipping at
-        the end (exact for noiseless single-sign runs; otherwise the closed form ignores a bound
-        reached in the middle of the batch).
-        """
-        c = self._affine_cache(p, au, ad)
-        exact_fp = w.dtype == torch.float64
-        any_small = c["any_small"]
-
-        def om_exp(t: Tensor, a: Tensor) -> Tensor:  # 1 - exp(t), a = exp(t)
-            return -torch.expm1(t) if exact_fp else 1.0 - a
-
-        def geom(n: Tensor, om: Tensor, ik: Tensor) -> Tensor:
-            # sum_{i<n} (1-k)^i = (1 - (1-k)^n)/k, limit n as k -> 0 (ik = 0 there)
-            g = om * ik
-            return torch.where(ik == 0, n, g) if any_small else g
-
-        m = torch.minimum(n_up, n_down)
-        r = n_up - n_down
-        up_r = r > 0
-        n_r = r.abs()
-        l_r = torch.where(up_r, c["lu"], c["ld"])
-        b_r = torch.where(up_r, c["bu"], c["bd"])
-        ik_r = torch.where(up_r, c["iku"], c["ikd"])
-        any_pairs = bool((m > 0).any())
-
-        def pairs(w0: Tensor, mm: Tensor) -> Tuple[Tensor, Tensor]:
-            t = mm * c["lp"]
-            a = torch.exp(t)
-            return a * w0 + c["cp"] * geom(mm, om_exp(t, a), c["ikp"]), a
-
-        if any_pairs:
-            m1 = torch.floor(m * 0.5)
-            w1, _ = pairs(w, m1)
-        else:
-            w1 = w
-        t2 = n_r * l_r
-        a2 = torch.exp(t2)
-        new = a2 * w1 + b_r * geom(n_r, om_exp(t2, a2), ik_r)
-        if any_pairs:
-            new, a3 = pairs(new, m - m1)
-        sig = self.dw_min_std
-        if sig > 0:
-            if self.mult_noise:
-                s_r = b_r - torch.where(up_r, c["ku"], c["kd"]) * w1  # step at the run's start
-                var = (s_r * s_r) * n_r * (a2 * a2) * torch.where(up_r, c["e2u"], c["e2d"])
-            else:
-                k2 = -torch.expm1(2 * l_r)
-                g2 = (-torch.expm1(2 * t2) if exact_fp else 1.0 - (a2 * a2))
-                var = (b_r * b_r) * torch.where(k2 < 1e-12, n_r, g2 / k2.clamp(min=1e-12))
-            if any_pairs:
-                qbar = c["q0"] + c["q1h"] * (w + new) + c["q2h"] * ((w * w + new * new))
-                t = 2 * m * c["lp"]
-                g2 = geom(m, om_exp(t, torch.exp(t)), c["ikp2"])
-                # the run's noise is contracted by the later pairs, half of the pairs' noise by
-                # the run
-                var = var * (a3 * a3) + qbar * g2 * (0.5 + 0.5 * (a2 * a2))
-            new = new + sig * var.clamp(min=0).sqrt() * _randn(w.shape, generator, w)
-        return self.clip(new, p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,14 +344,14 @@ class ConstantStep(PulsedDevice):
     def affine_down(self, p):
         return torch.zeros_like(p.scale_down), -p.scale_down
 
-    def _apply_affine(self, w, n_up, n_down, p, au, ad, generator):
-        # constant steps commute: w + a+ n_up - a- n_down, noise variance
-        # sigma^2 (a+^2 n_up + a-^2 n_down) (additive and multiplicative noise coincide);
-        # clipped once at the end (exact unless a bound is reached during the batch).
+    def closed_form(self, w, n_up, n_down, p, generator=None):
+        """Constant steps commute: ``w + a+ n_up - a- n_down + sigma sqrt(a+^2 n_up + a-^2 n_down) xi``
+        (additive and multiplicative noise coincide), clipped once at the end (exact unless a
+        bound is reached during the batch)."""
         new = w + p.scale_up * n_up - p.scale_down * n_down
         if self.dw_min_std > 0:
             var = p.scale_up * p.scale_up * n_up + p.scale_down * p.scale_down * n_down
-            new = new + self.dw_min_std * var.sqrt() * _randn(w.shape, generator, w)
+            new = new + self.dw_min_std * var.sqrt() * rng.randn(w.shape, generator, w)
         return self.clip(new, p)
 
 
@@ -690,12 +516,12 @@ class PowStep(PulsedDevice):
         return {"gamma": g}
 
     def step_up(self, w, p):
-        rng = p.w_max - p.w_min
-        return p.scale_up * ((p.w_max - w) / rng).clamp(min=0.0) ** p.gamma
+        span = p.w_max - p.w_min
+        return p.scale_up * ((p.w_max - w) / span).clamp(min=0.0) ** p.gamma
 
     def step_down(self, w, p):
-        rng = p.w_max - p.w_min
-        return p.scale_down * ((w - p.w_min) / rng).clamp(min=0.0) ** p.gamma
+        span = p.w_max - p.w_min
+        return p.scale_down * ((w - p.w_min) / span).clamp(min=0.0) ** p.gamma
 
 
 @register_device("piecewise_step", "piecewise")
@@ -739,134 +565,3 @@ class PiecewiseStep(PulsedDevice):
 
     def step_down(self, w, p):
         return p.scale_down * self._interp(self.piecewise_down, w, p)
-
-
-# ----------------------------------------------------------------------------------------------
-# device array
-# ----------------------------------------------------------------------------------------------
-
-
-def make_generator(seed: Optional[int], device: Any = None) -> torch.Generator:
-    """A torch.Generator on ``device``; seeded from ``seed``, or from the global RNG if None."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    g = torch.Generator(device=dev)
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    g.manual_seed(int(seed))
-    return g
-
-
-class DeviceArray:
-    """An ``out x in`` array of devices of one model, with its sampled spread and states.
-
-    ``w``: device states (tile units). ``params``: the per-device parameters drawn once.
-    ``generator``: torch.Generator used for the spread and, by default, for every pulse and
-    write-noise draw (same seed -> identical results). Reads should use :attr:`w_read`
-    (``w`` plus write noise when the model has it).
-    """
-
-    def __init__(self, device_cfg: Any, shape: Sequence[int],
-                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-                 device: Any = None, dtype: torch.dtype = torch.float32) -> None:
-        if isinstance(device_cfg, str):
-            device_cfg = device_from_name(device_cfg)
-        if not isinstance(device_cfg, PulsedDevice):
-            raise InvalidSetting("DeviceArray", "device_cfg", device_cfg, "a PulsedDevice or a device name")
-        self.device_cfg = device_cfg
-        self.shape = tuple(int(s) for s in shape)
-        if generator is None:
-            generator = make_generator(seed, device)
-        if device is None:
-            device = generator.device
-        self.generator = generator
-        self.params = device_cfg.sample(self.shape, generator, device, dtype)
-        self.w = torch.zeros(self.shape, device=device, dtype=dtype)
-        self.w = device_cfg.clip(self.w, self.params)
-        self._w_read: Optional[Tensor] = None
-        self._redraw_write_noise()
-
-    # -- basics ------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.w.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w.dtype
-
-    @property
-    def w_read(self) -> Tensor:
-        """What a read sees: ``w`` plus write noise (if the model has any)."""
-        return self.w if self._w_read is None else self._w_read
-
-    def _redraw_write_noise(self, generator: Optional[torch.Generator] = None) -> None:
-        s = self.device_cfg.write_noise_std
-        if s > 0:
-            g = generator if generator is not None else self.generator
-            self._w_read = self.w + s * self.device_cfg.dw_min * _randn(self.w.shape, g, self.w)
-        else:
-            self._w_read = None
-
-    def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "DeviceArray":
-        """Move states and parameters (in place; returns self). A new generator on the target
-        device is seeded from the current one, so runs stay reproducible."""
-        device = torch.device(device) if device is not None else self.w.device
-        dtype = dtype or self.w.dtype
-        if device != self.w.device:
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator,
-                                     device=self.generator.device).item())
-            self.generator = make_generator(seed, device)
-        self.w = self.w.to(device=device, dtype=dtype)
-        self.params = self.params.to(device=device, dtype=dtype)
-        if self._w_read is not None:
-            self._w_read = self._w_read.to(device=device, dtype=dtype)
-        return self
-
-    def set_weights(self, w: Tensor) -> None:
-        """Program the states (clipped to each device's bounds)."""
-        w = torch.as_tensor(w, dtype=self.w.dtype, device=self.w.device)
-        self.w = self.device_cfg.clip(w.expand(self.shape).clone(), self.params)
-        self._redraw_write_noise()
-
-    def get_weights(self) -> Tensor:
-        return self.w.clone()
-
-    def symmetry_point(self) -> Optional[Tensor]:
-        return self.device_cfg.symmetry_point(self.params)
-
-    # -- pulses ------------------------------------------------------------------------------
-    def pulse(self, n: Tensor, generator: Optional[torch.Generator] = None,
-              exact: bool = False) -> None:
-        """Apply signed pulse counts (positive = up) to each device."""
-        g = generator if generator is not None else self.generator
-        n = torch.as_tensor(n, device=self.w.device)
-        self.w = self.device_cfg.apply_pulses(self.w, n, None, self.params, g, exact=exact)
-        self._redraw_write_noise(g)
-
-    def pulse_counts(self, n_up: Tensor, n_down: Tensor,
-                     generator: Optional[torch.Generator] = None, exact: bool = False) -> None:
-        """Apply separate up and down counts (pairs first, then the excess)."""
-        g = generator if generator is not None else self.generator
-        self.w = self.device_cfg.apply_pulses(self.w, n_up, n_down, self.params, g, exact=exact)
-        self._redraw_write_noise(g)
-
-    def pulsed_update(self, x: Tensor, d: Tensor, lr: float, cfg: Optional[UpdateConfig] = None,
-                      generator: Optional[torch.Generator] = None,
-                      exact: Optional[bool] = None) -> Dict[str, Tensor]:
-        """``W <- W - lr * sum_b d_b x_b^T`` realised as stochastic pulse trains.
-
-        ``x``: [B, in] (or [in]), ``d``: [B, out] (or [out]). ``exact``: None -> ``cfg.exact``.
-        Returns pulse statistics (tensors, no host sync): ``n_up``, ``n_down`` (totals),
-        ``bl`` (bit length used per sample).
-        """
-        from .pulses import pulsed_update  # local import: pulses builds on this module
-
-        cfg = cfg if cfg is not None else UpdateConfig()
-        g = generator if generator is not None else self.generator
-        ex = cfg.exact if exact is None else bool(exact)
-        self.w, stats = pulsed_update(self.device_cfg, self.params, self.w, x, d, lr, cfg, g, ex)
-        self._redraw_write_noise(g)
-        return stats
-
-    def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        return f"DeviceArray({self.device_cfg!r}, shape={self.shape}, device={self.w.device})"

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import InvalidSetting, Settings, check_range
-from .devices import _randn, make_generator
+from .rng import make_generator, randn
 from .tile import AnalogTile, find_analog_tiles
 
 __all__ = ["PCMDriftModel", "ProgrammedWeights", "drift_compensation_factor", "evaluate_over_time"]
@@ -94,9 +94,9 @@ class PCMDriftModel(Settings):
     def _program_g(self, gt: Tensor, generator: Optional[torch.Generator]):
         g = gt
         if self.prog_noise_scale > 0:
-            g = (gt + self.prog_noise_scale * self.prog_sigma(gt) * _randn(gt.shape, generator, gt)).clamp(min=0.0)
+            g = (gt + self.prog_noise_scale * self.prog_sigma(gt) * randn(gt.shape, generator, gt)).clamp(min=0.0)
         mu, s = self.drift_mu_s(gt / self.g_max)
-        nu = (mu + s * _randn(gt.shape, generator, gt)).abs() * self.drift_scale
+        nu = (mu + s * randn(gt.shape, generator, gt)).abs() * self.drift_scale
         return g, nu
 
     def program(self, w: Tensor, generator: Optional[torch.Generator] = None) -> ProgrammedWeights:
@@ -120,7 +120,7 @@ class PCMDriftModel(Settings):
         if self.read_noise_scale > 0:
             q = self.read_q(gt / self.g_max)
             sig_t = q * math.sqrt(max(math.log((t + self.t0 + self.t_read) / (2 * self.t_read)), 0.0))
-            gd = (gd + gd.abs() * self.read_noise_scale * sig_t * _randn(gd.shape, generator, gd)).clamp(min=0.0)
+            gd = (gd + gd.abs() * self.read_noise_scale * sig_t * randn(gd.shape, generator, gd)).clamp(min=0.0)
         return gd
 
     def to_weights(self, g_pos: Tensor, g_neg: Tensor, scale: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from torch import Tensor
 from .algorithms import AnalogAlgorithm, AnalogSGD, _Runtime
 from .config import InvalidSetting, check_range
 from .layers import is_analog_parameter
+from .rng import make_generator
 
 __all__ = ["AnalogOptimizer"]
 
@@ -110,12 +111,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
 
     def _build(self, p: Tensor, tile: Any) -> _Runtime:
         dev = tile.out_scale.device
-        g = torch.Generator(device=dev)
-        if self.seed is None:
-            s = int(torch.randint(0, 2 ** 62, (1,)).item())
-        else:
-            s = int(self.seed) + self._index(p)
-        g.manual_seed(s)
+        g = make_generator(None if self.seed is None else int(self.seed) + self._index(p), dev)
         rt = self.algorithm.build(tile, g)
         self._runtimes[id(p)] = rt
         self._gens[id(p)] = g

@@ -20,7 +20,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import InvalidSetting, UpdateConfig
-from .devices import DeviceArray, PulsedDevice, device_from_name
+from .device_array import DeviceArray
+from .devices import PulsedDevice, device_from_name
+from .rng import make_generator
 
 __all__ = ["device_response", "plot_device_response", "plot_weight_histogram", "main"]
 
@@ -122,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p1 = plot_device_response(cfg, os.path.join(a.out, f"{name}_response.png"), a.pulses,
                               a.devices, a.seed)
     # tile: program N(0, 0.15) weights, then 100 random pulsed updates
-    g = torch.Generator().manual_seed(a.seed)
+    g = make_generator(a.seed)
     da = DeviceArray(cfg, (128, 128), seed=a.seed)
     target = (0.15 * torch.randn(128, 128, generator=g))
     da.set_weights(target)

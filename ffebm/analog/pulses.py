@@ -13,11 +13,12 @@ Two paths:
 
 * exact (:func:`exact_update`): bits drawn and pulses applied one coincidence slot at a time,
   sample after sample (the reference semantics; ``B * BL`` vectorised device steps);
-* fast (:func:`coincidence_counts` + ``PulsedDevice.apply_pulses``): the signed bit trains of
-  the whole batch are stacked into ``[B*BL, in]`` / ``[B*BL, out]`` matrices and the per-device
-  numbers of up and down coincidences come out of two matrix products (exact counts, same joint
-  distribution as the exact path); the device response to those counts is then applied in
-  closed form (affine-step models) or by a per-pulse loop over devices that still have pulses.
+* fast (:func:`coincidence_counts` + :func:`~ffebm.analog.integrate.apply_pulses`): the signed
+  bit trains of the whole batch are stacked into ``[B*BL, in]`` / ``[B*BL, out]`` matrices and
+  the per-device numbers of up and down coincidences come out of two matrix products (exact
+  counts, same joint distribution as the exact path); the device response to those counts is
+  then applied in closed form (affine-step models) or by a per-pulse loop over devices that
+  still have pulses (:mod:`ffebm.analog.integrate`).
   The only approximation is the order of the pulses inside one batch (up/down pairs first,
   order-averaged, then the excess of one sign) and, for closed forms, clipping applied after each
   phase rather than after every pulse.
@@ -30,6 +31,9 @@ import torch
 from torch import Tensor
 
 from .config import UpdateConfig, check_range
+from .devices import DeviceParams, PulsedDevice
+from .integrate import apply_pulses
+from .rng import rand
 
 __all__ = ["pulse_probabilities", "sample_bits", "coincidence_counts", "exact_update",
            "pulsed_update"]
@@ -74,14 +78,12 @@ def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generat
                 sign: Optional[Tensor] = None) -> Tensor:
     """Bits [B, L, n]: Bernoulli(p) in slots t < bl_b, zero elsewhere. Bool, or, when ``sign``
     ([B, n]) is given, float bits carrying that sign (values in {-1, 0, 1})."""
-    from .devices import _rand
-
     B, n = p.shape
     p3 = p.unsqueeze(1)
     if L > 1 and not bool((bl >= L).all()):
         slot_ok = (torch.arange(L, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)
         p3 = p3 * slot_ok.unsqueeze(2)  # zero probability beyond each sample's BL
-    u = _rand((B, L, n), generator, p)
+    u = rand((B, L, n), generator, p)
     bits = u < p3
     if sign is None:
         return bits
@@ -125,12 +127,10 @@ def coincidence_counts(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig, dw_mi
     return n_up, n_down, bl
 
 
-def exact_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float,
-                 cfg: UpdateConfig, dw_min: float,
+def exact_update(device_cfg: PulsedDevice, params: DeviceParams, w: Tensor, x: Tensor,
+                 d: Tensor, lr: float, cfg: UpdateConfig, dw_min: float,
                  generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reference path: one coincidence slot at a time, sample after sample."""
-    from .devices import _rand
-
     px, pd, bl = pulse_probabilities(x.to(w.dtype), d.to(w.dtype), lr, cfg, dw_min)
     sx, sd = torch.sign(x).to(w.dtype), torch.sign(d).to(w.dtype)
     n_up = torch.zeros((), dtype=w.dtype, device=w.device)
@@ -138,8 +138,8 @@ def exact_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float,
     bls = bl.tolist()
     for b in range(x.shape[0]):
         for _ in range(bls[b]):
-            xbit = _rand(px[b].shape, generator, px) < px[b]
-            dbit = _rand(pd[b].shape, generator, pd) < pd[b]
+            xbit = rand(px[b].shape, generator, px) < px[b]
+            dbit = rand(pd[b].shape, generator, pd) < pd[b]
             if not (bool(xbit.any()) and bool(dbit.any())):
                 continue
             direction = -(torch.outer(sd[b] * dbit, sx[b] * xbit))
@@ -149,9 +149,9 @@ def exact_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float,
     return w, n_up, n_down, bl
 
 
-def pulsed_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float,
-                  cfg: UpdateConfig, generator: Optional[torch.Generator] = None,
-                  exact: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
+def pulsed_update(device_cfg: PulsedDevice, params: DeviceParams, w: Tensor, x: Tensor,
+                  d: Tensor, lr: float, cfg: UpdateConfig,
+                  generator: Optional[torch.Generator] = None, exact: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``W - lr d^T x`` by pulses on the devices of ``device_cfg`` with parameters ``params``.
 
     Returns the new states and statistics {n_up, n_down, bl}.
@@ -180,5 +180,5 @@ def pulsed_update(device_cfg, params, w: Tensor, x: Tensor, d: Tensor, lr: float
         w, n_up, n_down, bl = exact_update(device_cfg, params, w, x, d, lr, cfg, dw_min, generator)
         return w, {"n_up": n_up, "n_down": n_down, "bl": bl}
     cu, cd, bl = coincidence_counts(x, d, lr, cfg, dw_min, generator, w.dtype)
-    w = device_cfg.apply_pulses(w, cu, cd, params, generator)
+    w = apply_pulses(device_cfg, w, cu, cd, params, generator)
     return w, {"n_up": cu.sum(), "n_down": cd.sum(), "bl": bl}

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
-from .devices import ConstantStep, DeviceArray, PulsedDevice, _randn, device_from_name, make_generator
+from .device_array import DeviceArray
+from .devices import ConstantStep, DeviceParams, PulsedDevice, device_from_name
+from .rng import fork_generator, make_generator, randn
 
 __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "find_analog_tiles"]
 
@@ -41,16 +43,16 @@ def _single_read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.G
     xq = x.clamp(-ib, ib) if math.isfinite(ib) else x
     xq = _quantise(xq, io.inp_res, ib)
     if io.inp_noise > 0:
-        xq = xq + io.inp_noise * _randn(xq.shape, generator, xq)
+        xq = xq + io.inp_noise * randn(xq.shape, generator, xq)
     y = xq @ W.t()
     if io.w_noise > 0:
         if io.w_noise_type == "additive":
             s = xq.norm(dim=1, keepdim=True)
         else:  # pcm
             s = torch.sqrt((xq * xq) @ W.abs().t())
-        y = y + io.w_noise * s * _randn(y.shape, generator, y)
+        y = y + io.w_noise * s * randn(y.shape, generator, y)
     if io.out_noise > 0:
-        y = y + io.out_noise * _randn(y.shape, generator, y)
+        y = y + io.out_noise * randn(y.shape, generator, y)
     ob = io.out_bound
     if math.isfinite(ob):
         clipped = (y.abs() >= ob).any(dim=1)
@@ -208,9 +210,7 @@ class AnalogTile(nn.Module):
             for a in row:
                 a.to(probe.device, probe.dtype if probe.is_floating_point() else None)
         if self.generator.device != probe.device:
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator,
-                                     device=self.generator.device).item())
-            self.generator = make_generator(seed, probe.device)
+            self.generator = fork_generator(self.generator, probe.device)
         return self
 
     # -- weights ---------------------------------------------------------------------------
@@ -331,8 +331,6 @@ class AnalogTile(nn.Module):
                 "params": [[{k: v for k, v in a.params.items()} for a in row] for row in self.arrays]}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        from .devices import DeviceParams
-
         for row, wrow, prow in zip(self.arrays, state["w"], state["params"]):
             for a, w, p in zip(row, wrow, prow):
                 a.params = DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)

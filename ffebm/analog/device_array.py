@@ -1,0 +1,136 @@
+"""Device arrays: an ``out x in`` array of devices of one model, with its states.
+
+:class:`DeviceArray` draws the device-to-device spread once from a seed (per-device up/down
+step, bounds, model extras: :meth:`PulsedDevice.sample`), keeps the device states ``w`` and
+applies pulses to them with the pulse machinery: signed counts or up/down counts
+(:func:`~ffebm.analog.integrate.apply_pulses`) and pulsed outer-product updates
+``W <- W - lr d x^T`` (:func:`~ffebm.analog.pulses.pulsed_update`). Reads see
+``w + write_noise_std dw_min xi``, redrawn after every update (:attr:`DeviceArray.w_read`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import InvalidSetting, UpdateConfig
+from .devices import PulsedDevice, device_from_name
+from .integrate import apply_pulses
+from .pulses import pulsed_update
+from .rng import fork_generator, make_generator, randn
+
+__all__ = ["DeviceArray"]
+
+
+class DeviceArray:
+    """An ``out x in`` array of devices of one model, with its sampled spread and states.
+
+    ``w``: device states (tile units). ``params``: the per-device parameters drawn once.
+    ``generator``: torch.Generator used for the spread and, by default, for every pulse and
+    write-noise draw (same seed -> identical results). Reads should use :attr:`w_read`
+    (``w`` plus write noise when the model has it).
+    """
+
+    def __init__(self, device_cfg: Any, shape: Sequence[int],
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                 device: Any = None, dtype: torch.dtype = torch.float32) -> None:
+        if isinstance(device_cfg, str):
+            device_cfg = device_from_name(device_cfg)
+        if not isinstance(device_cfg, PulsedDevice):
+            raise InvalidSetting("DeviceArray", "device_cfg", device_cfg, "a PulsedDevice or a device name")
+        self.device_cfg = device_cfg
+        self.shape = tuple(int(s) for s in shape)
+        if generator is None:
+            generator = make_generator(seed, device)
+        if device is None:
+            device = generator.device
+        self.generator = generator
+        self.params = device_cfg.sample(self.shape, generator, device, dtype)
+        self.w = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.w = device_cfg.clip(self.w, self.params)
+        self._w_read: Optional[Tensor] = None
+        self._redraw_write_noise()
+
+    # -- basics ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w.dtype
+
+    @property
+    def w_read(self) -> Tensor:
+        """What a read sees: ``w`` plus write noise (if the model has any)."""
+        return self.w if self._w_read is None else self._w_read
+
+    def _redraw_write_noise(self, generator: Optional[torch.Generator] = None) -> None:
+        s = self.device_cfg.write_noise_std
+        if s > 0:
+            g = generator if generator is not None else self.generator
+            self._w_read = self.w + s * self.device_cfg.dw_min * randn(self.w.shape, g, self.w)
+        else:
+            self._w_read = None
+
+    def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "DeviceArray":
+        """Move states and parameters (in place; returns self). A new generator on the target
+        device is seeded from the current one, so runs stay reproducible."""
+        device = torch.device(device) if device is not None else self.w.device
+        dtype = dtype or self.w.dtype
+        if device != self.w.device:
+            self.generator = fork_generator(self.generator, device)
+        self.w = self.w.to(device=device, dtype=dtype)
+        self.params = self.params.to(device=device, dtype=dtype)
+        if self._w_read is not None:
+            self._w_read = self._w_read.to(device=device, dtype=dtype)
+        return self
+
+    def set_weights(self, w: Tensor) -> None:
+        """Program the states (clipped to each device's bounds)."""
+        w = torch.as_tensor(w, dtype=self.w.dtype, device=self.w.device)
+        self.w = self.device_cfg.clip(w.expand(self.shape).clone(), self.params)
+        self._redraw_write_noise()
+
+    def get_weights(self) -> Tensor:
+        return self.w.clone()
+
+    def symmetry_point(self) -> Optional[Tensor]:
+        return self.device_cfg.symmetry_point(self.params)
+
+    # -- pulses ------------------------------------------------------------------------------
+    def pulse(self, n: Tensor, generator: Optional[torch.Generator] = None,
+              exact: bool = False) -> None:
+        """Apply signed pulse counts (positive = up) to each device."""
+        g = generator if generator is not None else self.generator
+        n = torch.as_tensor(n, device=self.w.device)
+        self.w = apply_pulses(self.device_cfg, self.w, n, None, self.params, g, exact=exact)
+        self._redraw_write_noise(g)
+
+    def pulse_counts(self, n_up: Tensor, n_down: Tensor,
+                     generator: Optional[torch.Generator] = None, exact: bool = False) -> None:
+        """Apply separate up and down counts (half of the up/down pairs, the excess of one sign,
+        the other half of the pairs)."""
+        g = generator if generator is not None else self.generator
+        self.w = apply_pulses(self.device_cfg, self.w, n_up, n_down, self.params, g, exact=exact)
+        self._redraw_write_noise(g)
+
+    def pulsed_update(self, x: Tensor, d: Tensor, lr: float, cfg: Optional[UpdateConfig] = None,
+                      generator: Optional[torch.Generator] = None,
+                      exact: Optional[bool] = None) -> Dict[str, Tensor]:
+        """``W <- W - lr * sum_b d_b x_b^T`` realised as stochastic pulse trains.
+
+        ``x``: [B, in] (or [in]), ``d``: [B, out] (or [out]). ``exact``: None -> ``cfg.exact``.
+        Returns pulse statistics (tensors, no host sync): ``n_up``, ``n_down`` (totals),
+        ``bl`` (bit length used per sample).
+        """
+        cfg = cfg if cfg is not None else UpdateConfig()
+        g = generator if generator is not None else self.generator
+        ex = cfg.exact if exact is None else bool(exact)
+        self.w, stats = pulsed_update(self.device_cfg, self.params, self.w, x, d, lr, cfg, g, ex)
+        self._redraw_write_noise(g)
+        return stats
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"DeviceArray({self.device_cfg!r}, shape={self.shape}, device={self.w.device})"
