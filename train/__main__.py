@@ -121,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         import torch  # noqa: F401  (heavy imports after the cheap checks)
         from . import trainer as T
+        from .config import from_dict, to_dict
+        from .runfolder import METRICS_FILE, plan_run
         from .runlock import ClaimedRunFolder
         from .checkpoint import CheckpointError  # noqa: F401
 
@@ -136,11 +138,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         decision = None
         if ctx.is_main:
             try:
-                plan = T.plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {},
+                plan = plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {},
                                   trust_code=args.trust_code)
                 # one process per run folder, and a folder we can write, before any work is spent
                 claimed = ClaimedRunFolder(plan.run_dir).claim()
-                decision = ("ok", {"cfg": T.to_dict(plan.cfg), "run_dir": str(plan.run_dir),
+                decision = ("ok", {"cfg": to_dict(plan.cfg), "run_dir": str(plan.run_dir),
                                    "resume_from": str(plan.resume_from) if plan.resume_from else None,
                                    "existing": plan.existing, "note": plan.note})
             except UserError as e:
@@ -150,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _print_err(decision[1], ctx)
             return 2
         d = decision[1]
-        cfg = T.from_dict(d["cfg"])
+        cfg = from_dict(d["cfg"])
         run_dir = Path(d["run_dir"])
         if d["note"]:
             if ctx.is_main:
@@ -166,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 claimed = None
             return 2
         if trainer.finished and trainer.final is not None:
-            metrics = run_dir / T.METRICS_FILE
+            metrics = run_dir / METRICS_FILE
             if ctx.is_main and not metrics.exists():  # a run stopped while writing its results
                 from .checkpoint import WriteError, atomic_write_json
 
@@ -177,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     return 4
             if ctx.is_main:
                 print(f"run already complete: test accuracy {100 * trainer.final['test_accuracy']:.2f}% "
-                      f"(metrics in {run_dir / T.METRICS_FILE})", flush=True)
+                      f"(metrics in {run_dir / METRICS_FILE})", flush=True)
             return 0
         if ctx.is_main:
             print("configuration:\n" + format_config(cfg), flush=True)

@@ -1,34 +1,39 @@
 """Analog runs of the trainer: energy blocks whose couplings sit on simulated crossbar tiles.
 
-With ``analog=DEVICE`` (a device model name, e.g. ``soft_bounds``) :func:`make_analog` converts
-the freshly built model with :func:`ffebm.analog.to_analog_energy`: every energy block's
-couplings (and, with ``analog_input``, the ``nn.Linear`` layers of its input map) move onto
-tiles read through the read model of ``analog_reads``, and the blocks' EP becomes
-:class:`~ffebm.analog.AnalogEP`, which records its weight update as pulsed outer-product pairs
-instead of a dense gradient.  With ``analog_layers`` the digital ``nn.Linear`` / ``nn.Conv2d``
-layers outside the blocks go onto tiles too (:func:`ffebm.analog.convert_to_analog`).  The
-conversion is seeded by ``seed`` and happens at model-build time in :class:`train.trainer.Trainer`
-(also used by ``python -m train.evaluate``), so a saved run is rebuilt identically and its
-checkpoint (tile states and generators in the model's state_dict) loads.
+Everything analog reaches the loop through :class:`AnalogPlugin` (see :mod:`train.plugin`):
 
-The analog weights are trained by :func:`make_analog_optimizer` (an
-:class:`~ffebm.analog.AnalogOptimizer` with the ``analog_algorithm``); biases and digital layers
-by the configured torch optimiser.  Settings of the Tiki-Taka family that differ from the
-algorithm defaults (:data:`TT_DEFAULTS`) are those of ``train/analog_digits.py``; any algorithm
-setting can be changed with ``analog_options="k=v,..."``.
+* build: with ``analog=DEVICE`` (a device model name, e.g. ``soft_bounds``) :func:`make_analog`
+  converts the freshly built model with :func:`ffebm.analog.to_analog_energy`: every energy
+  block's couplings (and, with ``analog_input``, the ``nn.Linear`` layers of its input map) move
+  onto tiles read through the read model of ``analog_reads``, and the blocks' EP becomes
+  :class:`~ffebm.analog.AnalogEP`, which records its weight update as pulsed outer-product pairs
+  instead of a dense gradient.  With ``analog_layers`` the digital ``nn.Linear`` / ``nn.Conv2d``
+  layers outside the blocks go onto tiles too (:func:`ffebm.analog.convert_to_analog`).  The
+  conversion is seeded by ``seed``, so a saved run is rebuilt identically and its checkpoint
+  (tile states and generators in the model's state_dict) loads.
+* attach: the analog weights (converted, or built on tiles by a custom builder) are trained by an
+  :class:`~ffebm.analog.AnalogOptimizer` with the ``analog_algorithm`` at ``analog_lr``, whose lr
+  follows the run's schedule factor; biases and digital layers by the configured torch optimiser.
+* step: under torchrun the pulse pairs are gathered across processes first
+  (:func:`ffebm.analog.distributed.gather_pairs`), so every process pulses the same update.
+* report / state: ``analog_lr`` and tile statistics; the optimiser and its schedule in the checkpoint.
+
+Settings of the Tiki-Taka family that differ from the algorithm defaults are :data:`TT_DEFAULTS`;
+any algorithm setting can be changed with ``analog_options="k=v,..."``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
 from .config import ConfigError, TrainConfig, parse_model_options
+from .plugin import TrainerPlugin
 
-# analog_digits.py's choices for the Tiki-Taka family (TTv1, TTv2, c-TTv2, AGAD): an absolute
+# Our choices for the Tiki-Taka family (TTv1, TTv2, c-TTv2, AGAD): an absolute
 # fast-array lr of 5 (A's content stands above the read noise of its transfer reads), every
 # column transferred at every step, and the transfer scaled by the optimiser's lr (so that
 # analog_lr and the schedule set the speed of C).
@@ -193,3 +198,83 @@ def tile_scalars(model: nn.Module) -> Dict[str, float]:
             for k, v in p.analog_ctx.tile.weight_stats().items():
                 out[f"analog/{name}/{k}"] = v
     return out
+
+
+class AnalogPlugin(TrainerPlugin):
+    """The analog parts of a run, at the loop's fixed points (see :mod:`train.plugin`).  Inert
+    (every hook a no-op) when the model has no analog weights."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.params: List[nn.Parameter] = []
+        self.optimizer = None
+        self.scheduler = None
+        self.model: Optional[nn.Module] = None
+
+    def build(self, model: nn.Module) -> nn.Module:
+        return make_analog(model, self.cfg)   # analog="": unchanged
+
+    def attach(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        import torch
+
+        from .build import schedule_factor
+
+        self.model = model
+        self.params = split_parameters(model)[1]
+        if self.params:
+            self.optimizer = make_analog_optimizer(self.cfg, self.params)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, schedule_factor(self.cfg, total_steps, steps_per_epoch))
+
+    def owned_parameters(self) -> List[nn.Parameter]:
+        return list(self.params)
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)   # drops pulsed-update pairs of earlier passes
+
+    def check_update(self, where) -> str:
+        name = nonfinite_pending(self.model) if self.optimizer is not None else ""
+        return f"non-finite pulsed update of '{name}' ({where(name)})" if name else ""
+
+    def step(self, ctx: Any) -> None:
+        if self.optimizer is None:
+            return
+        if ctx.enabled:  # pulsed, not all-reduced: every process applies the gathered pairs
+            from ffebm.analog.distributed import gather_pairs
+
+            gather_pairs(self.params, ctx.world)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def lr(self) -> Dict[str, float]:
+        return {"analog_lr": self.optimizer.param_groups[0]["lr"]} if self.optimizer is not None else {}
+
+    def scalars(self) -> Dict[str, float]:
+        if self.optimizer is None:
+            return {}
+        return {"train/analog_lr": self.optimizer.param_groups[0]["lr"], **tile_scalars(self.model)}
+
+    def epoch_record(self, ctx: Any, device: Any, log) -> Dict[str, Any]:
+        rec = self.lr()
+        if self.optimizer is not None and ctx.enabled:
+            from ffebm.analog.distributed import tiles_in_sync
+
+            rec["analog_tiles_in_sync"] = tiles_in_sync(self.params, device)
+            if not rec["analog_tiles_in_sync"]:
+                log("warning: the analog tiles differ between processes (a process-local random "
+                    "stream, e.g. write noise, reached the pulses); the checkpoint holds rank 0's")
+        return rec
+
+    def optimizers(self) -> List[Tuple[str, Any, Any]]:
+        return [("analog optimizer", self.optimizer, self.scheduler)] if self.optimizer is not None else []
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        return {"analog_optimizer": self.optimizer.state_dict(), "analog_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, checkpoint: Dict[str, Any]) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint["analog_optimizer"])
+            self.scheduler.load_state_dict(checkpoint["analog_scheduler"])

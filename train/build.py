@@ -113,6 +113,21 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
         raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
 
 
+def build_checked(model_fn: Callable[[TrainConfig, DataInfo], nn.Module], cfg: TrainConfig,
+                  info: DataInfo) -> nn.Module:
+    """``model_fn(cfg, info)``, with a one-line error when it runs out of memory or returns no module."""
+    try:
+        model = model_fn(cfg, info)
+    except (MemoryError, RuntimeError) as e:  # e.g. a size option far too large to allocate
+        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+            raise
+        raise ConfigError(f"model {cfg.model!r} cannot be built with these options: not enough memory "
+                          f"({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {cfg.model!r} did not build an nn.Module")
+    return model
+
+
 def energy_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return list(_ffebm.energy_blocks(model))
 

@@ -124,3 +124,12 @@ def all_gather_object(obj: Any, ctx: DistContext) -> List[Any]:
     out = [None] * ctx.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, ignore: set) -> torch.nn.Module:
+    """``DistributedDataParallel(model)``, leaving the parameters whose ids are in ``ignore``
+    out of the gradient all-reduce (e.g. pulsed analog weights, gathered by their own plug-in)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, q in model.named_parameters() if id(q) in ignore])
+    return DDP(model, **({"device_ids": [device.index]} if device.type == "cuda" else {}))

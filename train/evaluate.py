@@ -75,7 +75,8 @@ def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Option
                  trust_code: bool = False) -> Dict:
     from . import checkpoint as ckpt_mod
     from .config import UserError, apply_overrides
-    from .trainer import CONFIG_FILE, Trainer, check_trusted, read_config
+    from .runfolder import CONFIG_FILE, check_trusted, read_config
+    from .trainer import Trainer
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)

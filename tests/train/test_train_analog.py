@@ -123,11 +123,11 @@ def test_model_on_tiles_and_optimisers():
         assert isinstance(c.tile.device_cfg, SoftBounds) and c.tile.weight_scaling_omega == 0.5
         assert not c.tile.io.is_perfect
     assert type(core[1]) is nn.Linear and type(core[4]) is nn.Linear   # digital layers stay digital
-    assert isinstance(t.opt_a, AnalogOptimizer) and isinstance(t.opt_a.algorithm, ChoppedTTv2)
-    alg = t.opt_a.algorithm
+    assert isinstance(t.analog.optimizer, AnalogOptimizer) and isinstance(t.analog.optimizer.algorithm, ChoppedTTv2)
+    alg = t.analog.optimizer.algorithm
     assert alg.fast_lr == 5.0 and alg.columns_per_transfer >= 10 ** 6 and alg.in_chop_prob == 0.1
-    assert t.opt_a.param_groups[0]["lr"] == 0.01
-    a_ids = {id(p) for p in t.opt_a.param_groups[0]["params"]}
+    assert t.analog.optimizer.param_groups[0]["lr"] == 0.01
+    a_ids = {id(p) for p in t.analog.optimizer.param_groups[0]["params"]}
     d_ids = {id(p) for g in t.opt.param_groups for p in g["params"]}
     assert len(a_ids) == 4 and not a_ids & d_ids                       # 2 couplings + 2 input maps
     assert a_ids | d_ids == {id(p) for p in core.parameters()}
@@ -137,25 +137,25 @@ def test_model_on_tiles_and_optimisers():
     blk = t.blocks[0][1]
     assert type(blk.input_map[1]) is nn.Linear and blk.couplings[0].tile.io.is_perfect
     assert blk.couplings[0].tile.weight_scaling_omega is None
-    assert len(t.opt_a.param_groups[0]["params"]) == 2
+    assert len(t.analog.optimizer.param_groups[0]["params"]) == 2
     t = Trainer(small_cfg(analog_layers="true"), None, log=lambda m: None).setup()
     assert isinstance(t.core[1], AnalogLinear) and isinstance(t.core[4], AnalogLinear)
-    assert len(t.opt_a.param_groups[0]["params"]) == 6
+    assert len(t.analog.optimizer.param_groups[0]["params"]) == 6
     # the options string reaches the algorithm
     t = Trainer(small_cfg(analog_options="fast_lr=2,in_chop_prob=0.5,columns_per_transfer=3"), None,
                 log=lambda m: None).setup()
-    alg = t.opt_a.algorithm
+    alg = t.analog.optimizer.algorithm
     assert (alg.fast_lr, alg.in_chop_prob, alg.columns_per_transfer) == (2, 0.5, 3)
 
 
 def test_training_pulses_the_tiles_without_dense_gradients(tmp_path):
     t = Trainer(small_cfg(max_steps="3", schedule="exponential", lr_decay="0.5"), tmp_path / "r",
                 log=lambda m: None).setup()
-    aparams = list(t.opt_a.param_groups[0]["params"])
+    aparams = list(t.analog.optimizer.param_groups[0]["params"])
     tiles0 = [p.analog_ctx.tile.tile_weights().clone() for p in aparams]
     dig0 = [p.detach().clone() for p in t.digital_params]
     seen = []
-    t.opt_a.register_step_pre_hook(
+    t.analog.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: seen.append([(p.grad is None, p.analog_ctx.num_pairs) for p in aparams]))
     t.commit(existing=False)
     m = t.fit()
@@ -170,7 +170,7 @@ def test_training_pulses_the_tiles_without_dense_gradients(tmp_path):
     assert all(not torch.equal(p, p0) for p, p0 in zip(t.digital_params, dig0))
     assert all(p.grad is not None for p in t.digital_params)
     # both learning rates follow the same schedule factor (8 steps per epoch: still epoch 1)
-    assert t.opt.param_groups[0]["lr"] == 5e-3 and t.opt_a.param_groups[0]["lr"] == 0.01
+    assert t.opt.param_groups[0]["lr"] == 5e-3 and t.analog.optimizer.param_groups[0]["lr"] == 0.01
     assert m["history"][-1]["analog_lr"] == 0.01
 
 
@@ -180,10 +180,10 @@ def test_analog_lr_follows_the_schedule():
         for _ in range(20):
             t.opt.step()
             t.sched.step()
-            t.opt_a.step()
-            t.sched_a.step()
+            t.analog.optimizer.step()
+            t.analog.scheduler.step()
             f_d = t.opt.param_groups[0]["lr"] / 5e-3
-            f_a = t.opt_a.param_groups[0]["lr"] / 0.01
+            f_a = t.analog.optimizer.param_groups[0]["lr"] / 0.01
             assert math.isclose(f_d, f_a, rel_tol=1e-9), (sched, f_d, f_a)
         if sched == "exponential":
             assert math.isclose(f_a, 0.9 ** 2)   # 20 steps = 2 epochs of 8 done
@@ -344,7 +344,7 @@ def test_models_that_cannot_go_on_tiles(tmp_path):
     # a plain MLP with analog_layers: its Linear layers go on tiles and train by pulses
     t = Trainer(small_cfg(model="tinymodel:build", model_options="", analog_layers="true", max_steps="2"), tmp_path / "mlp",
                 log=lambda m: None).setup()
-    assert len(t.opt_a.param_groups[0]["params"]) == 2
+    assert len(t.analog.optimizer.param_groups[0]["params"]) == 2
     w0 = t.core[1].tile.tile_weights().clone()
     t.commit(existing=False)
     t.fit()
@@ -372,7 +372,7 @@ def test_digits_analog_recipe_matches_analog_digits():
     for b in (b1, b2):
         assert b.relaxation.average_last == d["average"] == b.nudge_relaxation.average_last
         assert b.relaxation.tol is None and b.gradient.pair_form == d["pair_form"]
-    alg = t.opt_a.algorithm
+    alg = t.analog.optimizer.algorithm
     assert alg.fast_lr == d["fast_lr"] and alg.in_chop_prob == d["in_chop_prob"]
     assert alg.transfer_every == d["transfer_every"] and alg.columns_per_transfer >= 10 ** 6
     assert t.steps_per_epoch == 23   # 1437 samples, the last partial batch kept as analog_digits does
@@ -394,8 +394,8 @@ def test_model_built_with_tiles_gets_the_analog_optimizer_in_a_digital_run(tmp_p
                                   "batch_size": "16", "max_steps": "3", "progress": "false",
                                   "tensorboard": "false", "num_threads": "1"})
     t = Trainer(cfg, tmp_path / "r", log=lambda m: None).setup()
-    assert t.opt_a is not None
-    aparams = list(t.opt_a.param_groups[0]["params"])
+    assert t.analog.optimizer is not None
+    aparams = list(t.analog.optimizer.param_groups[0]["params"])
     assert aparams and not {id(p) for p in aparams} & {id(p) for p in t.digital_params}
     w0 = [p.analog_ctx.tile.tile_weights().clone() for p in aparams]
     t.commit(existing=False)
