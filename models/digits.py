@@ -10,23 +10,41 @@ def _method(method: str, beta: float, variant: str, t2: int):
     return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2)
 
 
+ARCHS = ("dense", "conv")
+
+
 def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int = 40, t2: int = 12,
                  tol: float = 1e-4, method: str = "ep", variant: str = "centered", num_classes: int = 10,
-                 in_features: int = 64, gain: float = 0.5, average_last: int = 0, **_: object) -> nn.Module:
+                 in_features: int = 64, gain: float = 0.5, average_last: int = 0, arch: str = "dense",
+                 init_gain: float = 1.0, **_: object) -> nn.Module:
     """The default ff-EBM: energy block -> digital layer -> energy block -> digital readout.
 
-        x[64] -> DenseHopfield(64, hidden, width) -> Linear + ReLU -> DenseHopfield(width, width, width/2)
-              -> Linear(width/2, classes)
+        arch="dense":  x[64] -> DenseHopfield(64, hidden, width) -> Linear + ReLU
+                             -> DenseHopfield(width, width, width/2) -> Linear(width/2, classes)
+        arch="conv":   x[1x8x8] -> ConvHopfield(conv 1->16 + batch norm, 2x2 avg pool, coupling 16->32
+                             with 2x2 avg pool) -> Flatten -> Linear(128, width) + ReLU -> (the rest as above)
 
-    ``average_last`` > 0: every relaxation (free and nudged) returns the mean state over its last
-    ``average_last`` steps (averages the read noise of blocks on analog tiles; 0: the last state).
+    (``hidden`` is not used by ``arch="conv"``.)  Weights start ~ N(0, (init_gain / sqrt(fan_in))^2).  ``average_last`` > 0: every relaxation (free and
+    nudged) returns the mean state over its last ``average_last`` steps (averages the read noise of
+    blocks on analog tiles; 0: the last state).  On tiles, the conv block's coupling becomes an
+    ``AnalogConvCoupling`` and its input conv an ``AnalogConv2d``.
     """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
     grad = _method(method, beta, variant, t2)
-    kw = dict(gain=gain, steps=t1, tol=tol, nudge_steps=t2, gradient=grad)
+    kw = dict(gain=gain, steps=t1, tol=tol, nudge_steps=t2, gradient=grad, init_gain=init_gain)
     if average_last:
         kw.update(relaxation=ffebm.Relaxation(steps=t1, tol=tol, average_last=average_last),
                   nudge_relaxation=ffebm.Relaxation(steps=t2, tol=None, average_last=average_last))
-    b1 = ffebm.DenseHopfield([in_features, hidden, width], name="block1", **kw)
+    if arch == "conv":
+        if in_features != 64:
+            raise ValueError(f"arch='conv' takes 8x8 images (in_features=64), got in_features={in_features}")
+        head = [nn.Unflatten(1, (1, 8, 8))]   # flat or image input alike
+        b1 = nn.Sequential(nn.Flatten(), *head,
+                           ffebm.ConvHopfield(1, (8, 8), [16, 32], pool="avg", name="block1", **kw),
+                           nn.Flatten(), nn.Linear(128, width), nn.ReLU())
+    else:
+        b1 = ffebm.DenseHopfield([in_features, hidden, width], name="block1", **kw)
     b2 = ffebm.DenseHopfield([width, width, width // 2], name="block2", **kw)
     return nn.Sequential(b1, nn.Linear(width, width), nn.ReLU(), b2, nn.Linear(width // 2, num_classes))
 

@@ -14,7 +14,8 @@ def _user_folder(tmp_path):
 
 
 def test_models_and_train_import_as_ffebm_subpackages_next_to_user_files(tmp_path):
-    code = ("import ffebm.models, ffebm.train.trainer, ffebm.train.recipes; "
+    code = ("import ffebm.models, ffebm.train.trainer, ffebm.train.recipes, ffebm.train.bench.analog, "
+            "ffebm.train.bench.algorithms, ffebm.train.experiments.device_sweep; "
             "print(ffebm.models.__file__); print(ffebm.train.trainer.__file__); "
             "print(len(ffebm.models.available()))")
     res = subprocess.run([sys.executable, "-c", code], cwd=_user_folder(tmp_path), capture_output=True, text=True)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from train import bench, compare
+from train import compare
+from train.bench import steps as bench
 
 
 def test_compare_command_writes_table_png_and_json(tmp_path, capsys):
@@ -36,7 +37,7 @@ def test_bench_quick_runs_and_ep_memory_is_flat(tmp_path):
 
 def test_bench_analog_block_rows_small(monkeypatch):
     import ffebm
-    from train import bench_analog
+    from train.bench import analog as bench_analog
 
     monkeypatch.setattr(bench_analog, "BLOCKS", {
         "dense tiny": (lambda: ffebm.DenseHopfield([6, 5, 4], steps=3, tol=None, nudge_steps=2), (6,), 4),

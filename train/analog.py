@@ -257,6 +257,8 @@ class AnalogPlugin(TrainerPlugin):
 
     def epoch_record(self, ctx: Any, device: Any, log) -> Dict[str, Any]:
         rec = self.lr()
+        if self.optimizer is not None:  # mean |w| of the devices, in tile units (saturation at a glance)
+            rec["tile_abs_mean"] = sum(p.analog_ctx.tile.weight_stats()["abs_mean"] for p in self.params) / len(self.params)
         if self.optimizer is not None and ctx.enabled:
             from ffebm.analog.distributed import tiles_in_sync
 

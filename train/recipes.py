@@ -45,19 +45,29 @@ _add("digits", "models.build('digits'), centered EP, scikit-learn digits (defaul
      optimizer="adam", lr=2e-3, weight_decay=3e-4, schedule="cosine",
      epochs=60, batch_size=64, grad_clip=1.0, freeze_bn_affine=False)
 
-# The digits ff-EBM with its energy blocks on simulated analog tiles: the default c-TTv2 run of
-# train/analog_digits.py (SoftBounds devices, default read model, weights scaled to 0.5 tile
-# units, couplings and input maps on tiles, pulsed EP updates; biases and digital layers by Adam
-# 5e-3; beta 1.0, T1 40 / T2 30 with the state averaged over the last 20 relaxation steps,
+# The digits ff-EBM with its energy blocks on simulated analog tiles (SoftBounds devices, default
+# read model, weights scaled to 0.5 tile units, couplings and input maps on tiles, pulsed EP
+# updates by c-TTv2; biases and digital layers by Adam 5e-3).  The read noise (6 % of the output
+# range on every relaxation read) sets the other choices: beta 1.0 so that the nudged states
+# differ by more than the noise, T1 40 / T2 30 with the state averaged over the last 20 steps,
 # hidden 256 / width 128, batch 64 with the last partial batch kept, 40 epochs, both learning
-# rates x0.95 per epoch).
+# rates x0.95 per epoch (at a constant rate the test accuracy wanders by +-5 points).  Other
+# algorithms: analog_algorithm=tiki-taka (analog_lr 0.01) or sgd (analog_lr=1.0); other devices:
+# analog=NAME (python -m train.experiments.device_sweep); the digital reference: analog= beta=0.5.
+_ANALOG_DIGITS = dict(
+    model="digits", dataset="digits", method="ep", variant="centered", beta=1.0, t1=40, t2=30,
+    model_options="hidden=256,width=128,tol=none,average_last=20",
+    optimizer="adam", lr=5e-3, weight_decay=0.0, schedule="exponential", lr_decay=0.95,
+    epochs=40, batch_size=64, drop_last=False, grad_clip=0.0, freeze_bn_affine=False,
+    analog="soft_bounds", analog_algorithm="c-ttv2", analog_lr=0.01, analog_reads="default",
+    analog_omega=0.5, analog_input=True)
 _add("digits-analog", "digits ff-EBM, energy blocks on SoftBounds tiles, pulsed EP with c-TTv2 (CPU, ~3 min)",
-     model="digits", dataset="digits", method="ep", variant="centered", beta=1.0, t1=40, t2=30,
-     model_options="hidden=256,width=128,tol=none,average_last=20",
-     optimizer="adam", lr=5e-3, weight_decay=0.0, schedule="exponential", lr_decay=0.95,
-     epochs=40, batch_size=64, drop_last=False, grad_clip=0.0, freeze_bn_affine=False,
-     analog="soft_bounds", analog_algorithm="c-ttv2", analog_lr=0.01, analog_reads="default",
-     analog_omega=0.5, analog_input=True)
+     **_ANALOG_DIGITS)
+# The same with a convolutional first block: its coupling on a tile as an AnalogConvCoupling,
+# its input conv as an AnalogConv2d.
+_add("digits-analog-conv",
+     "digits ff-EBM with a conv first block, on SoftBounds tiles, pulsed EP with c-TTv2 (CPU, ~5 min)",
+     **dict(_ANALOG_DIGITS, model_options="arch=conv,width=128,tol=none,average_last=20"))
 
 # CIFAR-10 splitting study.
 for _L, _blocks, _t1 in ((6, (1, 2, 3), 60), (12, (3, 4, 6), 20)):

@@ -41,12 +41,11 @@ from torch import Tensor
 
 from .config import InvalidSetting, IOConfig, Settings, UpdateConfig, check_choice, check_range
 from .device_array import DeviceArray
-from .devices import DeviceParams, PulsedDevice, SoftBounds, device_from_name
-from .rng import make_generator
+from .devices import DeviceParams, PulsedDevice, device_from_name
 
 __all__ = [
     "AnalogAlgorithm", "AnalogSGD", "TikiTaka", "TTv1", "TTv2", "ChoppedTTv2", "AGAD",
-    "MixedPrecision", "algorithm_from_name", "least_squares_run",
+    "MixedPrecision", "algorithm_from_name",
 ]
 
 
@@ -215,7 +214,7 @@ class ChoppedTTv2(TTv2):
     every ``round(1 / in_chop_prob)`` reads.
 
     Our defaults (the reference simulator's own barely learn the least-squares problem of
-    ``train/bench_algorithms.py``): ``fast_lr 0.2`` (absolute; A is driven hard enough that its
+    ``train/bench/algorithms.py``): ``fast_lr 0.2`` (absolute; A is driven hard enough that its
     content follows the sign of the recent gradient within a chopper period while soft-bounds
     devices relax it back towards the reference), ``transfer_lr 1.0`` with
     ``scale_transfer_lr True`` (H grows by ``lr * read``, so the optimizer's lr and its
@@ -224,7 +223,7 @@ class ChoppedTTv2(TTv2):
     half of it), ``in_chop_prob 0.1`` flipping deterministically every 10 reads of a column
     (``in_chop_random False``: the two signs get exactly equal time, which bounds the offset's
     excursion), ``thresh 1.0``, ``momentum 0``, one column read per step. On the benchmark
-    (``python -m train.bench_algorithms``) this reaches ~1.6e-4 mean squared weight error in
+    (``python -m train.bench.algorithms``) this reaches ~1.6e-4 mean squared weight error in
     3000 steps for tau 0.4, 0.6 and 1.0 (reference simulator's c-TTv2: 2.0-2.1e-2), and
     ~7.5e-4 with a reference offset of 20% of the weight range (TTv2: 1.4e-1)."""
 
@@ -556,36 +555,3 @@ class _TTRuntime(_Runtime):
             self.tensors["ref"][:, fc] = self.tensors["ref_sum"][:, fc] / cnt
             self.tensors["ref_sum"][:, fc] = 0
         reads[fc] = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark problem
-# ----------------------------------------------------------------------------------------------
-
-
-def least_squares_run(algorithm: AnalogAlgorithm, tau: float = 0.4, steps: int = 3000,
-                      seed: int = 0, lr: float = 0.05, out_size: int = 16, in_size: int = 32,
-                      batch: int = 8, device: Any = None, dtype: torch.dtype = torch.float32,
-                      device_cfg: Optional[PulsedDevice] = None) -> float:
-    """The least-squares problem of Wu et al. 2024 as used in ANCHORS.md: ``W*`` (out x in)
-    ~ U(-0.3, 0.3), ``x ~ N(0, 1)``, batches of ``batch``, loss ``0.5 mean_b |W x - W* x|^2``,
-    ``lr`` 0.05, perfect reads, SoftBounds devices with bounds +-tau (no spread of the bounds,
-    published spread of the steps and pulse noise), W starting at 0. Returns the final mean
-    squared weight error (start: ~0.03)."""
-    from .tile import AnalogTile
-
-    gen = make_generator(seed)
-    w_star = (torch.rand(out_size, in_size, generator=gen, dtype=dtype) * 0.6 - 0.3).to(device)
-    dev = device_cfg if device_cfg is not None else SoftBounds(
-        w_max=tau, w_min=-tau, w_max_dtod=0.0, w_min_dtod=0.0)
-    tile = AnalogTile(out_size, in_size, dev, io=IOConfig.perfect(), seed=seed + 1,
-                      device=device, dtype=dtype)
-    tile.set_weights(torch.zeros(out_size, in_size, dtype=dtype, device=device))
-    g2 = make_generator(seed + 2, tile.device)
-    rt = algorithm.build(tile, g2)
-    for _ in range(steps):
-        x = torch.randn(batch, in_size, generator=gen, dtype=dtype).to(tile.device)
-        W = tile.get_weights()
-        d = (x @ W.t() - x @ w_star.t()) / batch
-        rt.step(x, d, lr)
-    return float(((tile.get_weights() - w_star) ** 2).mean().item())

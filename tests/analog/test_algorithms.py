@@ -7,7 +7,7 @@ import torch
 from ffebm.analog import (
     AGAD, AnalogSGD, ChoppedTTv2, MixedPrecision, TikiTaka, TTv2, algorithm_from_name,
 )
-from ffebm.analog.algorithms import least_squares_run
+from train.bench.algorithms import least_squares_run
 
 
 @pytest.fixture(autouse=True)

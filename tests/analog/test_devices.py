@@ -259,7 +259,8 @@ def test_write_noise_only_on_reads():
 
 
 def test_plots_command_writes_pngs(tmp_path):
-    from ffebm.analog.plots import device_response, main
+    from ffebm.analog.plots import device_response
+    from train.experiments.device_response import main
 
     main(["--device", "SoftBounds", "--out", str(tmp_path), "--pulses", "50", "--devices", "10"])
     for name in ("SoftBounds_response.png", "SoftBounds_weights.png"):

@@ -163,17 +163,3 @@ def test_conv_block_state_dict_round_trip_and_training_steps():
         opt.step()
     w1 = a.couplings[0].tile.tile_weights()
     assert torch.isfinite(w1).all() and not torch.equal(w0, w1)
-
-
-def test_digits_conv_smoke():
-    from train.analog_digits import build_model, main
-
-    m = to_analog_energy(build_model(16, 8, arch="conv", average=2, t1=4, t2=3), AnalogConfig(), seed=0)
-    assert sum(isinstance(c, AnalogConvCoupling) for c in m.modules()) == 1
-    res = main(["--algorithm", "c-ttv2", "--arch", "conv", "--epochs", "3", "--limit", "256", "--batch", "16",
-                "--width", "16", "--hidden", "32", "--t1", "6", "--t2", "4", "--average", "2", "--lr", "0.01",
-                "--init-gain", "1.5"])
-    r = res["c-ttv2"]
-    losses = [h["train_loss"] for h in r["history"]]
-    assert r["arch"] == "conv" and 0.0 <= r["final_test_acc"] <= 1.0
-    assert losses[-1] < losses[0] - 0.05, losses  # it learns (without optimiser steps: flat)

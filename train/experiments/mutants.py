@@ -65,7 +65,7 @@ MUTANTS: List[Mutant] = [
            ["tests/train/test_train_analog.py", "-k", "identical_on_every_process or gathered"]),
     Mutant("no-analog-step", "the trainer never steps the analog optimiser (tiles keep their weights)",
            "train/analog.py", "        self.optimizer.step()\n", "        pass\n",
-           ["tests/train/test_train_analog.py", "tests/test_device_sweep.py", "-k", "pulses_the_tiles or differ"]),
+           ["tests/train/test_train_analog.py", "tests/train/test_device_sweep.py", "-k", "pulses_the_tiles or differ"]),
     Mutant("ep-scale-x2", "every EP gradient is scaled by 2",
            "ffebm/gradients/ep.py", "scale = 1.0 / ((ba - bb) * c)", "scale = 2.0 / ((ba - bb) * c)",
            ["tests/test_gradients.py"]),

@@ -1,7 +1,7 @@
 """Final weight error of the analog training algorithms on the least-squares problem of
 ANCHORS.md section 2 (Wu et al. 2024 effect), beside the reference simulator's figures.
 
-    python -m train.bench_algorithms [--steps 3000] [--seeds 1] [--offset 0.0] [--device cpu]
+    python -m train.bench.algorithms [--steps 3000] [--seeds 1] [--offset 0.0] [--device cpu]
 
 W* 16x32 ~ U(-0.3, 0.3), x ~ N(0, 1), batch 8, lr 0.05, perfect reads, SoftBounds devices with
 bounds +-tau; each algorithm with its defaults (ffebm.analog.algorithms). Start error ~0.03.
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Optional
 
 import torch
 
-from ffebm.analog.algorithms import algorithm_from_name, least_squares_run
+from ffebm.analog import AnalogAlgorithm, AnalogTile, IOConfig, PulsedDevice, SoftBounds, algorithm_from_name
+from ffebm.analog.rng import make_generator
 
 REFERENCE = {  # AIHWKit 1.2.0 (ANCHORS.md): sgd, ttv1, ttv2, cttv2 (its defaults)
     0.4: (6.5e-3, 3.4e-4, 3.8e-4, 2.1e-2),
@@ -21,6 +23,32 @@ REFERENCE = {  # AIHWKit 1.2.0 (ANCHORS.md): sgd, ttv1, ttv2, cttv2 (its default
     1.0: (5.7e-5, 1.1e-4, 1.4e-4, 2.0e-2),
 }
 ALGOS = ("sgd", "ttv1", "ttv2", "cttv2", "agad")
+
+
+def least_squares_run(algorithm: AnalogAlgorithm, tau: float = 0.4, steps: int = 3000,
+                      seed: int = 0, lr: float = 0.05, out_size: int = 16, in_size: int = 32,
+                      batch: int = 8, device: Any = None, dtype: torch.dtype = torch.float32,
+                      device_cfg: Optional[PulsedDevice] = None) -> float:
+    """The least-squares problem of Wu et al. 2024 as used in ANCHORS.md: ``W*`` (out x in)
+    ~ U(-0.3, 0.3), ``x ~ N(0, 1)``, batches of ``batch``, loss ``0.5 mean_b |W x - W* x|^2``,
+    ``lr`` 0.05, perfect reads, SoftBounds devices with bounds +-tau (no spread of the bounds,
+    published spread of the steps and pulse noise), W starting at 0. Returns the final mean
+    squared weight error (start: ~0.03)."""
+    gen = make_generator(seed)
+    w_star = (torch.rand(out_size, in_size, generator=gen, dtype=dtype) * 0.6 - 0.3).to(device)
+    dev = device_cfg if device_cfg is not None else SoftBounds(
+        w_max=tau, w_min=-tau, w_max_dtod=0.0, w_min_dtod=0.0)
+    tile = AnalogTile(out_size, in_size, dev, io=IOConfig.perfect(), seed=seed + 1,
+                      device=device, dtype=dtype)
+    tile.set_weights(torch.zeros(out_size, in_size, dtype=dtype, device=device))
+    g2 = make_generator(seed + 2, tile.device)
+    rt = algorithm.build(tile, g2)
+    for _ in range(steps):
+        x = torch.randn(batch, in_size, generator=gen, dtype=dtype).to(tile.device)
+        W = tile.get_weights()
+        d = (x @ W.t() - x @ w_star.t()) / batch
+        rt.step(x, d, lr)
+    return float(((tile.get_weights() - w_star) ** 2).mean().item())
 
 
 def main() -> None:

@@ -158,7 +158,7 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    out = subprocess.run([sys.executable, "-m", f"{__package__}.bench", "--worker", json.dumps(spec)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", json.dumps(spec)], capture_output=True,
                          text=True, env=env)
     if out.returncode != 0:
         return {**spec, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}

@@ -1,7 +1,7 @@
 """Benchmark of the analog substrate's pulsed update (compared with the published CPU
 figures of the reference simulator, AIHWKit 1.2.0, 2 threads).
 
-    python -m train.bench_analog [--json PATH] [--repeats N] [--threads T] [--device cpu|cuda]
+    python -m train.bench.analog [--json PATH] [--repeats N] [--threads T] [--device cpu|cuda]
 
 Pulsed update of one 512x512 tile, batch 64, BL 31 with update and BL management, lr 0.01,
 x ~ U(0,1), d ~ N(0, s) for s in {0.01, 0.1}, ConstantStep and SoftBounds defaults: median ms
