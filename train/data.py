@@ -38,13 +38,6 @@ a resumed run sees exactly the same augmented batches.
 
 from __future__ import annotations
 
-import gzip
-import math
-import importlib
-import io
-import os
-import pickle
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -52,11 +45,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import TrainConfig, UserError
-
-
-class DataError(UserError):
-    pass
+from .config import TrainConfig
+from .formats import DataError, _cifar_batch, _imagenet_batch, _read_idx, check_labels
 
 
 @dataclass
@@ -104,57 +94,6 @@ DIGITS_SPLIT_SEED = 0
 
 
 # ------------------------------------------------------------------------------------------
-# restricted unpickling
-# ------------------------------------------------------------------------------------------
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "numpy.core.multiarray"),
-    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "numpy.core.multiarray"),
-    ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "numpy.core.multiarray"),
-    ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "numpy.core.multiarray"),
-    ("numpy.core.numeric", "_frombuffer"): ("numpy._core.numeric", "numpy.core.numeric"),
-    ("numpy._core.numeric", "_frombuffer"): ("numpy._core.numeric", "numpy.core.numeric"),
-    ("numpy", "ndarray"): ("numpy",),
-    ("numpy", "dtype"): ("numpy",),
-    ("_codecs", "encode"): ("_codecs",),
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        key = (module, name)
-        if key not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only numpy arrays are allowed)")
-        for mod in _ALLOWED_GLOBALS[key]:
-            try:
-                return getattr(importlib.import_module(mod), name)
-            except (ImportError, AttributeError):
-                continue
-        raise pickle.UnpicklingError(f"cannot resolve {module}.{name}")
-
-
-def safe_unpickle(path: Path):
-    """Load a pickle that may contain only plain containers and numpy arrays."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # noqa: BLE001 -- any failure means a malformed file
-        raise DataError(f"{path}: not a valid pickled numpy batch ({type(e).__name__}: {e})") from None
-
-
-def _key(d, name):
-    """Dict lookup accepting both str and bytes keys (CIFAR pickles come from Python 2)."""
-    if not isinstance(d, dict):
-        raise KeyError(name)
-    if name in d:
-        return d[name]
-    b = name.encode()
-    if b in d:
-        return d[b]
-    raise KeyError(name)
-
-
-# ------------------------------------------------------------------------------------------
 # readers
 # ------------------------------------------------------------------------------------------
 def _load_digits() -> Tuple[ArrayDataset, ArrayDataset, str]:
@@ -168,61 +107,6 @@ def _load_digits() -> Tuple[ArrayDataset, ArrayDataset, str]:
                                           random_state=DIGITS_SPLIT_SEED, stratify=y)
     mk = lambda a, b: ArrayDataset(torch.from_numpy(np.ascontiguousarray(a))[:, None], torch.from_numpy(b))
     return mk(xtr, ytr), mk(xte, yte), "sklearn.datasets.load_digits"
-
-
-MAX_IDX_BYTES = 4 << 30  # a declared idx body above 4 GiB is refused (MNIST-like sets are ~50 MB)
-
-
-def _read_idx(path: Path, expect_dims: int, max_count: Optional[int] = None) -> np.ndarray:
-    """Read an idx file; memory is bounded by the size its header declares (a gzip bomb behind a
-    small header is never decompressed beyond that)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(4)
-            zero, dtype_code, ndim = struct.unpack(">HBB", head)
-            if zero != 0 or dtype_code != 0x08 or ndim != expect_dims:
-                raise ValueError(f"bad idx header (type 0x{dtype_code:02x}, {ndim} dims; expected uint8, {expect_dims})")
-            dims = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-            count = math.prod(dims)  # Python ints: no overflow
-            limit = MAX_IDX_BYTES if max_count is None else min(MAX_IDX_BYTES, max_count)
-            if count > limit:
-                raise ValueError(f"declared shape {tuple(dims)} is {count} values, above the limit of {limit}"
-                                 + (" (the number of images)" if max_count is not None else ""))
-            body = f.read(count)
-            if len(body) != count:
-                raise ValueError(f"{len(body)} data bytes for shape {tuple(dims)} (truncated)")
-            if f.read(1):
-                raise ValueError(f"more data than its declared shape {tuple(dims)}")
-        return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: malformed idx file ({e})") from None
-
-
-def check_labels(raw, path: Path, num_classes: int, base: int = 0) -> np.ndarray:
-    """Labels as int64 in ``[0, num_classes)`` (stored as ``base``-based integers); a clear
-    DataError naming ``path`` for anything else (floats, strings, out of range)."""
-    try:
-        arr = np.asarray(raw)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise DataError(f"{path}: labels are not an array of integers ({e})") from None
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                         for v in arr.reshape(-1)):
-            try:
-                arr = arr.astype(np.int64)
-            except OverflowError:
-                raise DataError(f"{path}: labels must be integers in 0..{num_classes - 1} (found a huge value)") \
-                    from None
-        else:
-            example = arr.reshape(-1)[0] if arr.size else None
-            raise DataError(f"{path}: labels must be integers, found {arr.dtype} values (e.g. {example!r})")
-    arr = arr.reshape(-1)
-    if arr.size and (int(arr.min()) < base or int(arr.max()) >= base + num_classes):
-        based = f" ({base}-based)" if base else ""
-        raise DataError(f"{path}: labels must be integers in {base}..{base + num_classes - 1}{based} "
-                        f"(found {arr.min()}..{arr.max()})")
-    return arr.astype(np.int64) - base if base else arr.astype(np.int64)
 
 
 def _find_file(dirs: Sequence[Path], names: Sequence[str]) -> Optional[Path]:
@@ -257,19 +141,6 @@ def _load_mnist_like(root: Path, folder: str, label: str) -> Tuple[ArrayDataset,
     return out[0], out[1], str(paths[0][0].parent)
 
 
-def _cifar_batch(path: Path, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
-    d = safe_unpickle(path)
-    try:
-        data = np.asarray(_key(d, "data"))
-        labels = check_labels(_key(d, label_key), path, num_classes)
-    except KeyError as e:
-        raise DataError(f"{path}: malformed CIFAR batch (missing key {e})") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: malformed CIFAR batch (data {data.dtype} {data.shape}, {labels.shape[0]} labels; "
-                        f"expected uint8 N x 3072)")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
 def _load_cifar(root: Path, which: str) -> Tuple[ArrayDataset, ArrayDataset, str]:
     if which == "cifar10":
         folder, train_files, test_files, key, label = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", "CIFAR-10"
@@ -294,28 +165,6 @@ def _load_cifar(root: Path, which: str) -> Tuple[ArrayDataset, ArrayDataset, str
 def _imagenet32_dirs(root: Path) -> List[Path]:
     return [root / "imagenet32", root / "Imagenet32", root / "ImageNet32",
             root / "Imagenet32_train", root / "Imagenet32_val", root]
-
-
-def _imagenet_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data, labels = np.asarray(z["data"]), np.asarray(z["labels"])
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{path}: malformed ImageNet32 npz batch ({type(e).__name__}: {e})") from None
-    else:
-        d = safe_unpickle(path)
-        try:
-            data, labels = np.asarray(_key(d, "data")), np.asarray(_key(d, "labels"))
-        except KeyError as e:
-            raise DataError(f"{path}: malformed ImageNet32 batch (missing key {e})") from None
-    labels = check_labels(labels, path, 1000, base=1)  # stored 1-based
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: malformed ImageNet32 batch (data {data.dtype} {data.shape}, {labels.shape[0]} labels)")
-    side = int(round((data.shape[1] / 3) ** 0.5))
-    if 3 * side * side != data.shape[1]:
-        raise DataError(f"{path}: rows of {data.shape[1]} values are not 3 x S x S images")
-    return data.reshape(-1, 3, side, side), labels
 
 
 def _load_imagenet32(root: Path) -> Tuple[ArrayDataset, ArrayDataset, str]:
@@ -427,87 +276,3 @@ def load_datasets(cfg: TrainConfig) -> Tuple[ArrayDataset, ArrayDataset, DataInf
                     mean=tuple(mean), std=tuple(std),
                     augment=aug if cfg.augment is None else bool(cfg.augment), source=source)
     return train, test, info
-
-
-# ------------------------------------------------------------------------------------------
-# batching, augmentation, sharding
-# ------------------------------------------------------------------------------------------
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with ``pad`` zero padding + random horizontal flip, on a uint8 batch."""
-    b, c, h, w = x.shape
-    dev = x.device
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (off[0][:, None] + torch.arange(h)[None]).to(dev)        # [B, H]
-    cols = (off[1][:, None] + torch.arange(w)[None])                # [B, W]
-    cols = torch.where(flip[:, None], cols.flip(1), cols).to(dev)
-    bi = torch.arange(b, device=dev)[:, None, None]
-    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]   # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-class Preprocess:
-    """uint8 batch -> float batch: optional augmentation, scaling to [0,1], normalisation."""
-
-    def __init__(self, info: DataInfo, device, dtype=torch.float32):
-        self.scale = info.scale
-        self.mean = torch.tensor(info.mean, dtype=dtype, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(info.std, dtype=dtype, device=device).view(1, -1, 1, 1)
-        self.dtype = dtype
-        self.device = device
-
-    def __call__(self, x_u8: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if generator is not None:
-            x_u8 = augment_batch(x_u8, generator)
-        x = x_u8.to(self.device, non_blocking=True).to(self.dtype) * self.scale
-        return (x - self.mean) / self.std
-
-
-def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """A deterministic 63-bit seed for the augmentation of one batch."""
-    h = (seed * 1_000_003 + epoch) * 1_000_033 + step
-    h = h * 1_009 + rank
-    return (h * 0x9E3779B97F4A7C15) % (2 ** 63 - 1)
-
-
-class TrainBatches:
-    """Deterministic, resumable sharded batches of the training set.
-
-    The order of epoch ``e`` comes from ``DistributedSampler(seed=seed).set_epoch(e)`` (with
-    one replica when not distributed), so it depends only on (seed, epoch); resuming at
-    (epoch, step) skips the first ``step`` batches without loading them.  With W processes
-    and a global batch B each rank takes B/W samples: rank r's samples at step i sit at
-    positions ``j*W + r`` (i*B/W <= j < (i+1)*B/W) of the same permutation, so the union over
-    ranks of one global step is exactly the single-process batch of that step.
-    """
-
-    def __init__(self, dataset: ArrayDataset, global_batch: int, world: int, rank: int, seed: int,
-                 drop_last: bool = True):
-        from torch.utils.data.distributed import DistributedSampler
-
-        if global_batch % world:
-            raise UserError(f"batch_size={global_batch} is not divisible by the {world} processes")
-        self.dataset = dataset
-        self.batch = global_batch // world
-        self.world, self.rank, self.seed = world, rank, seed
-        self.sampler = DistributedSampler(range(len(dataset)), num_replicas=world, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
-        per_rank = self.sampler.num_samples
-        self.steps_per_epoch = per_rank // self.batch if drop_last else -(-per_rank // self.batch)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"training set of {len(dataset)} samples is smaller than one batch of {global_batch}")
-
-    def epoch(self, epoch: int, start_step: int = 0):
-        self.sampler.set_epoch(epoch)
-        idx = torch.tensor(list(self.sampler), dtype=torch.long)
-        for step in range(start_step, self.steps_per_epoch):
-            sel = idx[step * self.batch:(step + 1) * self.batch]
-            yield step, self.dataset.images[sel], self.dataset.labels[sel]
-
-
-def shard_test_set(dataset: ArrayDataset, world: int, rank: int) -> ArrayDataset:
-    """Rank ``rank``'s disjoint share of the test set (no padding: counts add up exactly)."""
-    if world == 1:
-        return dataset
-    return ArrayDataset(dataset.images[rank::world], dataset.labels[rank::world])

@@ -27,7 +27,8 @@ from .analog import AnalogPlugin
 from .build import (block_paths, build_checked, build_model, check_model_took, energy_blocks, freeze_bn_affine, gradient_method,
                     make_optimizer, make_scheduler, resolve_device, seed_everything)
 from .config import ConfigError, TrainConfig, to_dict, validate
-from .data import DataInfo, Preprocess, TrainBatches, batch_seed, load_datasets, shard_test_set
+from .batches import Preprocess, TrainBatches, batch_seed, shard_test_set
+from .data import DataInfo, load_datasets
 from .failures import TrainingStopped
 from .plugin import TrainerPlugin
 from .runfolder import CONFIG_FILE, METRICS_FILE

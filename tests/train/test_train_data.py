@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from train.config import TrainConfig, apply_overrides
-from train.data import (DataError, TrainBatches, augment_batch, load_datasets, safe_unpickle, shard_test_set)
+from train.batches import TrainBatches, augment_batch, shard_test_set
+from train.data import load_datasets
+from train.formats import DataError, safe_unpickle
 
 
 def cfg_for(name, root, **kw):

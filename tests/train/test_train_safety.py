@@ -236,7 +236,7 @@ def test_imagenet32_val_of_another_size_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_gzip_bomb_is_read_no_further_than_its_header_declares(tmp_path):
-    from train.data import DataError, _read_idx
+    from train.formats import DataError, _read_idx
 
     path = tmp_path / "bomb-labels-idx1-ubyte.gz"
     with gzip.open(path, "wb") as f:  # declares 10 labels, then 200 MB of zeros (~200 KB on disk)
@@ -388,7 +388,7 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(finished, cap
 
 
 def test_idx_header_cannot_overflow_the_size_check(tmp_path):
-    from train.data import DataError, _read_idx
+    from train.formats import DataError, _read_idx
 
     path = tmp_path / "x-images-idx3-ubyte.gz"
     with gzip.open(path, "wb") as f:  # 65535 * 42009217 * 6700417 = 2**64 - 1 (int64 wraps to -1)
@@ -398,7 +398,7 @@ def test_idx_header_cannot_overflow_the_size_check(tmp_path):
 
 
 def test_label_file_larger_than_the_images_is_not_read(tmp_path):
-    from train.data import DataError, _read_idx
+    from train.formats import DataError, _read_idx
 
     path = tmp_path / "x-labels-idx1-ubyte.gz"
     _idx(path, np.zeros(5000))

@@ -162,7 +162,7 @@ MUTANTS: List[Mutant] = [
            "    bad = \"\" and ckpt_mod.first_nonfinite(list(tr.core.state_dict().items())",
            ["tests/train/test_train_safety.py", "-k", "never_written"]),
     Mutant("labels-unchecked", "data labels are not range-checked at load",
-           "train/data.py", "    if arr.size and (int(arr.min()) < base or int(arr.max()) >= base + num_classes):",
+           "train/formats.py", "    if arr.size and (int(arr.min()) < base or int(arr.max()) >= base + num_classes):",
            "    if False:",
            ["tests/train/test_train_safety.py", "-k", "labels"]),
     Mutant("resume-config-unchecked", "resume continues a checkpoint written with another configuration",
