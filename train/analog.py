@@ -94,7 +94,7 @@ def make_algorithm(cfg: TrainConfig):
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Validation of the analog keys (called by :func:`train.config.validate`)."""
+    """Validation of the analog keys (called by :func:`train.validate.validate`)."""
     if cfg.analog:
         make_device(cfg)
     make_algorithm(cfg)

@@ -218,7 +218,9 @@ def _max_threads() -> int:
     return 4 * max(os.cpu_count() or 1, 1)
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
+def check_values(cfg: TrainConfig) -> TrainConfig:
+    """The checks of each key's value on its own (ranges, choices, finiteness); :func:`train.validate.validate`
+    adds those that need the model registry and the analog substrate."""
     for f in fields(TrainConfig):  # every number finite: nan/inf are refused here, not met mid-run
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
@@ -251,13 +253,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"min_lr={cfg.min_lr!r}: must not exceed lr={cfg.lr!r}")
     if not 0 < cfg.lr_decay <= 1:
         raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
-    from .build import check_model_options  # the builder's own option names
-
-    check_model_options(cfg.model, parse_model_options(cfg.model_options))
+    parse_model_options(cfg.model_options)
     parse_model_options(cfg.analog_options, field="analog_options")
-    from .analog import check_config  # device / algorithm names (imports ffebm.analog)
-
-    check_config(cfg)
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device={dev!r}: expected auto, cpu, cuda or cuda:N")
@@ -301,7 +298,7 @@ def from_dict(d: Mapping[str, Any], *, source: str = "configuration") -> TrainCo
     for key in d:
         if key not in hints:
             raise ConfigError(f"{source}: unknown key '{key}' (written by another version?)")
-    return validate(apply_overrides(TrainConfig(), dict(d)))
+    return check_values(apply_overrides(TrainConfig(), dict(d)))
 
 
 def results_equal(a: TrainConfig, b: TrainConfig) -> bool:

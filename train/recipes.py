@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .config import ConfigError, TrainConfig, apply_overrides, validate
+from .config import ConfigError, TrainConfig, apply_overrides
+from .validate import validate
 
 _OPT = dict(optimizer="adam", weight_decay=3e-4, schedule="cosine", freeze_bn_affine=True)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from . import checkpoint as ckpt_mod
-from .config import (RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys,
-                     from_dict, validate)
+from .config import RUNTIME_KEYS, ConfigError, TrainConfig, UserError, apply_overrides, differing_keys, from_dict
+from .validate import validate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -55,7 +55,7 @@ def read_config(run_dir: Path) -> TrainConfig:
         raise UserError(f"{p} is unreadable ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{p} does not hold a configuration object")
-    return from_dict(data, source=str(p))
+    return validate(from_dict(data, source=str(p)))
 
 
 def check_trusted(cfg: TrainConfig, source: str, trust_code: bool) -> None:

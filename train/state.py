@@ -13,14 +13,14 @@ import math
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import Any, Dict, List
 
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .config import RUNTIME_KEYS, TrainConfig, UserError, differing_keys, from_dict, to_dict
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+# ``tr`` below is the :class:`train.trainer.Trainer` whose state is saved or restored (not imported:
+# the loop imports this module, never the reverse)
 
 _NUMBERS = ("epoch", "global_step", "train_loss", "train_accuracy", "train_samples", "seconds", "lr", "analog_lr",
             "test_accuracy", "test_loss")
@@ -43,12 +43,12 @@ def check_history(history: List[Dict[str, Any]]) -> None:
                 raise ValueError(f"history[{i}].{k} is not a record of numbers per block")
 
 
-def _optimizers(tr: "Trainer"):
+def _optimizers(tr: Any):
     return [("optimizer", tr.opt, tr.sched)] + [o for p in tr.plugins for o in p.optimizers()]
 
 
 # -- saving ------------------------------------------------------------------------------------
-def save(tr: "Trainer", reason: str) -> None:
+def save(tr: Any, reason: str) -> None:
     """Write a checkpoint of ``tr`` (rank 0; every rank must call: it reduces the running sums)."""
     accum = tr.sums.reduced(tr.ctx, tr.device)
     bad = ckpt_mod.first_nonfinite(list(tr.core.state_dict().items())
@@ -84,7 +84,7 @@ def save(tr: "Trainer", reason: str) -> None:
 
 
 # -- resuming ----------------------------------------------------------------------------------
-def restore(tr: "Trainer", path: Path) -> None:
+def restore(tr: Any, path: Path) -> None:
     """Load checkpoint ``path`` into the freshly set-up ``tr``, after checking that it belongs to this run."""
     ck = ckpt_mod.load(path)
     ckpt_mod.check_fields(ck, path)
@@ -123,7 +123,7 @@ def restore(tr: "Trainer", path: Path) -> None:
            f"(global step {tr.global_step})")
 
 
-def _check_loaded_optimisers(tr: "Trainer") -> None:
+def _check_loaded_optimisers(tr: Any) -> None:
     """Learning rates and optimiser states loaded from a checkpoint are finite numbers."""
     for what, opt, sched in _optimizers(tr):
         for i, g in enumerate(opt.param_groups):
@@ -136,7 +136,7 @@ def _check_loaded_optimisers(tr: "Trainer") -> None:
             raise ValueError(f"{what}: {bad} holds NaN or inf")
 
 
-def _load_states(tr: "Trainer", ck: Dict[str, Any]) -> None:
+def _load_states(tr: Any, ck: Dict[str, Any]) -> None:
     tr.core.load_state_dict(ck["model"])
     ckpt_mod.restore_extra_state(tr.core, ck.get("extra_state", {}))
     tr.opt.load_state_dict(ck["optimizer"])
@@ -148,7 +148,7 @@ def _load_states(tr: "Trainer", ck: Dict[str, Any]) -> None:
     _check_loaded_optimisers(tr)
 
 
-def _load_position(tr: "Trainer", ck: Dict[str, Any], extended: bool, theirs: TrainConfig) -> None:
+def _load_position(tr: Any, ck: Dict[str, Any], extended: bool, theirs: TrainConfig) -> None:
     pos = ck["position"]
     tr.epoch, tr.step_in_epoch, tr.global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
     if pos.get("steps_per_epoch") != tr.steps_per_epoch and tr.step_in_epoch:

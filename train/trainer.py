@@ -26,7 +26,8 @@ from . import failures, metrics, state
 from .analog import AnalogPlugin
 from .build import (block_paths, build_checked, build_model, check_model_took, energy_blocks, freeze_bn_affine, gradient_method,
                     make_optimizer, make_scheduler, resolve_device, seed_everything)
-from .config import ConfigError, TrainConfig, to_dict, validate
+from .config import ConfigError, TrainConfig, to_dict
+from .validate import validate
 from .batches import Preprocess, TrainBatches, batch_seed, shard_test_set
 from .data import DataInfo, load_datasets
 from .failures import TrainingStopped

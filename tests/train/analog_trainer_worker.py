@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ffebm.analog import is_analog_parameter
 from train import distributed as D
 from train import trainer as T
-from train.config import validate
+from train.validate import validate
 from train.recipes import build_config
 
 out = Path(sys.argv[1])

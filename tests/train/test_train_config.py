@@ -1,7 +1,8 @@
 import pytest
 
 from train.__main__ import parse_args
-from train.config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict, validate
+from train.config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict
+from train.validate import validate
 from train.recipes import RECIPES, build_config
 
 
