@@ -15,13 +15,17 @@ import ffebm
 
 from .digits import digits_dhn, digits_ffebm
 from .presets import PRESETS, preset
+from .published import ALIASES, PUBLISHED, published, published_ffebm
+from .published import OPTIONS as PUBLISHED_OPTIONS
 from .vgg import vgg_ffebm
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn}
 
 
 def available() -> List[str]:
-    return sorted(_BUILDERS) + sorted(PRESETS)
+    """Every model name: the digits models, the published configurations (and our aliases of
+    them), and our own VGG-style presets."""
+    return sorted(_BUILDERS) + sorted(PUBLISHED) + sorted(ALIASES) + sorted(PRESETS)
 
 
 PRESET_OPTIONS = {"in_channels", "image_size", "tol", "gain", "method", "variant", "mode", "pool_override", "dtype",
@@ -32,6 +36,8 @@ def options(name: str) -> Optional[Set[str]]:
     """The keyword options model ``name`` accepts (None: it takes any, nothing to check)."""
     if name in _BUILDERS:
         return keyword_options(_BUILDERS[name]) | {"dtype"}
+    if name in PUBLISHED or name in ALIASES:
+        return set(PUBLISHED_OPTIONS)
     if name in PRESETS:
         return set(preset(name)) | PRESET_OPTIONS
     raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
@@ -48,6 +54,14 @@ def build(name: str, **overrides) -> nn.Module:
     """Build a model by name; keyword overrides replace the preset's values."""
     if name in _BUILDERS:
         model = _BUILDERS[name](**overrides)
+    elif name in PUBLISHED or name in ALIASES:
+        cfg = published(name)
+        unknown = set(overrides) - PUBLISHED_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for model {name!r} "
+                             f"(options: {', '.join(sorted(PUBLISHED_OPTIONS))})")
+        cfg.update({k: v for k, v in overrides.items() if k != "dtype"})
+        model = published_ffebm(**cfg)
     elif name in PRESETS:
         cfg = preset(name)
         unknown = set(overrides) - set(cfg) - PRESET_OPTIONS
@@ -63,4 +77,5 @@ def build(name: str, **overrides) -> nn.Module:
     return model
 
 
-__all__ = ["available", "build", "options", "PRESETS", "preset", "digits_ffebm", "digits_dhn", "vgg_ffebm"]
+__all__ = ["available", "build", "options", "PRESETS", "preset", "PUBLISHED", "published", "published_ffebm",
+           "digits_ffebm", "digits_dhn", "vgg_ffebm"]

@@ -3,23 +3,23 @@
 A recipe is a set of :class:`train.config.TrainConfig` overrides.  ``python -m train NAME
 key=value ...`` starts from the recipe and applies the command line on top.
 
-Published settings (Nest & Ernoult, NeurIPS 2024, arXiv 2409.03306; see
-``shared/reference/ALGORITHMS.md`` sections 6-7):
+Published settings (Nest & Ernoult, NeurIPS 2024, arXiv 2409.03306; the configurations are
+``models/published.py``, their facts ``shared/reference/PRESETS.md``):
 
-* CIFAR-10 "splitting" runs: a Deep Hopfield Network of L=6 layers split into 1/2/3 energy
-  blocks (T1 = 60 free steps) and one of L=12 layers split into 3/4/6 blocks (T1 = 20).
-  beta = 0.2 (centered EP) and T2 = 20 are the values of the reference code's L=6 setting.
-* CIFAR-100 and ImageNet32 "scaling" runs: L=12 and L=15, 6 blocks, beta 0.2, T1 15, T2 5
-  (46% top-1 on ImageNet32 in the paper).
-* The EP-vs-implicit-differentiation study: every CIFAR-10 splitting run again with the
-  implicit-differentiation gradient (``*_implicit``), and ``gradient_study``: the 15-layer,
-  6-block network on random 32x32 inputs, batch 2, beta 0.02, T2 20, comparing EP's gradient
-  with the implicit one per block at every step (TensorBoard ``gradcheck/...``).
+* CIFAR-10 "splitting" runs ``splitting_{small,large}_*``: L=6 split into 1/2/3 energy blocks
+  (T1 60, T2 20) and L=12 into 3/4/6 blocks (T1 20, T2 5); beta 0.2, centered EP, batch 128;
+  again with implicit differentiation (``*_implicit``) for the EP-vs-implicit study.
+* "scaling" runs: ``scaling_small`` (CIFAR-100, L=12, 6 blocks) and ``scaling_large``
+  (ImageNet32, L=15, 8 blocks; 46 % top-1 in the paper), beta 0.2, T1 15, T2 5, batch 256, with
+  their published learning rates and cosine floors.
+* ``static_gradient_analysis``: the 15-layer, 6-block network on random 32x32 inputs, batch 2,
+  beta 0.02, T2 20, EP's gradient compared with the implicit one per block at every step
+  (TensorBoard ``gradcheck/...``).
 
 Training recipe of the reference code: Adam, weight decay 3e-4, cosine schedule, random crop
-(pad 4) + horizontal flip, batch 128-256, 100-200 epochs, batch-norm affine parameters frozen.
-The learning rates below are ours (the reference tunes per-layer rates that are not published
-in the anchors); the epoch counts/batch sizes are the ends of the published ranges.
+(pad 4) + horizontal flip, batch-norm affine parameters frozen.  The splitting runs' learning
+rate (5e-4) and epochs (200) are ours (the reference tunes per-layer rates that are not
+published); the scaling runs' are published.
 """
 
 from __future__ import annotations
@@ -70,35 +70,47 @@ _add("digits-analog-conv",
      "digits ff-EBM with a conv first block, on SoftBounds tiles, pulsed EP with c-TTv2 (CPU, ~5 min)",
      **dict(_ANALOG_DIGITS, model_options="arch=conv,width=128,tol=none,average_last=20"))
 
-# CIFAR-10 splitting study.
-for _L, _blocks, _t1 in ((6, (1, 2, 3), 60), (12, (3, 4, 6), 20)):
-    for _n in _blocks:
-        _model = f"cifar10_l{_L}_{_n}block{'s' if _n > 1 else ''}"
-        _common = dict(model=_model, dataset="cifar10", beta=0.2, t1=_t1, t2=20,
-                       variant="centered", lr=5e-4, epochs=200, batch_size=128, **_OPT)
-        _add(_model, f"CIFAR-10 splitting run: L={_L} DHN as {_n} block(s), centered EP, T1 {_t1}",
-             method="ep", **_common)
-        _add(f"{_model}_implicit",
-             f"EP-vs-implicit study: L={_L} as {_n} block(s) trained with implicit differentiation",
-             method="implicit", **_common)
+# The published configurations (models/published.py), each with its published training recipe:
+# Adam, weight decay 3e-4, cosine schedule, random crop (pad 4) + flip (the CIFAR/ImageNet32
+# default), batch-norm affine parameters frozen; beta, T1, T2 from the model.
+_SPLITTING = dict(dataset="cifar10", method="ep", variant="centered", lr=5e-4, epochs=200, batch_size=128, **_OPT)
+for _name, _what in (("splitting_small_1block", "L=6 as 1 block"), ("splitting_small_2block", "L=6 as 2 blocks"),
+                     ("splitting_small_3block", "L=6 as 3 blocks"), ("splitting_large_3block", "L=12 as 3 blocks"),
+                     ("splitting_large_4block", "L=12 as 4 blocks"), ("splitting_large_6block", "L=12 as 6 blocks")):
+    _add(_name, f"CIFAR-10 splitting run: {_what}, centered EP (published configuration)", model=_name, **_SPLITTING)
+    _add(f"{_name}_implicit", f"EP-vs-implicit study: {_what} trained with implicit differentiation",
+         model=_name, **dict(_SPLITTING, method="implicit"))
+# published scaling recipes (PRESETS.md): batch 256, cosine to lr/100
+_add("scaling_small", "CIFAR-100 scaling run: L=12, 6 blocks, a 0.5, T1 15, T2 5 (published configuration)",
+     model="scaling_small", dataset="cifar100", method="ep", variant="centered",
+     **dict(_OPT, lr=5e-5, min_lr=5e-7, epochs=200, batch_size=256))
+_add("scaling_large", "ImageNet32 scaling run: L=15, 8 blocks, a 0.5, T1 15, T2 5 (published configuration)",
+     model="scaling_large", dataset="imagenet32", method="ep", variant="centered",
+     **dict(_OPT, lr=2e-5, min_lr=1e-7, epochs=100, batch_size=256))
+# the static gradient study (per-block cosine EP vs implicit differentiation, random inputs)
+_add("static_gradient_analysis",
+     "EP-vs-implicit gradient study: 15 layers, 6 blocks, random 3x32x32 inputs, batch 2, beta 0.02, T2 20",
+     model="static_gradient_analysis", dataset="fake", image_size=32, in_channels=3, num_classes=10,
+     fake_train_size=64, fake_test_size=16, method="ep", variant="centered", lr=5e-4, epochs=1, batch_size=2,
+     max_steps=8, grad_check_every=1, grad_check_batch=2, **_OPT)
 
-# Scaling runs: CIFAR-100 and ImageNet32, 6 blocks.
-for _ds, _epochs, _batch in (("cifar100", 200, 128), ("imagenet32", 100, 256)):
-    for _L in (12, 15):
-        _model = f"{_ds}_l{_L}_6blocks"
-        _add(_model, f"{_ds} scaling run: L={_L}, 6 blocks, beta 0.2, T1 15, T2 5, centered EP",
-             model=_model, dataset=_ds, method="ep", variant="centered", beta=0.2, t1=15, t2=5,
-             lr=5e-4, epochs=_epochs, batch_size=_batch, **_OPT)
+# our older recipe names: the same runs
+for _old, _new in (("cifar10_l6_1block", "splitting_small_1block"), ("cifar10_l6_2blocks", "splitting_small_2block"),
+                   ("cifar10_l6_3blocks", "splitting_small_3block"), ("cifar10_l12_3blocks", "splitting_large_3block"),
+                   ("cifar10_l12_4blocks", "splitting_large_4block"), ("cifar10_l12_6blocks", "splitting_large_6block")):
+    _add(_old, f"alias of {_new}", **RECIPES[_new])
+    _add(f"{_old}_implicit", f"alias of {_new}_implicit", **RECIPES[f"{_new}_implicit"])
+_add("cifar100_l12_6blocks", "alias of scaling_small", **RECIPES["scaling_small"])
+_add("gradient_study", "alias of static_gradient_analysis", **RECIPES["static_gradient_analysis"])
 
-# Gradient study (per-block cosine EP vs implicit differentiation, random inputs).
-_add("gradient_study",
-     "EP-vs-implicit gradient study: L=15, 6 blocks, random 3x32x32 inputs, batch 2, beta 0.02, T2 20",
-     model="gradient_study_l15_6blocks", dataset="fake", image_size=32, in_channels=3, num_classes=10,
-     fake_train_size=64, fake_test_size=16, method="ep", variant="centered", beta=0.02, t1=60,
-     t2=20, lr=5e-4, epochs=1, batch_size=2, max_steps=8, grad_check_every=1, grad_check_batch=2,
-     **_OPT)
+# our own scaling variants (models/presets.py; no published configuration)
+for _ds, _epochs, _batch, _L in (("cifar100", 200, 128, 15), ("imagenet32", 100, 256, 12), ("imagenet32", 100, 256, 15)):
+    _model = f"{_ds}_l{_L}_6blocks"
+    _add(_model, f"{_ds}: our L={_L}, 6-block VGG-style ff-EBM, beta 0.2, T1 15, T2 5, centered EP",
+         model=_model, dataset=_ds, method="ep", variant="centered", beta=0.2, t1=15, t2=5,
+         lr=5e-4, epochs=_epochs, batch_size=_batch, **_OPT)
 
-del _L, _blocks, _t1, _n, _model, _common, _ds, _epochs, _batch
+del _name, _what, _old, _new, _ds, _epochs, _batch, _L, _model
 
 
 def available():

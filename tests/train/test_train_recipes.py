@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from train.recipes import RECIPES, build_config
+from train.recipes import DESCRIPTIONS, RECIPES, build_config
 from train.trainer import Trainer
 
 TINY_RUN = dict(dataset="fake", image_size="16", fake_train_size="4", fake_test_size="2", batch_size="2",
@@ -16,7 +16,16 @@ TINY_RUN = dict(dataset="fake", image_size="16", fake_train_size="4", fake_test_
                 num_threads="1", grad_check_every="0")
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+ALIASES = {n: d.split()[-1] for n, d in DESCRIPTIONS.items() if d.startswith("alias of ")}
+
+
+def test_aliases_are_the_same_runs():
+    assert {"cifar10_l6_3blocks", "gradient_study", "cifar100_l12_6blocks"} <= set(ALIASES)
+    for old, new in ALIASES.items():
+        assert RECIPES[old] == RECIPES[new], old
+
+
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - set(ALIASES)))
 def test_recipe_builds_and_takes_one_step(name, tmp_path):
     recipe = RECIPES[name]
     assert recipe["model"] in models.available(), recipe["model"]
@@ -43,6 +52,8 @@ def test_recipe_builds_and_takes_one_step(name, tmp_path):
         p = models.PRESETS[recipe["model"]]
         for key in ("beta", "t1", "t2"):
             assert recipe[key] == p[key], (name, key, recipe[key], p[key])
+    if recipe["model"] in models.PUBLISHED:   # the published beta / T1 / T2 come from the model
+        assert not {"beta", "t1", "t2"} & set(recipe), name
     assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == name
 
 
