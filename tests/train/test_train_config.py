@@ -47,20 +47,24 @@ def test_recipes_resolve_and_cli_wins():
         cfg = build_config(name)
         assert cfg.recipe == name
     cfg = build_config("cifar10_l6_3blocks", {"epochs": "1", "t1": "3"})
-    assert cfg.epochs == 1 and cfg.t1 == 3 and cfg.beta == 0.2 and cfg.dataset == "cifar10"
+    assert cfg.epochs == 1 and cfg.t1 == 3 and cfg.beta is None and cfg.dataset == "cifar10"  # beta: the model's
     with pytest.raises(ConfigError, match="unknown recipe"):
         build_config("nope")
 
 
 def test_published_recipes_are_present():
-    for name in ["cifar10_l6_1block", "cifar10_l6_2blocks", "cifar10_l6_3blocks", "cifar10_l12_3blocks",
-                 "cifar10_l12_4blocks", "cifar10_l12_6blocks", "cifar100_l12_6blocks", "cifar100_l15_6blocks",
-                 "imagenet32_l12_6blocks", "imagenet32_l15_6blocks", "gradient_study", "digits"]:
+    import models
+
+    for name in ["splitting_small_1block", "splitting_small_2block", "splitting_small_3block",
+                 "splitting_large_3block", "splitting_large_4block", "splitting_large_6block", "scaling_small",
+                 "scaling_large", "static_gradient_analysis", "cifar10_l6_3blocks", "gradient_study", "digits"]:
         assert name in RECIPES
-    assert RECIPES["cifar10_l6_2blocks"]["t1"] == 60 and RECIPES["cifar10_l12_4blocks"]["t1"] == 20
+    t1 = lambda name: models.published(RECIPES[name]["model"])["t1"]
+    assert t1("cifar10_l6_2blocks") == 60 and t1("splitting_large_4block") == 20 and t1("scaling_large") == 15
+    assert RECIPES["scaling_large"]["lr"] == 2e-5 and RECIPES["scaling_small"]["batch_size"] == 256
+    assert (lambda c: (c["beta"], c["t1"], c["t2"], c["gain"]))(models.published("scaling_small")) == (0.2, 15, 5, 0.5)
     for name in ["cifar100_l12_6blocks", "imagenet32_l15_6blocks"]:
         r = RECIPES[name]
-        assert (r["beta"], r["t1"], r["t2"]) == (0.2, 15, 5)
         assert r["optimizer"] == "adam" and r["weight_decay"] == 3e-4 and r["schedule"] == "cosine"
     assert RECIPES["cifar10_l6_3blocks_implicit"]["method"] == "implicit"
 
