@@ -96,7 +96,11 @@ def evaluate_run(run_dir: Path, checkpoint: Optional[Path] = None, times: Option
     out = {"run_dir": str(run_dir), "checkpoint": str(path), "global_step": tr.global_step,
            "test_accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
            "relaxation": res["relaxation"]}
-    log(f"{run_dir}: test accuracy {100 * res['test_accuracy']:.2f}% (loss {res['test_loss']:.4f}, "
+    top5 = ""
+    if "test_top5_accuracy" in res:
+        out["test_top5_accuracy"] = res["test_top5_accuracy"]
+        top5 = f", top-5 {100 * res['test_top5_accuracy']:.2f}%"
+    log(f"{run_dir}: test accuracy {100 * res['test_accuracy']:.2f}%{top5} (loss {res['test_loss']:.4f}, "
         f"{res['test_samples']} samples, step {tr.global_step})")
     if times:
         from ffebm.analog.drift import evaluate_over_time

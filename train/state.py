@@ -23,7 +23,7 @@ from .config import RUNTIME_KEYS, TrainConfig, UserError, differing_keys, from_d
 # the loop imports this module, never the reverse)
 
 _NUMBERS = ("epoch", "global_step", "train_loss", "train_accuracy", "train_samples", "seconds", "lr", "analog_lr",
-            "test_accuracy", "test_loss")
+            "test_accuracy", "test_loss", "test_top5_accuracy")
 
 
 def finite_number(v: Any) -> bool:

@@ -3,7 +3,8 @@
 ``train/loss``, ``train/accuracy``, ``train/lr``, ``train/samples_per_s``,
 ``relax/<block>/steps``, ``relax/<block>/residual`` (free-phase relaxation statistics of each
 energy block, averaged over the logging interval), ``epoch/train_loss``,
-``epoch/train_accuracy``, ``epoch/test_accuracy``, ``epoch/test_loss``, and with
+``epoch/train_accuracy``, ``epoch/test_accuracy``, ``epoch/test_loss`` (``epoch/test_top5_accuracy`` with 100+
+classes), and with
 ``grad_check_every=N`` ``gradcheck/<block>/cosine`` (EP vs the reference gradient); analog runs
 add ``train/analog_lr`` and, per analog weight, ``analog/<param>/abs_mean``, ``range_used`` and
 ``at_bound`` (device saturation, from :meth:`ffebm.analog.AnalogTile.weight_stats`).

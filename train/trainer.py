@@ -274,7 +274,7 @@ class Trainer:
             last = done or self.epoch + 1 >= cfg.epochs
             if last or (self.epoch + 1) % cfg.eval_every == 0:
                 ev = self.evaluate()
-                rec.update(test_accuracy=ev["test_accuracy"], test_loss=ev["test_loss"], test_relaxation=ev["relaxation"])
+                rec.update(metrics.eval_record(ev))
                 last_eval = rec
             if self.step_in_epoch < self.steps_per_epoch:
                 rec["partial"] = True
@@ -315,9 +315,7 @@ class Trainer:
 
     def _finish(self, last_eval: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         if last_eval is None or last_eval.get("global_step") != self.global_step:
-            ev = self.evaluate()
-            last_eval = {"test_accuracy": ev["test_accuracy"], "test_loss": ev["test_loss"],
-                         "test_relaxation": ev["relaxation"]}
+            last_eval = metrics.eval_record(self.evaluate())
         wall = self.elapsed_before + (time.time() - self.t0)
         result = metrics.final_metrics(self.cfg, self.history, last_eval, self.global_step, self.steps_per_epoch,
                                        wall, self.train_seconds, self.method, self.ctx.world)
@@ -328,7 +326,8 @@ class Trainer:
                 ckpt_mod.atomic_write_json(self.run_dir / METRICS_FILE, result)
             except ckpt_mod.WriteError as e:
                 self.stop_write_failed(e)
-        self.log(f"final test accuracy: {100 * result['test_accuracy']:.2f}% "
+        top5 = f" (top-5 {100 * result['test_top5_accuracy']:.2f}%)" if "test_top5_accuracy" in result else ""
+        self.log(f"final test accuracy: {100 * result['test_accuracy']:.2f}%{top5} "
                  f"({result['steps']} steps, {metrics.fmt_time(wall)}; gradient {self.method})")
         if self.run_dir is not None:
             self.log(f"run folder: {self.run_dir}")
