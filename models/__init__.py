@@ -77,5 +77,5 @@ def build(name: str, **overrides) -> nn.Module:
     return model
 
 
-__all__ = ["available", "build", "options", "PRESETS", "preset", "PUBLISHED", "published", "published_ffebm",
+__all__ = ["available", "build", "options", "PRESETS", "preset", "PUBLISHED", "ALIASES", "published", "published_ffebm",
            "digits_ffebm", "digits_dhn", "vgg_ffebm"]

@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--t1", type=int, default=None, help="free steps (default: the model's)")
-    ap.add_argument("--t2", type=int, default=20, help="nudged steps")
+    ap.add_argument("--t2", type=int, default=None, help="nudged steps (default: the model's, 20 for digits)")
     ap.add_argument("--tol", type=float, default=None, help="free-phase tolerance (default: the model's)")
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
     ap.add_argument("--image-size", type=int, default=None, help="input size for image presets")
@@ -93,8 +93,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.tol is not None:
         ov["tol"] = args.tol
     image = args.model not in ("digits", "dhn_digits")
+    if args.model not in models.available():
+        ap.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
     if image:
-        cfg = models.preset(args.model)
+        cfg = models.published(args.model) if args.model in models.PUBLISHED or args.model in models.ALIASES \
+            else models.preset(args.model)
         size = args.image_size or 32
         ov.update(image_size=size)
         if args.pool:
@@ -111,7 +114,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         model, x = model.double(), x.double()
     y = torch.randint(0, classes, (args.batch,))
     loss_fn = nn.CrossEntropyLoss()
-    cands = [ffebm.EP(args.beta, variant=v, steps=args.t2) for v in ("centered", "positive", "negative")]
+    t2 = args.t2 or (cfg["t2"] if image else 20)
+    cands = [ffebm.EP(args.beta, variant=v, steps=t2) for v in ("centered", "positive", "negative")]
     res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ffebm.Implicit(tol=1e-8, max_iter=1000),
                                   candidates=cands, trace=True)
     print(res.table())

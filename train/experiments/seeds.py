@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value configuration overrides")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)   # key=value pairs before or after the options
     from ..config import UserError
 
     try:
