@@ -74,6 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--json", default=None)
     args = ap.parse_intermixed_args(argv)   # key=value pairs before or after the options
+    if "=" in args.recipe:                  # no recipe named: the default one, and this is an override
+        args.overrides.insert(0, args.recipe)
+        args.recipe = "digits"
     from ..config import UserError
 
     try:
