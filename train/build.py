@@ -100,10 +100,8 @@ def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
 
         _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
         return fn(**kw)
-    try:
-        from ffebm import models
-    except ImportError as e:
-        raise ConfigError(f"model={cfg.model!r}: the models package is not importable ({e})") from None
+    from ffebm import models
+
     names = list(models.available())
     if cfg.model not in names:
         raise ConfigError(f"model={cfg.model!r} is not a known model; available: {', '.join(names)}")
