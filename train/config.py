@@ -76,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 3e-4       # L2 / decoupled (adamw) weight decay
     momentum: float = 0.9            # sgd only
     grad_clip: float = 0.0           # >0: clip the global gradient norm to this (0: off)
+    label_smoothing: float = 0.0     # training loss: cross-entropy against (1-e) one-hot + e uniform (eval: plain)
     schedule: str = "cosine"         # cosine (per step, to min_lr at the end) | constant | exponential
     min_lr: float = 0.0              # the schedules never go below this lr
     lr_decay: float = 0.95           # exponential schedule: lr factor per epoch (not below min_lr)
@@ -251,6 +252,8 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model_dtype={cfg.model_dtype!r}: expected float16, bfloat16, float32, float64 or none")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr={cfg.min_lr!r}: must not exceed lr={cfg.lr!r}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing={cfg.label_smoothing!r}: must be in [0, 1)")
     if not 0 < cfg.lr_decay <= 1:
         raise ConfigError(f"lr_decay={cfg.lr_decay!r}: must be in (0, 1]")
     parse_model_options(cfg.model_options)

@@ -159,7 +159,7 @@ class Trainer:
         problem = ""
         try:
             logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
             if not torch.isfinite(loss):
                 problem = f"loss is {loss.item()}{failures.nonfinite_block(self.blocks)}"
         except RelaxationDiverged as e:

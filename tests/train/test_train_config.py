@@ -84,3 +84,21 @@ def test_grad_clip_is_a_typed_key_and_the_digits_recipe_uses_it():
     cfg = validate(apply_overrides(TrainConfig(), {"grad_clip": "0.5"}))
     assert cfg.grad_clip == 0.5
     assert RECIPES["digits"]["grad_clip"] > 0
+
+
+def test_label_smoothing_is_the_training_loss(tmp_path):
+    import torch
+
+    from train.recipes import build_config as bc
+    from train.trainer import Trainer
+
+    cfg = bc("digits", {"label_smoothing": "0.2", "train_subset": "16", "test_subset": "8", "batch_size": "8",
+                        "progress": "false", "tensorboard": "false", "num_threads": "1"})
+    t = Trainer(cfg, None, log=lambda m: None).setup()
+    _, xb, yb = next(iter(t.batches.epoch(0)))
+    with torch.no_grad():
+        logp = torch.log_softmax(t.core(t.pre(xb)).double(), 1)
+    want = -(0.8 * logp.gather(1, yb[:, None]).squeeze(1) + 0.2 * logp.mean(1)).mean()
+    loss = t.train_step(xb, yb, None)[0]
+    assert abs(loss - want.item()) < 1e-5
+    assert abs(loss - torch.nn.functional.nll_loss(logp, yb).item()) > 1e-3   # not the plain loss
