@@ -217,11 +217,23 @@ def _check_plain(obj: Any, where: str):
     raise TypeError(f"{where}: value of type {type(obj).__module__}.{type(obj).__name__} is not a tensor or plain value")
 
 
+#: device bounds, which an unbounded device model (``IdealDevice``) declares infinite: +-inf is a
+#: value there (NaN still is not)
+MAY_BE_INFINITE = ("w_min", "w_max")
+
+
+def _may_be_infinite(name: str) -> bool:
+    return any(part in MAY_BE_INFINITE for part in re.split(r"[.\s]", name))
+
+
 def first_nonfinite(named) -> str:
-    """Name of the first floating tensor holding NaN/inf in ``(name, tensor)`` pairs ('' if none)."""
+    """Name of the first floating tensor holding NaN/inf in ``(name, tensor)`` pairs ('' if none);
+    device bounds may be infinite."""
     for name, t in named:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            return name
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = torch.isnan(t).any() if _may_be_infinite(name) else not torch.isfinite(t).all()
+            if bad:
+                return name
     return ""
 
 

@@ -437,3 +437,21 @@ def test_tile_weight_stats_detect_saturation():
     ideal = AnalogTile(4, 3, IdealDevice(), seed=0)
     ideal.set_tile_weights(w)
     assert ideal.weight_stats()["at_bound"] == 0.0 and ideal.weight_stats()["abs_mean"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("algorithm", ["c-ttv2", "sgd"])
+def test_unbounded_ideal_device_checkpoints_and_resumes(tmp_path, algorithm):
+    """IdealDevice has infinite bounds (w_min = -inf): a value, not a divergence. The run checkpoints,
+    finishes and resumes; a NaN in the same place is still refused."""
+    from train.checkpoint import first_nonfinite
+    from train.trainer import train
+
+    run = tmp_path / "r"
+    cfg = small_cfg(analog="ideal", analog_algorithm=algorithm, epochs=1)
+    m = train(cfg, run, log=lambda s: None)
+    assert m["steps"] == 8 and (run / "metrics.json").exists()
+    m2 = train(small_cfg(analog="ideal", analog_algorithm=algorithm, epochs=2), run, resume=True, log=lambda s: None)
+    assert m2["steps"] == 16
+    assert first_nonfinite([("A.p.w_min", torch.tensor([-float("inf")]))]) == ""
+    assert first_nonfinite([("A.p.w_min", torch.tensor([float("nan")]))]) == "A.p.w_min"
+    assert first_nonfinite([("A.p.w", torch.tensor([float("inf")]))]) == "A.p.w"
