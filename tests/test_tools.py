@@ -62,3 +62,23 @@ def test_bench_analog_block_rows_small(monkeypatch):
     # warm-up + 1 timed step per analog block, and the tiles moved (c-TTv2 first fills its fast
     # array, then transfers onto the tile)
     assert len(pulsed) == 4 and (pulsed[0] or pulsed[1]) and (pulsed[2] or pulsed[3]), pulsed
+
+
+def test_compare_beta_sweep_reference_and_one_line_errors(tmp_path, capsys):
+    compare.main(["--model", "digits", "--batch", "4", "--beta", "0.5,0.02", "--candidates", "centered,unrolled",
+                  "--reference", "implicit", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "by beta" in out and "peak memory" in out
+    data = json.loads((tmp_path / "beta_sweep.json").read_text())
+    centered = {b: min(v["EP(variant=centered)"].values()) for b, v in data["sweep"].items()}
+    assert centered["0.02"] > centered["0.5"] and centered["0.02"] > 0.99   # the error shrinks with beta
+    assert min(data["sweep"]["0.02"]["Unrolled(steps=20, from_equilibrium=True)"].values()) > 0.999
+    assert (tmp_path / "beta_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for args, word in ((["--model", "nope"], "digits"), (["--candidates", "bogus"], "bogus"),
+                       (["--pool", "avg"], "does not apply"), (["--model", "splitting_small_3block", "--image-size", "7"],
+                                                               "image-size")):
+        with pytest.raises(SystemExit) as e:
+            compare.main([*args, "--batch", "2", "--out", str(tmp_path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert word in err and "Traceback" not in err

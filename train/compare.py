@@ -3,18 +3,22 @@
     python -m train.compare                              # digits ff-EBM, Implicit vs EP variants
     python -m train.compare --model cifar10_l6_3blocks --batch 2 --beta 0.02 --t2 20 --image-size 32
     python -m train.compare --pool avg ...               # smooth pooling instead of max
+    python -m train.compare --model static_gradient_analysis --batch 2 --beta 0.02 --reference unrolled
+    python -m train.compare --beta 0.5,0.2,0.05,0.02     # error vs beta per block (beta_sweep.png)
 
 Prints per-parameter cosine similarity and relative error, and writes ``compare.png``: a
-per-layer bar chart of the cosine (one bar group per parameter tensor, one colour per method;
-poorly aligned layers stand out under the 0.9 line) and the step-by-step convergence of EP's
-running estimate towards the reference during the nudged phase, per block.
+per-layer bar chart of 1 - cosine on a log axis (one bar group per parameter tensor, one colour
+per method, so 0.95 and 0.999 look different) and the step-by-step convergence of EP's running
+estimate towards the reference during the nudged phase, per block.  With several betas it prints
+the worst cosine per block for each beta and plots 1 - cosine against beta (``beta_sweep.png``).
+The time and peak memory of the comparison are printed (and stored in the JSON).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -33,15 +37,15 @@ def plot(res, path: str) -> None:
     w = 0.8 / max(len(methods), 1)
     for k, m in enumerate(methods):
         cos = {r["param"]: r["cosine"] for r in res.rows if r["method"] == m}
-        ax.bar([i + k * w for i in range(len(params))], [cos[p] for p in params], width=w, label=m)
-    ax.axhline(0.9, color="red", lw=0.8, ls="--")
+        ax.bar([i + k * w for i in range(len(params))], [max(1 - cos[p], 1e-8) for p in params], width=w, label=m)
+    ax.set_yscale("log")
+    ax.axhline(1e-3, color="green", lw=0.8, ls="--")   # cosine 0.999
+    ax.axhline(5e-2, color="red", lw=0.8, ls="--")     # cosine 0.95
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(params))])
     ax.set_xticklabels(params, rotation=70, ha="right", fontsize=7)
-    lo = min([0.0] + [r["cosine"] for r in res.rows if r["comparable"]])
-    ax.set_ylim(lo, 1.02)
-    ax.set_ylabel(f"cosine vs {res.reference}")
-    ax.set_title("per-layer gradient alignment")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"1 - cosine vs {res.reference} (log; lines: 0.999, 0.95)")
+    ax.set_title("per-layer gradient alignment (lower is better)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax = axes[1]
     if res.traces:
         label, per_block = next(iter(res.traces.items()))
@@ -64,17 +68,72 @@ def plot(res, path: str) -> None:
     plt.close(fig)
 
 
+def _candidates(names: List[str], beta: float, t2: int):
+    import ffebm
+
+    out = []
+    for n in names:
+        if n in ("centered", "positive", "negative", "random"):
+            out.append(ffebm.EP(beta, variant=n, steps=t2))
+        elif n == "implicit":
+            out.append(ffebm.Implicit(tol=1e-8, max_iter=1000))
+        elif n == "unrolled":
+            out.append(ffebm.Unrolled(steps=t2, from_equilibrium=True))
+        else:
+            raise ValueError(f"--candidates: {n!r} is not one of centered, positive, negative, random, implicit, unrolled")
+    return out
+
+
+def beta_sweep_plot(sweep: Dict[float, dict], path: str) -> None:
+    """1 - cosine of each EP variant against the reference, per block, as beta shrinks (log-log):
+    one-sided EP's error falls like beta, centered EP's like beta^2 until precision or the box's
+    kinks take over."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    betas = sorted(sweep)
+    methods = sorted({m for res in sweep.values() for m in res})
+    blocks = sorted({b for res in sweep.values() for per in res.values() for b in per})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        for b in blocks:
+            ys = [max(1 - sweep[bt].get(m, {}).get(b, float("nan")), 1e-9) for bt in betas]
+            ax.loglog(betas, ys, marker="o", label=b)
+        ax.set_xticks(betas)
+        ax.set_xticklabels([f"{b:g}" for b in betas])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("beta")
+        ax.set_ylabel("1 - cosine (worst tensor of the block)")
+        ax.set_title(m)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best", framealpha=0.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    import resource
+    import time
+
     import ffebm
     from ffebm import models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits", help=f"one of: {', '.join(models.available())}")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--beta", type=float, default=0.05)
+    ap.add_argument("--beta", default="0.05", help="EP's beta, or a comma list for a sweep (e.g. 0.5,0.2,0.05,0.02)")
     ap.add_argument("--t1", type=int, default=None, help="free steps (default: the model's)")
     ap.add_argument("--t2", type=int, default=None, help="nudged steps (default: the model's, 20 for digits)")
     ap.add_argument("--tol", type=float, default=None, help="free-phase tolerance (default: the model's)")
+    ap.add_argument("--reference", choices=["implicit", "unrolled"], default="implicit",
+                    help="implicit: the exact gradient at the equilibrium; unrolled: backprop through T2 steps "
+                         "from the equilibrium")
+    ap.add_argument("--candidates", default="centered,positive,negative",
+                    help="comma list of: centered, positive, negative, random (EP variants), implicit, unrolled")
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
     ap.add_argument("--image-size", type=int, default=None, help="input size for image presets")
     ap.add_argument("--double", action="store_true", help="compare in float64")
@@ -83,8 +142,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=".", help="folder for compare.png and compare.json")
     args = ap.parse_args(argv)
-    if args.beta <= 0:
+    try:
+        betas = [float(b) for b in args.beta.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--beta {args.beta!r}: expected a number or a comma list of numbers")
+    if not betas or any(b <= 0 for b in betas):
         ap.error(f"--beta must be > 0, got {args.beta}")
+    if args.model not in models.available():
+        ap.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
+    names = [n.strip() for n in args.candidates.split(",") if n.strip()]
 
     torch.manual_seed(args.seed)
     ov = {}
@@ -93,8 +159,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.tol is not None:
         ov["tol"] = args.tol
     image = args.model not in ("digits", "dhn_digits")
-    if args.model not in models.available():
-        ap.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
     if image:
         cfg = models.published(args.model) if args.model in models.PUBLISHED or args.model in models.ALIASES \
             else models.preset(args.model)
@@ -107,24 +171,67 @@ def main(argv: Optional[List[str]] = None) -> None:
         x = torch.rand(args.batch, 3, size, size)
         classes = cfg["num_classes"]
     else:
+        for flag in ("pool", "precision", "image_size"):
+            if getattr(args, flag):
+                ap.error(f"--{flag.replace('_', '-')} does not apply to {args.model!r} (an MLP on 8x8 digits)")
         x = torch.rand(args.batch, 64)
         classes = 10
-    model = models.build(args.model, **ov)
+    try:
+        model = models.build(args.model, **ov)
+    except (ValueError, RuntimeError) as e:
+        what = f"--image-size {ov['image_size']}: {args.model} cannot take that input size" if image else f"--model {args.model}"
+        ap.error(f"{what} ({str(e).splitlines()[0]})")
     if args.double:
         model, x = model.double(), x.double()
     y = torch.randint(0, classes, (args.batch,))
-    loss_fn = nn.CrossEntropyLoss()
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except (ValueError, RuntimeError) as e:
+        ap.error(f"--image-size {args.image_size}: {args.model} cannot take {tuple(x.shape[1:])} inputs "
+                 f"({' '.join(str(e).split())[:160]})")
     t2 = args.t2 or (cfg["t2"] if image else 20)
-    cands = [ffebm.EP(args.beta, variant=v, steps=t2) for v in ("centered", "positive", "negative")]
-    res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ffebm.Implicit(tol=1e-8, max_iter=1000),
-                                  candidates=cands, trace=True)
-    print(res.table())
+    ref = (ffebm.Implicit(tol=1e-8, max_iter=1000) if args.reference == "implicit"
+           else ffebm.Unrolled(steps=t2, from_equilibrium=True))
+    loss_fn = nn.CrossEntropyLoss()
     os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "compare.png")
-    plot(res, png)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(res.to_dict(), f, indent=1)
-    print(f"\nwrote {png} and compare.json")
+    t0 = time.perf_counter()
+    sweep: Dict[float, dict] = {}
+    try:
+        for beta in betas:
+            res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
+                                          candidates=_candidates(names, beta, t2), trace=len(betas) == 1)
+            per: Dict[str, Dict[str, float]] = {}
+            for r in res.rows:
+                if r["comparable"] and r["block"] != "input":
+                    d = per.setdefault(r["method"].replace(f"beta={beta}, ", ""), {})
+                    d[r["block"]] = min(d.get(r["block"], 1.0), r["cosine"])
+            sweep[beta] = per
+    except ValueError as e:
+        ap.error(str(e).splitlines()[0])
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if len(betas) == 1:
+        print(res.table())
+        png = os.path.join(args.out, "compare.png")
+        plot(res, png)
+        with open(os.path.join(args.out, "compare.json"), "w") as f:
+            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb), f, indent=1)
+        print(f"\nwrote {png} and compare.json")
+    else:
+        blocks = sorted({b for per in sweep.values() for m in per.values() for b in m})
+        print(f"worst cosine per block against {res.reference}, by beta:")
+        for m in sorted({m for per in sweep.values() for m in per}):
+            print(f"\n{m}\n  beta      " + " ".join(f"{b:>9s}" for b in blocks))
+            for beta in betas:
+                print(f"  {beta:<9g} " + " ".join(f"{sweep[beta].get(m, {}).get(b, float('nan')):9.5f}" for b in blocks))
+        png = os.path.join(args.out, "beta_sweep.png")
+        beta_sweep_plot(sweep, png)
+        with open(os.path.join(args.out, "beta_sweep.json"), "w") as f:
+            json.dump({"reference": res.reference, "sweep": {str(k): v for k, v in sweep.items()},
+                       "seconds": seconds, "peak_mb": peak_mb}, f, indent=1)
+        print(f"\nwrote {png} and beta_sweep.json")
+    print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
 
 
 if __name__ == "__main__":
