@@ -108,7 +108,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(USAGE.replace("python -m train", prog) if prog.startswith("ffebm-") else USAGE)
             return 0
         if args.list:
-            cfg = build_config(args.recipe or "digits", args.overrides)
+            try:
+                cfg = build_config(args.recipe or "digits", args.overrides)
+            except UserError as e:
+                _print_err(str(e))
+                return 2
             print("recipes:\n" + describe() + f"\n\nconfiguration keys (values of recipe '{cfg.recipe}'"
                   + (" with your overrides" if args.overrides else "") + "):\n" + describe_keys(cfg))
             return 0

@@ -214,10 +214,10 @@ def schedule_factor(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) ->
 
 
 def make_scheduler(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int = 1):
-    """Stepped once per optimiser step.  ``exponential``: the lr is multiplied by ``lr_decay``
-    at every epoch end (not below ``min_lr``)."""
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
-    if cfg.schedule == "exponential":
+    """Stepped once per optimiser step.  ``cosine``: from lr to ``min_lr`` over ``total_steps``;
+    ``exponential``: the lr is multiplied by ``lr_decay`` at every epoch end (not below ``min_lr``).
+    Closed forms of the step count (:func:`schedule_factor`), so a checkpoint carries only the
+    position and a run extended with ``--resume RUN epochs=N`` follows the schedule of its new length."""
+    if cfg.schedule in ("cosine", "exponential"):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(cfg, total_steps, steps_per_epoch))
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)

@@ -101,7 +101,7 @@ def interrupted_message(signum: int, global_step: int, run_dir: Optional[Path]) 
     name = signal.Signals(signum).name if signum in (signal.SIGINT, signal.SIGTERM) else str(signum)
     where_ = run_dir if run_dir is not None else "(no run folder)"
     return (f"{name} received: checkpoint saved at step {global_step}; "
-            f"continue with: python -m train --resume {where_}")
+            f"continue with: ffebm-train --resume {where_}  (in a checkout also: python -m train --resume ...)")
 
 
 def maybe_inject_fault(global_step: int, rank: int) -> None:

@@ -137,3 +137,22 @@ def test_resume_restores_the_global_random_stream(tmp_path, capsys, monkeypatch)
     res = main_inproc(["--resume", "run", "--trust-code"], tmp_path, capsys, monkeypatch)
     assert res.returncode == 0, res.stderr
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_extending_a_finished_run_follows_the_longer_cosine_schedule(tmp_path):
+    """--resume RUN epochs=N: the lr goes on falling along the cosine of the new length (it never
+    climbs back up) and ends at min_lr, like a run trained for N epochs from the start."""
+    from train.recipes import build_config
+    from train.trainer import train
+
+    over = {"train_subset": "64", "test_subset": "32", "batch_size": "32", "progress": "false",
+            "tensorboard": "false", "num_threads": "1", "t1": "10", "t2": "4"}
+    run = tmp_path / "r"
+    train(build_config("digits", dict(over, epochs="2")), run, log=lambda s: None)
+    m = train(build_config("digits", dict(over, epochs="8")), run, resume=True, log=lambda s: None)
+    lrs = [h["lr"] for h in m["history"]]
+    assert len(lrs) == 8 and m["steps"] == 16
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[2:], lrs[3:])), lrs     # no climb after the extension
+    fresh = train(build_config("digits", dict(over, epochs="8")), tmp_path / "f", log=lambda s: None)
+    assert abs(lrs[-1] - fresh["history"][-1]["lr"]) < 1e-12 and lrs[-1] < 1e-9
+    assert [round(x, 12) for x in lrs[3:]] == [round(h["lr"], 12) for h in fresh["history"][3:]]
