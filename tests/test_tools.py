@@ -74,11 +74,12 @@ def test_compare_beta_sweep_reference_and_one_line_errors(tmp_path, capsys):
     assert centered["0.02"] > centered["0.5"] and centered["0.02"] > 0.99   # the error shrinks with beta
     assert min(data["sweep"]["0.02"]["Unrolled(steps=20, from_equilibrium=True)"].values()) > 0.999
     assert (tmp_path / "beta_sweep.png").read_bytes()[:4] == b"\x89PNG"
-    for args, word in ((["--model", "nope"], "digits"), (["--candidates", "bogus"], "bogus"),
-                       (["--pool", "avg"], "does not apply"), (["--model", "splitting_small_3block", "--image-size", "7"],
-                                                               "image-size")):
+    cases = ((["--model", "nope"], "digits"), (["--candidates", "bogus"], "bogus"), (["--pool", "avg"], "does not apply"),
+             (["--candidates", ","], "at least one"), (["--model", "splitting_small_3block", "--image-size", "7"],
+                                                       "image-size"), (["--batch", "0"], "--batch"))
+    for args, word in cases:
         with pytest.raises(SystemExit) as e:
-            compare.main([*args, "--batch", "2", "--out", str(tmp_path)])
+            compare.main(["--batch", "2", *args, "--out", str(tmp_path)])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert word in err and "Traceback" not in err

@@ -151,6 +151,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.model not in models.available():
         ap.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    if not names:
+        ap.error(f"--candidates {args.candidates!r}: name at least one method")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
 
     torch.manual_seed(args.seed)
     ov = {}

@@ -14,3 +14,8 @@ def test_seeds_command_takes_overrides_after_the_options(tmp_path, capsys):
     assert s["min"] == min(accs) and s["max"] == max(accs) and abs(s["mean"] - sum(accs) / 2) < 1e-12
     assert "range over seeds 0-1" in capsys.readouterr().out
     assert seeds.main(["digits", "nosuchkey=1", "--seeds", "0"]) == 2
+
+
+def test_bad_seed_list_is_a_one_line_error(capsys):
+    assert seeds.main(["--seeds", "abc"]) == 2
+    assert "expected seeds" in capsys.readouterr().err

@@ -27,7 +27,10 @@ def parse_seeds(text: str) -> List[int]:
     out: List[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         lo, dash, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: expected seeds >= 0 like 0-4 or 0,2,5") from None
     if not out or any(s < 0 for s in out):
         raise ValueError(f"--seeds {text!r}: expected seeds >= 0 like 0-4 or 0,2,5")
     return out
