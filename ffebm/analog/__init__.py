@@ -16,12 +16,13 @@ from .algorithms import (
     AGAD, AnalogAlgorithm, AnalogSGD, ChoppedTTv2, MixedPrecision, TikiTaka, TTv1, TTv2,
     algorithm_from_name, algorithm_names, register_algorithm,
 )
-from .convert import convert_to_analog
+from .convert import convert_to_analog, convert_to_digital
 from .context import AnalogContext, UnownedAnalogWeight
 from .layers import (
-    AnalogConfig, AnalogConv2d, AnalogLinear, analog_context, analog_parameters, digital_parameters,
-    is_analog_parameter,
+    AnalogConfig, AnalogLinear, analog_context, analog_parameters, digital_parameters, is_analog_parameter,
 )
+from .conv import AnalogConv1d, AnalogConv2d, AnalogGroupedConv
+from .state import IncompatibleState, StateRemapped
 from .optimizer import AnalogOptimizer
 
 # -- energy blocks on tiles (relaxation reads through the read model, EP updates as pulses)

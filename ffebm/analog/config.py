@@ -24,7 +24,10 @@ class InvalidSetting(ValueError):
 
     def __init__(self, owner: str, field: str, value: Any, allowed: str) -> None:
         self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
-        super().__init__(f"{owner}.{field} = {value!r} is invalid: allowed range is {allowed}")
+        shown = repr(value)
+        if len(shown) > 120:  # a whole object's repr would bury the message
+            shown = f"{type(value).__name__}(...)"
+        super().__init__(f"{owner}.{field} = {shown} is invalid: allowed range is {allowed}")
 
 
 class Settings:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import InvalidSetting, UpdateConfig
-from .devices import PulsedDevice, device_from_name
+from .devices import DeviceParams, PulsedDevice, device_from_name
 from .integrate import apply_pulses
 from .pulses import pulsed_update
 from .rng import fork_generator, make_generator, randn
@@ -88,13 +88,48 @@ class DeviceArray:
         return self
 
     def set_weights(self, w: Tensor) -> None:
-        """Program the states (clipped to each device's bounds)."""
+        """Program the states (clipped to each device's bounds); ``w`` of the array's shape (or
+        broadcastable to it, e.g. one value for every device)."""
         w = torch.as_tensor(w, dtype=self.w.dtype, device=self.w.device)
+        try:
+            torch.broadcast_shapes(w.shape, self.shape)
+            ok = w.dim() <= len(self.shape)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"DeviceArray {list(self.shape)}: cannot program states of shape {list(w.shape)}")
         self.w = self.device_cfg.clip(w.expand(self.shape).clone(), self.params)
         self._redraw_write_noise()
 
     def get_weights(self) -> Tensor:
         return self.w.clone()
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """States, sampled per-device parameters, the device model's name and the generator's
+        state (plain tensors and strings: ``torch.load(..., weights_only=True)`` reads it)."""
+        return {"w": self.w.clone(), "params": {k: v.clone() for k, v in self.params.items()
+                                                if isinstance(v, Tensor)},
+                "device": type(self.device_cfg).__name__, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, checked first (shape, device model, parameters): a mismatch
+        raises :class:`~ffebm.analog.state.IncompatibleState` and changes nothing."""
+        from .state import IncompatibleState, check_array_state
+
+        owner = f"DeviceArray({type(self.device_cfg).__name__}, {list(self.shape)})"
+        if not isinstance(state, dict):
+            raise IncompatibleState(owner, f"saved state is {type(state).__name__}, expected a dict")
+        keys = [k for k, v in self.params.items() if isinstance(v, Tensor)]
+        check_array_state(owner, self.shape, self.device_cfg, keys, state.get("w"), state.get("params"),
+                          state.get("device"))
+        items = {k: (state["params"][k].to(device=v.device, dtype=v.dtype).expand(self.shape).clone()
+                     if isinstance(v, Tensor) else v) for k, v in self.params.items()}
+        self.params = DeviceParams(**items)
+        self.w = state["w"].to(device=self.w.device, dtype=self.w.dtype).clone()
+        if isinstance(state.get("rng"), Tensor) and self.generator.device.type == "cpu":
+            self.generator.set_state(state["rng"].cpu())
+        self._redraw_write_noise()
 
     def symmetry_point(self) -> Optional[Tensor]:
         return self.device_cfg.symmetry_point(self.params)

@@ -11,9 +11,17 @@ A weight matrix is mapped to a conductance pair ``w ~ (g+ - g-) / g_max * scale`
 * 1/f read noise: ``Q = min(0.0088 / max(g~^0.65, 1e-3), 0.2)``,
   ``sigma_t = Q sqrt(ln((t + t0 + t_r) / (2 t_r)))``, ``g = max(g(t) + |g(t)| sigma_t xi, 0)``
   (drawn once per evaluation time: the weights seen by every read at that time);
-* global drift compensation: right after programming read the tile with a fixed input (all ones)
-  and keep ``mean |W x|``; at time t multiply the outputs by that over the new mean (done in the
-  tile's digital output scale).
+* global drift compensation (GDC), following Le Gallo et al., IEEE Trans. Electron Devices
+  (2018) and Joshi et al., Nature Communications 11, 2473 (2020): one scalar per tile,
+  obtained by driving the tile with a fixed set of calibration inputs and summing the absolute
+  outputs, once right after programming (``reference = mean |W_prog x_k|``) and again at the
+  inference time t; the outputs at t are multiplied by ``reference / mean |W(t) x_k|`` (done in
+  the tile's digital output scale). The calibration inputs are
+  ``PCMDriftModel.compensation_probes`` signed vectors drawn uniformly from ``[-1, 1]`` with a
+  fixed seed (:data:`COMPENSATION_PROBE_SEED`) independent of the noise generator, so both reads
+  use the same set. A single all-ones input is not used because with signed weights ``W 1`` can
+  cancel (rows summing to zero give a zero reference and a useless factor); the absolute value of
+  outputs for signed random inputs is zero only for an all-zero row.
 
 :func:`evaluate_over_time` applies this to every analog tile found in a model and calls a user
 evaluation function at each time, restoring the trained weights afterwards.
@@ -31,7 +39,12 @@ from .config import InvalidSetting, Settings, check_range
 from .rng import make_generator, randn
 from .tile import AnalogTile, find_analog_tiles
 
-__all__ = ["PCMDriftModel", "ProgrammedWeights", "drift_compensation_factor", "evaluate_over_time"]
+__all__ = ["PCMDriftModel", "ProgrammedWeights", "drift_compensation_factor", "evaluate_over_time",
+           "COMPENSATION_PROBE_SEED"]
+
+#: Seed of the calibration inputs of the global drift compensation (fixed, independent of the
+#: noise generator: the same probes are read right after programming and at every later time).
+COMPENSATION_PROBE_SEED = 20200518
 
 
 @dataclass
@@ -45,13 +58,17 @@ class ProgrammedWeights:
     nu_pos: Tensor
     nu_neg: Tensor
     scale: Tensor  # network units per g_max
-    reference: Optional[Tensor] = None  # mean |W_prog 1| for drift compensation
+    # what the drift compensation compares against: mean |W_prog x_k| over the calibration probes
+    reference: Optional[Tensor] = None
+    probes: int = 128  # number of calibration probes ``reference`` was read with
 
 
 @dataclass
 class PCMDriftModel(Settings):
     """Published PCM-like statistical model (settings, validated). ``*_scale`` fields scale the
-    corresponding noise (1 = published, 0 = off)."""
+    corresponding noise (1 = published, 0 = off). ``compensation_probes`` (integer >= 1) is the
+    number of fixed random signed calibration inputs of the global drift compensation (see the
+    module docstring); more probes give a factor closer to its large-sample value."""
 
     g_max: float = 25.0
     prog_coeff: Tuple[float, float, float] = (0.26348, 1.9650, -1.1731)
@@ -60,6 +77,7 @@ class PCMDriftModel(Settings):
     t_read: float = 250e-9
     drift_scale: float = 1.0
     read_noise_scale: float = 1.0
+    compensation_probes: int = 128
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -72,6 +90,8 @@ class PCMDriftModel(Settings):
         check_range(o, "t_read", self.t_read, 0, None, lo_open=True)
         check_range(o, "drift_scale", self.drift_scale, 0, None)
         check_range(o, "read_noise_scale", self.read_noise_scale, 0, None)
+        check_range(o, "compensation_probes", self.compensation_probes, 1, None, integer=True)
+        self.compensation_probes = int(self.compensation_probes)
 
     # -- pieces -------------------------------------------------------------------------------
     def prog_sigma(self, gt: Tensor) -> Tensor:
@@ -108,8 +128,9 @@ class PCMDriftModel(Settings):
         gt_neg = (-w).clamp(min=0) / scale * self.g_max
         g_pos, nu_pos = self._program_g(gt_pos, generator)
         g_neg, nu_neg = self._program_g(gt_neg, generator)
-        pw = ProgrammedWeights(g_pos, g_neg, gt_pos, gt_neg, nu_pos, nu_neg, scale)
-        pw.reference = _mean_abs_read(self.to_weights(g_pos, g_neg, scale))
+        pw = ProgrammedWeights(g_pos, g_neg, gt_pos, gt_neg, nu_pos, nu_neg, scale,
+                               probes=self.compensation_probes)
+        pw.reference = _mean_abs_read(self.to_weights(g_pos, g_neg, scale), pw.probes)
         return pw
 
     def conductance_at(self, g: Tensor, gt: Tensor, nu: Tensor, t: float,
@@ -134,14 +155,26 @@ class PCMDriftModel(Settings):
         return self.to_weights(gp, gn, pw.scale)
 
 
-def _mean_abs_read(w: Tensor) -> Tensor:
-    """mean |W 1|: the read of the global drift compensation (fixed all-ones input)."""
-    return (w @ torch.ones(w.shape[1], dtype=w.dtype, device=w.device)).abs().mean()
+def compensation_probes(n: int, in_size: int, like: Tensor) -> Tensor:
+    """The ``n x in_size`` calibration inputs of the global drift compensation: uniform in
+    ``[-1, 1]``, drawn on the CPU from :data:`COMPENSATION_PROBE_SEED` (the same numbers on every
+    call, on any device), returned on ``like``'s device and dtype."""
+    g = torch.Generator().manual_seed(COMPENSATION_PROBE_SEED)
+    x = torch.rand((int(n), int(in_size)), generator=g, dtype=torch.float64) * 2.0 - 1.0
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+def _mean_abs_read(w: Tensor, probes: int = 128) -> Tensor:
+    """mean |W x_k| over the calibration probes (all outputs, all probes): the read of the global
+    drift compensation. Zero only if W is zero (signed inputs: no cancellation across a row)."""
+    x = compensation_probes(probes, w.shape[1], w)
+    return (x @ w.t()).abs().mean()
 
 
 def drift_compensation_factor(pw: ProgrammedWeights, w_t: Tensor) -> Tensor:
-    """Global drift compensation: ``reference / mean |W(t) 1|`` (1 where undefined)."""
-    now = _mean_abs_read(w_t)
+    """Global drift compensation: ``reference / mean |W(t) x_k|`` over the same calibration probes
+    as the reference (1 where undefined: an all-zero read at time t)."""
+    now = _mean_abs_read(w_t, pw.probes)
     ref = pw.reference if pw.reference is not None else now
     return torch.where(now > 0, ref / now.clamp(min=1e-30), torch.ones_like(now))
 

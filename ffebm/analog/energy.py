@@ -41,7 +41,8 @@ from ..couplings import ConvCoupling, Coupling, DenseCoupling, init_weight
 from ..gradients.ep import EP
 from .config import InvalidSetting
 from .conv_coupling import AnalogConvCoupling
-from .layers import AnalogConfig, AnalogConv2d, AnalogLinear, _AnalogLayer, _post_load_hook
+from .conv import AnalogConv2d
+from .layers import AnalogConfig, AnalogLinear, _AnalogLayer, _post_load_hook
 
 __all__ = ["AnalogDenseCoupling", "AnalogConvCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
            "analog_couplings", "reset_read_counts"]

@@ -1,5 +1,5 @@
-"""Analog layers: ``AnalogLinear`` and ``AnalogConv2d`` whose weights live on an
-:class:`~ffebm.analog.tile.AnalogTile`.
+"""Analog layers: ``AnalogLinear`` (here) and the convolutions of :mod:`ffebm.analog.conv`,
+whose weights live on an :class:`~ffebm.analog.tile.AnalogTile`.
 
 Forward: ``y = W x`` through the tile's forward read model (conv: one read per patch, patches
 from ``unfold`` / im2col). Backward: ``dL/dx = W^T d`` through the tile's backward read model.
@@ -31,9 +31,9 @@ from torch.autograd.graph import get_gradient_edge
 from .config import InvalidSetting, IOConfig, UpdateConfig, Validated, check_range
 from .context import AnalogContext
 from .devices import PulsedDevice, device_from_name
-from .tile import AnalogTile
+from .tile import AnalogTile, _check_before_load
 
-__all__ = ["AnalogConfig", "AnalogLinear", "AnalogConv2d", "is_analog_parameter", "analog_context",
+__all__ = ["AnalogConfig", "AnalogLinear", "is_analog_parameter", "analog_context",
            "analog_parameters", "digital_parameters"]
 
 
@@ -165,6 +165,8 @@ class _AnalogLayer(nn.Module):
         self.weight = nn.Parameter(torch.zeros(weight_shape, device=self.tile.device, dtype=dtype))
         self.analog_ctx = AnalogContext(self.tile, type(self).__name__)
         self._link()
+        self.register_load_state_dict_pre_hook(_check_before_load)
+        self.register_state_dict_pre_hook(_sync_before_save)
 
     def _link(self) -> None:
         """Point the weight at this layer's AnalogContext (a copied or moved Parameter loses
@@ -174,23 +176,45 @@ class _AnalogLayer(nn.Module):
         if getattr(self.weight, "analog_ctx", None) is not self.analog_ctx:
             self.weight.analog_ctx = self.analog_ctx
 
-    # -- weights --------------------------------------------------------------------------
+    # -- weights ---------------------------------------------------------------------------
     @torch.no_grad()
     def _refresh(self) -> None:
-        w = self.tile.get_weights()
-        if self.weight.device != w.device:
-            self.weight.data = self.weight.data.to(w.device)
-        self.weight.data.copy_(w.reshape(self.weight.shape))
+        """Sync the mirror ``weight`` with the tile (every read and optimizer step does). A value
+        written into ``weight`` since the last sync (``weight.data``, ``weight.copy_`` under
+        ``no_grad``, ``nn.init``, a torch optimizer's step) is *programmed* onto the tile first
+        (clipped to the device bounds, as :meth:`set_weights`), never silently overwritten."""
+        self._link()
+        self.analog_ctx.sync(self.weight)
 
     @torch.no_grad()
-    def set_weights(self, w: Tensor) -> None:
-        """Program weights (network units, the shape of ``weight``); clipped to device bounds."""
-        w = torch.as_tensor(w)
+    def set_weights(self, weight: Tensor, bias: Optional[Tensor] = None) -> None:
+        """Program ``weight`` (network units, the shape of ``layer.weight``; clipped to the device
+        bounds) onto the tile and, if given, copy ``bias`` into the digital bias."""
+        w = torch.as_tensor(weight)
+        if w.numel() != self.weight.numel():
+            raise ValueError(f"{type(self).__name__}.set_weights: weight of shape {list(w.shape)}, expected "
+                             f"{list(self.weight.shape)}")
+        if bias is not None:
+            b = torch.as_tensor(bias)
+            if getattr(self, "bias", None) is None:
+                raise ValueError(f"{type(self).__name__}.set_weights: got a bias, but the layer has none")
+            if b.shape != self.bias.shape:
+                raise ValueError(f"{type(self).__name__}.set_weights: bias of shape {list(b.shape)}, expected "
+                                 f"{list(self.bias.shape)}")
+        self._link()
         self.tile.set_weights(w.reshape(self.tile.out_size, self.tile.in_size).to(self.tile.out_scale))
+        self.analog_ctx.forget_mirror()
         self._refresh()
+        if bias is not None:
+            self.bias.copy_(b.to(self.bias))
 
-    def get_weights(self) -> Tensor:
-        return self.tile.get_weights().reshape(self.weight.shape)
+    def get_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(weight, bias)``: the weight as programmed on the tile (network units, the shape of
+        ``layer.weight``) and a copy of the digital bias (None without one)."""
+        self._refresh()
+        bias = getattr(self, "bias", None)
+        return (self.tile.get_weights().reshape(self.weight.shape),
+                None if bias is None else bias.detach().clone())
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
@@ -214,9 +238,7 @@ class _AnalogLayer(nn.Module):
     @torch.no_grad()
     def _copy_from(self, weight: Tensor, bias: Optional[Tensor]) -> "_AnalogLayer":
         """Program a digital layer's weight onto the tile and copy its bias."""
-        self.set_weights(weight.detach())
-        if bias is not None:
-            self.bias.copy_(bias)
+        self.set_weights(weight.detach(), None if bias is None else bias.detach())
         return self
 
     # -- reads ----------------------------------------------------------------------------
@@ -260,12 +282,23 @@ class _AnalogLayer(nn.Module):
         if rng is not None:
             self.tile.generator.set_state(rng.cpu())
             self._pending_rng = None
+        self._link()
+        self.analog_ctx.forget_mirror()  # the loaded tile is the truth, not the loaded mirror
         self._refresh()
 
     def _apply(self, fn, recurse: bool = True):
+        if "analog_ctx" in self.__dict__:
+            self._refresh()  # a write into ``weight`` made before the move reaches the tile
         out = super()._apply(fn, recurse)
         self._link()
+        self.analog_ctx.forget_mirror()
+        self._refresh()
         return out
+
+
+def _sync_before_save(module, prefix, keep_vars) -> None:
+    """``state_dict`` pre-hook: a write into ``weight`` reaches the tile before both are saved."""
+    module._refresh()
 
 
 def _post_load_hook(module, incompatible_keys):
@@ -318,83 +351,3 @@ class AnalogLinear(_AnalogLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class AnalogConv2d(_AnalogLayer):
-    """``nn.Conv2d`` (groups 1, zero padding) with its weight on a tile of shape
-    ``out_channels x (in_channels * kh * kw)``: im2col (``unfold``) patches are read one by
-    one (forward), the backward read is the transposed tile read folded back, and the update
-    pulses one ``(patch, output gradient)`` pair per output position."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True,
-                 config: Optional[AnalogConfig] = None, seed: Optional[int] = None,
-                 device: Any = None, dtype: Optional[torch.dtype] = None) -> None:
-        super().__init__()
-        o = "AnalogConv2d"
-        check_range(o, "in_channels", in_channels, 1, None, integer=True)
-        check_range(o, "out_channels", out_channels, 1, None, integer=True)
-        if groups != 1:
-            raise InvalidSetting(o, "groups", groups, "1 (grouped convolutions are not supported)")
-        if isinstance(padding, str):
-            raise InvalidSetting(o, "padding", padding, "an int or a pair of ints")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        for name in ("kernel_size", "stride", "dilation"):
-            for v in getattr(self, name):
-                check_range(o, name, v, 1, None, integer=True)
-        for v in self.padding:
-            check_range(o, "padding", v, 0, None, integer=True)
-        kh, kw = self.kernel_size
-        fan_in = self.in_channels * kh * kw
-        self._init_analog(self.out_channels, fan_in, (self.out_channels, self.in_channels, kh, kw),
-                          config, seed, device, dtype)
-        w = torch.empty(self.out_channels, self.in_channels, kh, kw, dtype=self.weight.dtype)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        bound = 1 / math.sqrt(fan_in)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_channels, device=self.weight.device,
-                                                 dtype=self.weight.dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
-        self.set_weights(w.to(self.weight.device))
-        self.register_load_state_dict_post_hook(_post_load_hook)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, config: Optional[AnalogConfig] = None,
-                  seed: Optional[int] = None) -> "AnalogConv2d":
-        if conv.padding_mode != "zeros":
-            raise InvalidSetting("AnalogConv2d", "padding_mode", conv.padding_mode, "'zeros'")
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, config, seed,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        return m._copy_from(conv.weight, conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"AnalogConv2d({self.in_channels}, {self.out_channels}): expected input [N, "
-                             f"{self.in_channels}, H, W] or [{self.in_channels}, H, W], got {list(x.shape)}")
-        if x.dim() == 3:
-            return self.forward(x.unsqueeze(0)).squeeze(0)
-        n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding,
-                        stride=self.stride)  # [N, C*kh*kw, L]
-        y = self._mvm(cols.transpose(1, 2))  # [N, L, out]
-        y = y.transpose(1, 2).reshape(n, self.out_channels, ho, wo)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
-        return y
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}")

@@ -39,6 +39,7 @@ from .algorithms import AnalogAlgorithm, AnalogSGD, _Runtime
 from .config import InvalidSetting, check_range
 from .layers import is_analog_parameter
 from .rng import make_generator
+from .state import IncompatibleState
 
 __all__ = ["AnalogOptimizer"]
 
@@ -145,6 +146,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 actx = p.analog_ctx
                 if actx.optimizer is not self:
                     actx.attach(self)
+                actx.sync(p)  # a write into the weight since the last read is programmed first
                 pair = actx.take()
                 if pair is not None:
                     x, d = pair
@@ -157,7 +159,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
                     continue
                 rt = self._runtime(p)
                 rt.step(x, d, lr)
-                p.data.copy_(actx.tile.get_weights().reshape(p.shape).to(p.dtype))
+                actx.sync(p)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -168,14 +170,59 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 p.analog_ctx.clear()
 
     def state_dict(self) -> Dict[str, Any]:
+        """Torch's optimizer state (per weight: the algorithm's tensors and the pulse generator's
+        state) plus ``"algorithm"``: the algorithm's class name, checked when loading."""
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in self._runtimes:
                     self.state[p] = self._export(p)
         sd = super().state_dict()
+        sd["algorithm"] = type(self.algorithm).__name__
         return sd
 
+    def _check_state(self, state_dict: Dict[str, Any]) -> None:
+        """Everything :meth:`load_state_dict` needs, checked before it changes anything: the
+        algorithm, the groups and, per weight, the saved algorithm state's tensors (names and
+        shapes) against what this optimizer's algorithm keeps for that weight's tile."""
+        me = f"AnalogOptimizer({type(self.algorithm).__name__})"
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise IncompatibleState(me, "not an optimizer state_dict (no 'state' / 'param_groups')")
+        saved_alg = state_dict.get("algorithm")
+        if saved_alg is not None and saved_alg != type(self.algorithm).__name__:
+            raise IncompatibleState(me, f"saved with algorithm {saved_alg}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise IncompatibleState(me, f"saved with {len(groups)} parameter groups, this one has "
+                                        f"{len(self.param_groups)}")
+        params = []
+        for gi, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise IncompatibleState(me, f"group {gi} was saved with {len(sg['params'])} weights, this one "
+                                            f"has {len(g['params'])}")
+            params.extend(zip(sg["params"], g["params"]))
+        for saved_id, p in params:
+            st = state_dict["state"].get(saved_id)
+            if not st:
+                continue
+            actx = p.analog_ctx
+            rt = self._runtimes.get(id(p))
+            if rt is None or rt.tile is not actx.tile:  # a throwaway runtime tells what is kept
+                rt = self.algorithm.build(actx.tile, make_generator(0, actx.tile.out_scale.device))
+            want = {k: tuple(v.shape) for k, v in rt.export().items()}
+            have = {k: tuple(v.shape) for k, v in st.items() if k != "rng_state" and isinstance(v, Tensor)}
+            who = f"{me}, weight of {actx.layer} {actx.tile.out_size}x{actx.tile.in_size}"
+            if set(have) != set(want):
+                raise IncompatibleState(who, f"saved algorithm state {sorted(have)} does not match this "
+                                             f"algorithm's {sorted(want)}")
+            bad = [f"{k} {list(have[k])} (here {list(want[k])})" for k in want if have[k] != want[k]]
+            if bad:
+                raise IncompatibleState(who, "saved algorithm state has other shapes: " + ", ".join(bad))
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; everything is checked first (:class:`IncompatibleState`
+        naming the weight and the mismatch, nothing changed)."""
+        self._check_state(state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k != "algorithm"}
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
@@ -183,7 +230,8 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 if st:
                     self._runtime(p)
                     self._import(p, st)
-                    p.data.copy_(p.analog_ctx.tile.get_weights().reshape(p.shape).to(p.dtype))
+                    p.analog_ctx.forget_mirror()
+                    p.analog_ctx.sync(p)
 
     def __repr__(self) -> str:
         return f"AnalogOptimizer(algorithm={self.algorithm!r}, lr={self.defaults['lr']})"

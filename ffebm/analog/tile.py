@@ -21,6 +21,7 @@ from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
 from .device_array import DeviceArray
 from .devices import ConstantStep, DeviceParams, PulsedDevice, device_from_name
 from .rng import fork_generator, make_generator, randn
+from .state import check_module_state
 
 __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "find_analog_tiles"]
 
@@ -177,6 +178,7 @@ class AnalogTile(nn.Module):
             [DeviceArray(device_cfg, (r, c), generator=generator, device=dev, dtype=dtype)
              for c in self.col_sizes] for r in self.row_sizes]
         self.register_buffer("out_scale", torch.ones(self.out_size, device=dev, dtype=dtype))
+        self.register_load_state_dict_pre_hook(_check_before_load)
 
     # -- layout helpers --------------------------------------------------------------------
     def _row_slices(self):
@@ -327,10 +329,18 @@ class AnalogTile(nn.Module):
 
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
+        """Device states and sampled parameters of every array, the device model's name and the
+        split (``max_size``); ``load_state_dict`` checks them before loading (see
+        :mod:`ffebm.analog.state`) and remaps a different split of the same matrix."""
         return {"w": [[a.w.clone() for a in row] for row in self.arrays],
-                "params": [[{k: v for k, v in a.params.items()} for a in row] for row in self.arrays]}
+                "params": [[{k: v for k, v in a.params.items()} for a in row] for row in self.arrays],
+                "device": type(self.device_cfg).__name__, "max_size": self.max_size}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
+        from .state import check_tile_state
+
+        remapped = check_tile_state(self, state, f"AnalogTile {self.out_size}x{self.in_size}")
+        state = remapped if remapped is not None else state
         for row, wrow, prow in zip(self.arrays, state["w"], state["params"]):
             for a, w, p in zip(row, wrow, prow):
                 a.params = DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)
@@ -340,6 +350,14 @@ class AnalogTile(nn.Module):
     def extra_repr(self) -> str:
         return (f"out={self.out_size}, in={self.in_size}, device={type(self.device_cfg).__name__}, "
                 f"arrays={len(self.row_sizes)}x{len(self.col_sizes)}")
+
+
+def _check_before_load(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any,
+                       strict: bool, missing_keys: List[str], unexpected_keys: List[str],
+                       error_msgs: List[str]) -> None:
+    """``load_state_dict`` pre-hook of tiles and analog layers: check (and, for another split of
+    the same matrix, remap) the saved analog state before anything of the module is loaded."""
+    check_module_state(module, state_dict, prefix, strict)
 
 
 def is_analog_tile(obj: Any) -> bool:

@@ -54,14 +54,14 @@ def test_input_gradient_does_not_move_weights_issue_input():
     layer = AnalogLinear(3, 2, bias=False, config=EXACT)
     opt = AnalogOptimizer([layer.weight], lr=0.1)
     x = torch.rand(4, 3, requires_grad=True)
-    w0 = layer.get_weights().clone()
+    w0 = layer.get_weights()[0].clone()
     gx, = torch.autograd.grad(layer(x).sum(), x)
     torch.testing.assert_close(gx, w0.sum(0).expand(4, 3))  # W^T 1, as nn.Linear
     opt.step()
-    assert torch.equal(layer.get_weights(), w0)  # nn.Linear + SGD would not move either
+    assert torch.equal(layer.get_weights()[0], w0)  # nn.Linear + SGD would not move either
     layer(x).sum().backward()  # and loss.backward() does record: the step moves W by -lr d^T x
     opt.step()
-    torch.testing.assert_close(layer.get_weights(), w0 - 0.1 * torch.ones(2, 1) @ x.detach().sum(0, keepdim=True))
+    torch.testing.assert_close(layer.get_weights()[0], w0 - 0.1 * torch.ones(2, 1) @ x.detach().sum(0, keepdim=True))
 
 
 @pytest.mark.parametrize("kind", list(MODULES))
@@ -144,10 +144,10 @@ def test_zero_grad_of_the_analog_optimizer_clears_what_is_recorded():
 def test_pairs_recorded_before_the_optimizer_exists_are_applied():
     layer = _linear()
     x = torch.rand(5, 3, dtype=torch.float64)
-    w0 = layer.get_weights().clone()
+    w0 = layer.get_weights()[0].clone()
     layer(x).sum().backward()
     AnalogOptimizer([layer.weight], lr=0.1).step()
-    torch.testing.assert_close(layer.get_weights(), w0 - 0.1 * torch.ones(2, 1, dtype=torch.float64) @ x.sum(0, keepdim=True))
+    torch.testing.assert_close(layer.get_weights()[0], w0 - 0.1 * torch.ones(2, 1, dtype=torch.float64) @ x.sum(0, keepdim=True))
 
 
 def test_context_is_typed_and_not_copied_with_the_model():
@@ -272,9 +272,9 @@ def test_owned_pairs_that_pile_up_are_folded_into_the_same_update():
     assert X.shape[0] < 8 * n  # bounded (the fold plus what came after it)
     dense = sum(torch.autograd.grad(layer(x).square().sum(), layer.weight)[0] for _ in range(1)) * n
     torch.testing.assert_close(D.t() @ X, dense, rtol=1e-10, atol=1e-12)
-    w0 = layer.get_weights().clone()
+    w0 = layer.get_weights()[0].clone()
     opt.step()
-    torch.testing.assert_close(layer.get_weights(), w0 - 0.001 * dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layer.get_weights()[0], w0 - 0.001 * dense, rtol=1e-9, atol=1e-12)
 
 
 def test_compare_gradients_one_sided_absence_is_disagreement_and_dropout_is_shared():

@@ -46,7 +46,7 @@ def test_linear_matches_nn_linear(dev):
     torch.optim.SGD(lin.parameters(), lr=lr).step()
     AnalogOptimizer(analog_parameters(al), AnalogSGD(), lr=lr).step()
     torch.optim.SGD(digital_parameters(al), lr=lr).step()
-    torch.testing.assert_close(al.get_weights(), lin.weight.detach(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(al.get_weights()[0], lin.weight.detach(), rtol=0, atol=1e-14)
     torch.testing.assert_close(al.weight.detach(), lin.weight.detach(), rtol=0, atol=1e-14)
     torch.testing.assert_close(al.bias.detach(), lin.bias.detach(), rtol=0, atol=1e-14)
 
@@ -69,7 +69,7 @@ def test_conv_matches_nn_conv2d(dev):
     torch.optim.SGD(conv.parameters(), lr=lr).step()
     AnalogOptimizer([ac.weight], AnalogSGD(), lr=lr).step()
     torch.optim.SGD([ac.bias], lr=lr).step()
-    torch.testing.assert_close(ac.get_weights(), conv.weight.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(ac.get_weights()[0], conv.weight.detach(), rtol=0, atol=1e-13)
     torch.testing.assert_close(ac.bias.detach(), conv.bias.detach(), rtol=0, atol=1e-13)
 
 
@@ -86,9 +86,9 @@ def test_dense_grad_fallback_and_accumulation():
     a2.weight.analog_ctx.clear()  # a2: only the dense gradient is left -> one-hot fallback
     AnalogOptimizer([a1.weight], lr=0.05).step()
     AnalogOptimizer([a2.weight], lr=0.05).step()
-    torch.testing.assert_close(a1.get_weights(), a2.get_weights(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(a1.get_weights()[0], a2.get_weights()[0], rtol=0, atol=1e-13)
     ref = lin.weight.detach() - 0.05 * a1.weight.grad
-    torch.testing.assert_close(a1.get_weights(), ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(a1.get_weights()[0], ref, rtol=0, atol=1e-13)
 
 
 def _noisy_model(seed=0):

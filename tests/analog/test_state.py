@@ -1,0 +1,272 @@
+"""Loading analog state: checked before anything changes (one clear error, module untouched), a
+different split of the same matrix remapped; get/set_weights and writes into ``weight``."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ffebm.analog import (AnalogConfig, AnalogConv2d, AnalogLinear, AnalogOptimizer, AnalogSGD, AnalogTile,
+                          ChoppedTTv2, DeviceArray, IdealDevice, IOConfig, PowStep, SoftBounds, TikiTaka,
+                          analog_parameters)
+from ffebm.analog.state import IncompatibleState, StateRemapped
+
+
+def _snapshot(module: nn.Module) -> dict:
+    """Everything a load could change: parameters, buffers, tile states and device parameters."""
+    out = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    for name, m in module.named_modules():
+        if isinstance(m, AnalogTile):
+            for i, row in enumerate(m.arrays):
+                for j, a in enumerate(row):
+                    out[f"{name}[{i},{j}].w"] = a.w.clone()
+                    for k, v in a.params.items():
+                        if isinstance(v, torch.Tensor):
+                            out[f"{name}[{i},{j}].{k}"] = v.clone()
+    return out
+
+
+def _assert_unchanged(module: nn.Module, before: dict) -> None:
+    after = _snapshot(module)
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_other_split_is_remapped_not_half_loaded():
+    """The issue's instance: AnalogLinear(12, 7, max_size=5) loading a max_size=512 state."""
+    torch.manual_seed(0)
+    src = AnalogLinear(12, 7, config=AnalogConfig(max_size=512, device=SoftBounds()), seed=1)
+    dst = AnalogLinear(12, 7, config=AnalogConfig(max_size=5, device=SoftBounds()), seed=2)
+    assert dst.tile.n_arrays == 6 and src.tile.n_arrays == 1
+    with pytest.warns(StateRemapped, match="remapped"):
+        dst.load_state_dict(_roundtrip(src.state_dict()))
+    assert torch.equal(dst.get_weights()[0], src.get_weights()[0])
+    assert torch.equal(dst.tile.tile_weights(), src.tile.tile_weights())
+    # each device keeps its own sampled parameters through the remap
+    for k in ("scale_up", "scale_down", "w_min", "w_max"):
+        full = torch.cat([torch.cat([a.params[k].expand_as(a.w) for a in row], 1) for row in dst.tile.arrays], 0)
+        torch.testing.assert_close(full, src.tile.arrays[0][0].params[k], rtol=0, atol=0)
+    x = torch.rand(3, 12)
+    with torch.no_grad():
+        assert dst(x).shape == (3, 7)
+    # and back the other way (6 arrays -> 1)
+    back = AnalogLinear(12, 7, config=AnalogConfig(max_size=512, device=SoftBounds()), seed=3)
+    with pytest.warns(StateRemapped):
+        back.load_state_dict(dst.state_dict())
+    assert torch.equal(back.tile.tile_weights(), src.tile.tile_weights())
+
+
+@pytest.mark.parametrize("make_other, fragment", [
+    (lambda: AnalogLinear(12, 8, config=AnalogConfig(device=SoftBounds())), "shape"),
+    (lambda: AnalogLinear(13, 7, config=AnalogConfig(device=SoftBounds())), "shape"),
+    (lambda: AnalogLinear(12, 7, config=AnalogConfig(device=PowStep())), "SoftBounds"),
+    (lambda: AnalogLinear(12, 7, bias=False, config=AnalogConfig(device=SoftBounds())), "bias"),
+], ids=["out", "in", "device", "bias"])
+def test_mismatch_raises_one_clear_error_and_changes_nothing(make_other, fragment):
+    torch.manual_seed(0)
+    src = AnalogLinear(12, 7, config=AnalogConfig(device=SoftBounds()), seed=1)
+    dst = make_other()
+    before = _snapshot(dst)
+    with pytest.raises((IncompatibleState, RuntimeError)) as ei:
+        dst.load_state_dict(src.state_dict())
+    assert fragment in str(ei.value), str(ei.value)
+    _assert_unchanged(dst, before)
+    with torch.no_grad():  # still usable
+        dst(torch.rand(2, dst.in_features))
+
+
+def test_device_parameters_of_another_model_are_refused():
+    """A state saved without the device name (older files) is still checked by its parameters."""
+    src = AnalogTile(4, 6, PowStep(), seed=0)
+    dst = AnalogTile(4, 6, SoftBounds(), seed=1)
+    sd = src.state_dict()
+    sd["_extra_state"] = {k: v for k, v in sd["_extra_state"].items() if k != "device"}
+    before = _snapshot(dst)
+    with pytest.raises(IncompatibleState, match="gamma"):
+        dst.load_state_dict(sd)
+    _assert_unchanged(dst, before)
+
+
+def test_conv_and_energy_coupling_load_checked():
+    from ffebm.analog import AnalogDenseCoupling
+
+    src = AnalogConv2d(3, 4, 3, config=AnalogConfig(max_size=512))
+    dst = AnalogConv2d(3, 5, 3)
+    before = _snapshot(dst)
+    with pytest.raises(IncompatibleState, match="AnalogConv2d"):
+        dst.load_state_dict(src.state_dict())
+    _assert_unchanged(dst, before)
+    c1 = AnalogDenseCoupling((6,), 5, config=AnalogConfig(max_size=4))
+    c2 = AnalogDenseCoupling((6,), 5, config=AnalogConfig(max_size=2))
+    with pytest.warns(StateRemapped):
+        c2.load_state_dict(c1.state_dict())
+    assert torch.equal(c2.get_weights()[0], c1.get_weights()[0])
+    c3 = AnalogDenseCoupling((7,), 5)
+    before = _snapshot(c3)
+    with pytest.raises(IncompatibleState, match="6"):
+        c3.load_state_dict(c1.state_dict())
+    _assert_unchanged(c3, before)
+
+
+def test_nested_model_error_names_the_layer():
+    net1 = nn.Sequential(nn.Linear(4, 6), AnalogLinear(6, 3))
+    net2 = nn.Sequential(nn.Linear(4, 6), AnalogLinear(6, 3, config=AnalogConfig(device=SoftBounds())))
+    with pytest.raises(IncompatibleState, match=r"AnalogLinear '1'.*ConstantStep"):
+        net2.load_state_dict(net1.state_dict())
+
+
+def test_strict_missing_tile_state_is_refused_first():
+    src = AnalogLinear(5, 3)
+    dst = AnalogLinear(5, 3)
+    sd = {k: v for k, v in src.state_dict().items() if k != "tile._extra_state"}
+    before = _snapshot(dst)
+    with pytest.raises(IncompatibleState, match="missing"):
+        dst.load_state_dict(sd)
+    _assert_unchanged(dst, before)
+
+
+def test_device_array_state_roundtrip_and_checks():
+    a = DeviceArray(SoftBounds(), (3, 4), seed=0)
+    a.pulse(torch.randint(-20, 20, (3, 4)))
+    b = DeviceArray(SoftBounds(), (3, 4), seed=1)
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    assert torch.equal(b.w, a.w) and torch.equal(b.params.w_max, a.params.w_max)
+    n = torch.randint(-5, 5, (3, 4))
+    a.pulse(n)
+    b.pulse(n)
+    assert torch.equal(a.w, b.w)  # the generator state came along
+    for other, frag in ((DeviceArray(SoftBounds(), (4, 3), seed=0), "shape"),
+                        (DeviceArray(PowStep(), (3, 4), seed=0), "SoftBounds")):
+        w0, p0 = other.w.clone(), other.params.w_max.clone()
+        with pytest.raises(IncompatibleState, match=frag):
+            other.load_state_dict(a.state_dict())
+        assert torch.equal(other.w, w0) and torch.equal(other.params.w_max, p0)
+    with pytest.raises(ValueError, match=r"\[3, 4\]"):
+        a.set_weights(torch.zeros(5, 4))
+
+
+def _trained(algo, n_in=6, seed=0):
+    torch.manual_seed(seed)
+    m = AnalogLinear(n_in, 3, config=AnalogConfig(device=SoftBounds()), seed=seed)
+    o = AnalogOptimizer(analog_parameters(m), algo, lr=0.1, seed=seed)
+    for _ in range(3):
+        o.zero_grad()
+        (m(torch.rand(4, n_in)) ** 2).sum().backward()
+        o.step()
+    return m, o
+
+
+def test_optimizer_load_checks_algorithm_and_shapes_first():
+    m1, o1 = _trained(ChoppedTTv2())
+    sd = _roundtrip(o1.state_dict())
+    assert sd["algorithm"] == "ChoppedTTv2"
+    m2, o2 = _trained(TikiTaka(), seed=1)
+    before = {k: v.clone() for k, v in o2._export(m2.weight).items()}
+    with pytest.raises(IncompatibleState, match="ChoppedTTv2"):
+        o2.load_state_dict(sd)
+    after = o2._export(m2.weight)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # an older file without the algorithm's name: caught by its state's tensors
+    old = dict(sd)
+    old.pop("algorithm")
+    with pytest.raises(IncompatibleState, match="chop"):
+        o2.load_state_dict(old)
+    # same algorithm, another weight shape
+    m3, o3 = _trained(ChoppedTTv2(), n_in=5)
+    with pytest.raises(IncompatibleState, match=r"AnalogLinear 3x5.*shapes"):
+        o3.load_state_dict(sd)
+    # the right one loads
+    m4, o4 = _trained(ChoppedTTv2(), seed=2)
+    m4.load_state_dict(m1.state_dict())
+    o4.load_state_dict(sd)
+    assert torch.equal(o4._export(m4.weight)["H"], o1._export(m1.weight)["H"])
+
+
+# -- get_weights / set_weights / writes into weight ----------------------------------------------
+
+def test_get_set_weights_with_bias():
+    lin = AnalogLinear(4, 3, config=AnalogConfig(device=IdealDevice(), io=IOConfig.perfect()))
+    w, b = lin.get_weights()
+    assert w.shape == (3, 4) and b.shape == (3,)
+    w2, b2 = torch.randn(3, 4), torch.randn(3)
+    lin.set_weights(w2, b2)
+    torch.testing.assert_close(lin.get_weights()[0], w2)
+    torch.testing.assert_close(lin.get_weights()[1], b2)
+    lin.set_weights(2 * w2)  # the single-argument form keeps the bias
+    torch.testing.assert_close(lin.get_weights()[0], 2 * w2)
+    torch.testing.assert_close(lin.bias.detach(), b2)
+    nb = AnalogLinear(4, 3, bias=False)
+    assert nb.get_weights()[1] is None
+    with pytest.raises(ValueError, match="no"):
+        nb.set_weights(w2, b2)
+    with pytest.raises(ValueError, match=r"\[3, 4\]"):
+        lin.set_weights(torch.zeros(4, 4))
+    conv = AnalogConv2d(2, 3, 3)
+    w, b = conv.get_weights()
+    assert w.shape == (3, 2, 3, 3) and b.shape == (3,)
+
+
+@pytest.mark.parametrize("write", ["data", "copy_", "init", "torch_optimizer"])
+def test_write_into_weight_is_applied_not_overwritten(write):
+    """Issue: the optimizer moves the weight, the next forward overwrote it from the tile."""
+    torch.manual_seed(0)
+    lin = AnalogLinear(4, 3, config=AnalogConfig(device=IdealDevice(), io=IOConfig.perfect(), dense_grad=True))
+    new = torch.randn(3, 4) * 0.3
+    if write == "data":
+        lin.weight.data = new.clone()
+    elif write == "copy_":
+        with torch.no_grad():
+            lin.weight.copy_(new)
+    elif write == "init":
+        torch.manual_seed(5)
+        nn.init.normal_(lin.weight, std=0.3)
+        torch.manual_seed(5)
+        new = torch.empty(3, 4).normal_(std=0.3)
+    else:
+        w0 = lin.get_weights()[0]
+        x = torch.rand(2, 4)
+        opt = torch.optim.SGD([lin.weight], lr=0.5)
+        (lin(x) ** 2).sum().backward()
+        g = lin.weight.grad.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        new = w0 - 0.5 * g
+    x = torch.rand(5, 4)
+    y = lin(x)  # the next read
+    torch.testing.assert_close(y, x @ new.t() + lin.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lin.get_weights()[0], new, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lin.weight.detach(), new, rtol=1e-6, atol=1e-6)
+
+
+def test_write_is_clipped_to_device_bounds_and_saved():
+    lin = AnalogLinear(4, 3, config=AnalogConfig(device=SoftBounds()))
+    with torch.no_grad():
+        lin.weight.fill_(100.0)
+    sd = lin.state_dict()  # a write reaches the tile before saving
+    hi = lin.tile.arrays[0][0].params.w_max * lin.tile.out_scale.unsqueeze(1)
+    torch.testing.assert_close(sd["weight"], hi)
+    torch.testing.assert_close(lin.get_weights()[0], hi)
+
+
+def test_analog_optimizer_after_a_write_pulses_from_the_written_value():
+    lin = AnalogLinear(4, 3, config=AnalogConfig(device=IdealDevice(), io=IOConfig.perfect()))
+    opt = AnalogOptimizer(analog_parameters(lin), AnalogSGD(), lr=0.1)
+    x = torch.rand(2, 4)
+    (lin(x).sum()).backward()
+    new = torch.full((3, 4), 0.2)
+    with torch.no_grad():
+        lin.weight.copy_(new)  # written between backward and step
+    opt.step()
+    torch.testing.assert_close(lin.get_weights()[0], new - 0.1 * torch.ones(3, 2) @ x)
