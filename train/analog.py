@@ -188,16 +188,11 @@ def nonfinite_pending(model: nn.Module) -> str:
 
 
 def tile_scalars(model: nn.Module) -> Dict[str, float]:
-    """TensorBoard scalars of every analog weight's devices: ``analog/<param>/abs_mean``,
-    ``range_used`` and ``at_bound`` (see :meth:`ffebm.analog.AnalogTile.weight_stats`)."""
-    out: Dict[str, float] = {}
-    from ffebm.analog import is_analog_parameter
+    """TensorBoard scalars of every tile: ``analog/<param>/abs_mean``, ``range_used``,
+    ``at_bound`` and the read counts, plus ``analog/total/...`` (:func:`ffebm.analog.analog_stats`)."""
+    from ffebm.analog import analog_stats
 
-    for name, p in model.named_parameters():
-        if is_analog_parameter(p):
-            for k, v in p.analog_ctx.tile.weight_stats().items():
-                out[f"analog/{name}/{k}"] = v
-    return out
+    return analog_stats(model).scalars("analog")
 
 
 class AnalogPlugin(TrainerPlugin):
@@ -258,7 +253,11 @@ class AnalogPlugin(TrainerPlugin):
     def epoch_record(self, ctx: Any, device: Any, log) -> Dict[str, Any]:
         rec = self.lr()
         if self.optimizer is not None:  # mean |w| of the devices, in tile units (saturation at a glance)
-            rec["tile_abs_mean"] = sum(p.analog_ctx.tile.weight_stats()["abs_mean"] for p in self.params) / len(self.params)
+            from ffebm.analog import analog_stats
+
+            total = analog_stats(self.model).total
+            rec["tile_abs_mean"] = total.abs_mean
+            rec["tile_at_bound"] = total.at_bound
         if self.optimizer is not None and ctx.enabled:
             from ffebm.analog.distributed import tiles_in_sync
 

@@ -23,6 +23,7 @@ from .layers import (
 )
 from .conv import AnalogConv1d, AnalogConv2d, AnalogGroupedConv
 from .state import IncompatibleState, StateRemapped
+from .stats import AnalogStats, TileStats, analog_stats
 from .optimizer import AnalogOptimizer
 
 # -- energy blocks on tiles (relaxation reads through the read model, EP updates as pulses)

@@ -132,8 +132,10 @@ def analog_couplings(module: nn.Module) -> List[Coupling]:
 
 
 def reset_read_counts(module: nn.Module) -> None:
-    for c in analog_couplings(module):
-        c.n_forward_reads = c.n_backward_reads = 0
+    """Zero the read counters of the analog couplings and tiles of ``module``."""
+    from .stats import reset_read_counts as _reset
+
+    _reset(module)
 
 
 @dataclasses.dataclass

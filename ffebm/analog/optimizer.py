@@ -63,7 +63,8 @@ class AnalogOptimizer(torch.optim.Optimizer):
 
 
     def __init__(self, params: Iterable[Any], algorithm: Optional[AnalogAlgorithm] = None,
-                 lr: float = 0.01, seed: Optional[int] = None) -> None:
+                 lr: float = 0.01, seed: Optional[int] = None, digital: Any = None,
+                 digital_options: Optional[Dict[str, Any]] = None) -> None:
         check_range("AnalogOptimizer", "lr", lr, 0, None)
         if algorithm is None:
             algorithm = AnalogSGD()
@@ -72,20 +73,28 @@ class AnalogOptimizer(torch.optim.Optimizer):
                                  "an AnalogAlgorithm (AnalogSGD, TikiTaka, TTv2, ChoppedTTv2, AGAD, MixedPrecision)")
         if seed is not None:
             check_range("AnalogOptimizer", "seed", seed, 0, None, integer=True)
-        super().__init__(params, dict(lr=lr))
+        analog_groups, digital_groups = _split_groups(params, mixed=digital is not None)
+        super().__init__(analog_groups, dict(lr=lr))
         for gi, g in enumerate(self.param_groups):
             check_range("AnalogOptimizer", f"param_groups[{gi}].lr", g["lr"], 0, None)
             for p in g["params"]:
-                if not is_analog_parameter(p):
-                    raise InvalidSetting(
-                        "AnalogOptimizer", "params", f"tensor of shape {tuple(p.shape)}",
-                        "analog weights only (weights of AnalogLinear/AnalogConv2d, see "
-                        "analog_parameters(model)); give digital parameters to a torch optimizer")
                 p.analog_ctx.attach(self)
+        self._n_analog = len(self.param_groups)
+        self.digital: Optional[torch.optim.Optimizer] = None
+        if digital is not None and digital_groups:
+            self.digital = _make_digital(digital, digital_groups, lr, digital_options)
+            # the same group dicts: schedulers and users editing ``param_groups`` reach both
+            self.param_groups.extend(self.digital.param_groups)
         self.algorithm = algorithm
         self.seed = seed
         self._runtimes: Dict[int, _Runtime] = {}
         self._gens: Dict[int, torch.Generator] = {}
+
+    @property
+    def analog_groups(self) -> list:
+        """The parameter groups of analog weights (``param_groups`` also lists the digital
+        optimizer's groups after them)."""
+        return self.param_groups[:self._n_analog]
 
     # -- runtimes ---------------------------------------------------------------------------
     def _index(self, p: Tensor) -> int:
@@ -138,7 +147,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(self.analog_groups):
             # param_groups can be edited after construction (schedulers do): check what is used
             check_range("AnalogOptimizer", f"param_groups[{gi}].lr", group["lr"], 0, None)
             lr = float(group["lr"])
@@ -160,24 +169,33 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 rt = self._runtime(p)
                 rt.step(x, d, lr)
                 actx.sync(p)
+        if self.digital is not None:
+            self.digital.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear dense gradients and the recorded pulse pairs of this optimizer's weights."""
-        super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
+        super().zero_grad(set_to_none=set_to_none)  # every group: digital ones too
+        for group in self.analog_groups:
             for p in group["params"]:
                 p.analog_ctx.clear()
 
     def state_dict(self) -> Dict[str, Any]:
         """Torch's optimizer state (per weight: the algorithm's tensors and the pulse generator's
         state) plus ``"algorithm"``: the algorithm's class name, checked when loading."""
-        for group in self.param_groups:
+        for group in self.analog_groups:
             for p in group["params"]:
                 if id(p) in self._runtimes:
                     self.state[p] = self._export(p)
-        sd = super().state_dict()
+        groups = self.param_groups
+        self.param_groups = self.analog_groups
+        try:
+            sd = super().state_dict()
+        finally:
+            self.param_groups = groups
         sd["algorithm"] = type(self.algorithm).__name__
+        if self.digital is not None:
+            sd["digital"] = self.digital.state_dict()
         return sd
 
     def _check_state(self, state_dict: Dict[str, Any]) -> None:
@@ -191,11 +209,21 @@ class AnalogOptimizer(torch.optim.Optimizer):
         if saved_alg is not None and saved_alg != type(self.algorithm).__name__:
             raise IncompatibleState(me, f"saved with algorithm {saved_alg}")
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise IncompatibleState(me, f"saved with {len(groups)} parameter groups, this one has "
-                                        f"{len(self.param_groups)}")
+        if len(groups) != self._n_analog:
+            raise IncompatibleState(me, f"saved with {len(groups)} analog parameter groups, this one has "
+                                        f"{self._n_analog}")
+        saved_digital = state_dict.get("digital")
+        if (saved_digital is None) != (self.digital is None):
+            raise IncompatibleState(me, "saved with a digital optimizer, this one has none" if self.digital is None
+                                    else "saved without a digital optimizer, this one has one")
+        if self.digital is not None:
+            dg = saved_digital.get("param_groups", []) if isinstance(saved_digital, dict) else []
+            sizes = [len(g["params"]) for g in dg]
+            here = [len(g["params"]) for g in self.digital.param_groups]
+            if sizes != here:
+                raise IncompatibleState(me, f"saved with digital parameter groups of sizes {sizes}, this one has {here}")
         params = []
-        for gi, (sg, g) in enumerate(zip(groups, self.param_groups)):
+        for gi, (sg, g) in enumerate(zip(groups, self.analog_groups)):
             if len(sg["params"]) != len(g["params"]):
                 raise IncompatibleState(me, f"group {gi} was saved with {len(sg['params'])} weights, this one "
                                             f"has {len(g['params'])}")
@@ -222,9 +250,19 @@ class AnalogOptimizer(torch.optim.Optimizer):
         """Load a :meth:`state_dict`; everything is checked first (:class:`IncompatibleState`
         naming the weight and the mismatch, nothing changed)."""
         self._check_state(state_dict)
-        state_dict = {k: v for k, v in state_dict.items() if k != "algorithm"}
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        digital_sd = state_dict.get("digital")
+        state_dict = {k: v for k, v in state_dict.items() if k not in ("algorithm", "digital")}
+        groups = self.param_groups
+        self.param_groups = self.analog_groups
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            # torch rebuilt the analog group dicts; the digital optimizer's follow them again
+            self.param_groups = self.param_groups + groups[self._n_analog:]
+        if self.digital is not None:
+            self.digital.load_state_dict(digital_sd)
+            self.param_groups[self._n_analog:] = self.digital.param_groups
+        for group in self.analog_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
@@ -234,4 +272,61 @@ class AnalogOptimizer(torch.optim.Optimizer):
                     p.analog_ctx.sync(p)
 
     def __repr__(self) -> str:
-        return f"AnalogOptimizer(algorithm={self.algorithm!r}, lr={self.defaults['lr']})"
+        dig = f", digital={type(self.digital).__name__}" if self.digital is not None else ""
+        return f"AnalogOptimizer(algorithm={self.algorithm!r}, lr={self.defaults['lr']}{dig})"
+
+
+def _split_groups(params: Iterable[Any], mixed: bool):
+    """Parameter groups of analog weights and of everything else (``mixed``; otherwise a
+    parameter that is not an analog weight is an error naming it). Accepts tensors,
+    ``(name, tensor)`` pairs (``model.named_parameters()``) or group dicts of either."""
+    items = list(params)
+    if not items:
+        raise ValueError("AnalogOptimizer got an empty parameter list")
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    analog, digital = [], []
+    for gi, g in enumerate(groups):
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        a, d = [], []
+        for i, item in enumerate(ps):
+            name, p = item if isinstance(item, tuple) and len(item) == 2 else (None, item)
+            if not isinstance(p, Tensor):
+                raise InvalidSetting("AnalogOptimizer", "params", type(p).__name__, "tensors (parameters)")
+            if is_analog_parameter(p):
+                a.append(p)
+            elif mixed:
+                d.append(p)
+            else:
+                who = f"parameter {name!r}" if name else f"parameter #{i} of group {gi} (pass model.named_parameters() to see its name)"
+                raise InvalidSetting(
+                    "AnalogOptimizer", "params", f"{who} of shape {list(p.shape)}",
+                    "analog weights only (weights of analog layers, see analog_parameters(model)); for a mixed "
+                    "model pass digital=torch.optim.Adam (or another torch optimizer) to step the others too")
+        rest = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        if a:
+            analog.append(dict(rest, params=a))
+        if d:
+            digital.append(dict(rest, params=d))
+    if not analog:
+        raise InvalidSetting("AnalogOptimizer", "params", "no analog weights",
+                             "at least one analog weight (convert_to_analog / to_analog_energy first)")
+    return analog, digital
+
+
+def _make_digital(digital: Any, groups: list, lr: float, options: Optional[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """The torch optimizer of the digital parameters: a class (built with ``lr`` unless
+    ``options`` sets one) or a callable taking the parameter groups."""
+    opts = dict(options or {})
+    if isinstance(digital, type) and issubclass(digital, torch.optim.Optimizer):
+        opts.setdefault("lr", lr)
+        return digital(groups, **opts)
+    if isinstance(digital, torch.optim.Optimizer) or not callable(digital):
+        raise InvalidSetting("AnalogOptimizer", "digital", type(digital).__name__,
+                             "a torch optimizer class (torch.optim.Adam) or a callable params -> optimizer")
+    if opts:
+        raise InvalidSetting("AnalogOptimizer", "digital_options", opts, "empty when digital is a callable")
+    out = digital(groups)
+    if not isinstance(out, torch.optim.Optimizer):
+        raise InvalidSetting("AnalogOptimizer", "digital", type(out).__name__, "a callable returning a torch optimizer")
+    return out

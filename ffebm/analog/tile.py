@@ -179,6 +179,9 @@ class AnalogTile(nn.Module):
              for c in self.col_sizes] for r in self.row_sizes]
         self.register_buffer("out_scale", torch.ones(self.out_size, device=dev, dtype=dtype))
         self.register_load_state_dict_pre_hook(_check_before_load)
+        # vectors read in each direction (crossbar operations; statistics, not state)
+        self.n_forward_reads = 0
+        self.n_backward_reads = 0
 
     # -- layout helpers --------------------------------------------------------------------
     def _row_slices(self):
@@ -279,6 +282,7 @@ class AnalogTile(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """``y = W x`` for x [..., in] (network units)."""
         self._follow(x)
+        self.n_forward_reads += x.numel() // max(self.in_size, 1)
         outs = []
         for row in self.arrays:
             acc = None
@@ -292,6 +296,7 @@ class AnalogTile(nn.Module):
     def backward(self, d: Tensor) -> Tensor:
         """``z = W^T d`` for d [..., out] (network units)."""
         self._follow(d)
+        self.n_backward_reads += d.numel() // max(self.out_size, 1)
         ds = d * self.out_scale.to(d.dtype)
         outs = []
         for j, cs in enumerate(self._col_slices()):

@@ -270,3 +270,77 @@ def test_analog_optimizer_after_a_write_pulses_from_the_written_value():
         lin.weight.copy_(new)  # written between backward and step
     opt.step()
     torch.testing.assert_close(lin.get_weights()[0], new - 0.1 * torch.ones(3, 2) @ x)
+
+
+# -- one optimizer for a mixed model -------------------------------------------------------------
+
+def _mixed_model(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    from ffebm.analog import convert_to_analog
+    return convert_to_analog(net, AnalogConfig(device=IdealDevice(), io=IOConfig.perfect()), exclude=["2"], seed=seed)
+
+
+def test_one_optimizer_steps_analog_by_pulses_and_digital_by_torch():
+    m = _mixed_model()
+    ref = _mixed_model()
+    opt = AnalogOptimizer(m.parameters(), AnalogSGD(), lr=0.1, digital=torch.optim.SGD)
+    x = torch.rand(6, 5)
+    for mod in (m, ref):
+        (mod(x) ** 2).sum().backward()
+    opt.step()
+    # reference: the same model, analog weight by the ideal pulsed update, digital by torch SGD
+    AnalogOptimizer(analog_parameters(ref), AnalogSGD(), lr=0.1).step()
+    torch.optim.SGD([p for n, p in ref.named_parameters() if n != "0.weight"], lr=0.1).step()
+    for (n, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, msg=n)
+    opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    assert m[0].weight.analog_ctx.num_pairs == 0
+
+
+def test_one_optimizer_scheduler_and_state_dict_cover_both(tmp_path):
+    m = _mixed_model()
+    opt = AnalogOptimizer(m.named_parameters(), ChoppedTTv2(), lr=0.05, seed=0, digital=torch.optim.Adam,
+                          digital_options=dict(lr=1e-3))
+    sch = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 1e-3]
+    for _ in range(2):
+        opt.zero_grad()
+        (m(torch.rand(4, 5)) ** 2).sum().backward()
+        opt.step()
+        sch.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0125, 0.00025]
+    assert opt.digital.param_groups[0]["lr"] == 0.00025  # the scheduler reached the torch optimizer
+    sd = _roundtrip({"m": m.state_dict(), "o": opt.state_dict(), "s": sch.state_dict()})
+    m2 = _mixed_model(seed=1)
+    opt2 = AnalogOptimizer(m2.named_parameters(), ChoppedTTv2(), lr=0.05, seed=3, digital=torch.optim.Adam,
+                           digital_options=dict(lr=1e-3))
+    sch2 = torch.optim.lr_scheduler.StepLR(opt2, 1, gamma=0.5)
+    m2.load_state_dict(sd["m"])
+    opt2.load_state_dict(sd["o"])
+    sch2.load_state_dict(sd["s"])
+    x = torch.rand(4, 5)
+    for mod, o, s in ((m, opt, sch), (m2, opt2, sch2)):
+        torch.manual_seed(7)
+        o.zero_grad()
+        (mod(x) ** 2).sum().backward()
+        o.step()
+        s.step()
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[1] is opt2.digital.param_groups[0]
+    # a pulsed-only optimizer cannot load the mixed state, and says so
+    only = AnalogOptimizer(analog_parameters(m2), ChoppedTTv2(), lr=0.05)
+    with pytest.raises(IncompatibleState, match="digital"):
+        only.load_state_dict(sd["o"])
+
+
+def test_digital_parameter_in_a_pulsed_only_optimizer_is_named():
+    m = _mixed_model()
+    with pytest.raises(ValueError, match=r"'0\.bias'.*digital=torch\.optim"):
+        AnalogOptimizer(m.named_parameters(), AnalogSGD())
+    with pytest.raises(ValueError, match=r"#1 of group 0.*named_parameters"):
+        AnalogOptimizer(m.parameters(), AnalogSGD())
+    with pytest.raises(ValueError, match="no analog weights"):
+        AnalogOptimizer(nn.Linear(2, 2).parameters(), AnalogSGD(), digital=torch.optim.SGD)
