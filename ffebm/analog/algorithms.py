@@ -42,6 +42,7 @@ from torch import Tensor
 from .config import InvalidSetting, IOConfig, Settings, UpdateConfig, check_choice, check_range
 from .device_array import DeviceArray
 from .devices import DeviceParams, PulsedDevice, device_from_name
+from .state import params_from_state
 
 __all__ = [
     "AnalogAlgorithm", "AnalogSGD", "TikiTaka", "TTv1", "TTv2", "ChoppedTTv2", "AGAD",
@@ -331,21 +332,24 @@ class _TileView:
         return self.tile.tile_weights()
 
 
-def _param_tensors(prefix: str, arr: DeviceArray) -> Dict[str, Tensor]:
-    out = {prefix + "w": arr.w}
-    for k, v in arr.params.items():
-        if isinstance(v, Tensor):
-            out[prefix + "p." + k] = v
-    return out
+def _param_tensors(prefix: str, arr: DeviceArray) -> Dict[str, Any]:
+    """A device array's state for the optimizer: its states ``w`` and its per-device parameters
+    (``params``: how they were drawn when known, a few kB; else the tensors)."""
+    return {prefix + "w": arr.w, prefix + "params": arr.param_state()}
 
 
-def _load_array(prefix: str, arr: DeviceArray, t: Dict[str, Tensor]) -> None:
+def _load_array(prefix: str, arr: DeviceArray, t: Dict[str, Any]) -> None:
+    """Inverse of :func:`_param_tensors` (also reads older states with ``prefix + "p.<name>"``
+    tensors)."""
     dev, dt = arr.w.device, arr.w.dtype
+    if prefix + "params" in t:
+        saved = params_from_state(f"algorithm state {prefix}", t[prefix + "params"], arr.shape, dev, dt)
+    else:
+        saved = {k[len(prefix) + 2:]: v for k, v in t.items() if k.startswith(prefix + "p.")}
     items = {}
     for k, v in arr.params.items():
-        key = prefix + "p." + k
-        items[k] = t[key].to(device=dev, dtype=v.dtype) if (isinstance(v, Tensor) and key in t) else v
-    arr.params = DeviceParams(**items)
+        items[k] = saved[k].to(device=dev, dtype=v.dtype) if (isinstance(v, Tensor) and k in saved) else v
+    arr.set_params(DeviceParams(**items), saved.get("__draw__") if isinstance(saved, dict) else None)
     arr.w = t[prefix + "w"].to(device=dev, dtype=dt).clone()
     arr._redraw_write_noise(arr.generator) if arr.device_cfg.write_noise_std > 0 else None
 
@@ -367,9 +371,9 @@ class _Runtime:
         return dict(self.tensors)
 
     def load(self, t: Dict[str, Tensor]) -> None:
-        for k in self.tensors:
-            if k in t:
-                self.tensors[k] = t[k].to(device=self.tensors[k].device, dtype=self.tensors[k].dtype).clone()
+        for k, v in self.tensors.items():
+            if k in t and isinstance(v, Tensor):  # (device arrays' parameter records: _load_array)
+                self.tensors[k] = t[k].to(device=v.device, dtype=v.dtype).clone()
 
     def read_extra(self) -> Optional[Tensor]:
         """Tile-unit matrix to add to C for the network's reads (``gamma (A - ref)``), or None."""

@@ -19,6 +19,7 @@ from .devices import DeviceParams, PulsedDevice, device_from_name
 from .integrate import apply_pulses
 from .pulses import pulsed_update
 from .rng import fork_generator, make_generator, randn
+from .state import IncompatibleState, _draw_record, _fingerprint, check_array_state, params_from_state
 
 __all__ = ["DeviceArray"]
 
@@ -46,13 +47,42 @@ class DeviceArray:
         if device is None:
             device = generator.device
         self.generator = generator
+        # how the spread was drawn: enough to draw it again when loading (compact checkpoints)
+        draw = _draw_record(device_cfg, generator, device, dtype)
         self.params = device_cfg.sample(self.shape, generator, device, dtype)
+        if draw is not None:
+            draw["fingerprint"] = _fingerprint(self.params)
+        self._draw = draw
         self.w = torch.zeros(self.shape, device=device, dtype=dtype)
         self.w = device_cfg.clip(self.w, self.params)
         self._w_read: Optional[Tensor] = None
         self._redraw_write_noise()
 
     # -- basics ------------------------------------------------------------------------------
+    @property
+    def params(self) -> DeviceParams:
+        """The per-device parameters drawn once (assigning new ones forgets how they were drawn)."""
+        return self._params
+
+    @params.setter
+    def params(self, value: DeviceParams) -> None:
+        self._params = value
+        self._draw = None
+
+    def param_state(self) -> Dict[str, Any]:
+        """The per-device parameters for a checkpoint: how they were drawn (``{"__draw__": ...}``:
+        the device model's settings, the generator's state before the draw and a fingerprint;
+        a few kB instead of several tensors of the array's size) when that is known, else the
+        tensors themselves. :func:`params_from_state` reads either."""
+        if self._draw is not None:
+            return {"__draw__": self._draw}
+        return {k: v for k, v in self.params.items()}
+
+    def set_params(self, params: DeviceParams, draw: Optional[Dict[str, Any]] = None) -> None:
+        """Replace the per-device parameters (``draw``: how they were drawn, if known)."""
+        self._params = params
+        self._draw = draw
+
     @property
     def device(self) -> torch.device:
         return self.w.device
@@ -82,7 +112,7 @@ class DeviceArray:
         if device != self.w.device:
             self.generator = fork_generator(self.generator, device)
         self.w = self.w.to(device=device, dtype=dtype)
-        self.params = self.params.to(device=device, dtype=dtype)
+        self._params = self.params.to(device=device, dtype=dtype)  # the same draw, moved
         if self._w_read is not None:
             self._w_read = self._w_read.to(device=device, dtype=dtype)
         return self
@@ -108,24 +138,22 @@ class DeviceArray:
     def state_dict(self) -> Dict[str, Any]:
         """States, sampled per-device parameters, the device model's name and the generator's
         state (plain tensors and strings: ``torch.load(..., weights_only=True)`` reads it)."""
-        return {"w": self.w.clone(), "params": {k: v.clone() for k, v in self.params.items()
-                                                if isinstance(v, Tensor)},
+        return {"w": self.w.clone(), "params": self.param_state(),
                 "device": type(self.device_cfg).__name__, "rng": self.generator.get_state()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, checked first (shape, device model, parameters): a mismatch
         raises :class:`~ffebm.analog.state.IncompatibleState` and changes nothing."""
-        from .state import IncompatibleState, check_array_state
-
         owner = f"DeviceArray({type(self.device_cfg).__name__}, {list(self.shape)})"
         if not isinstance(state, dict):
             raise IncompatibleState(owner, f"saved state is {type(state).__name__}, expected a dict")
         keys = [k for k, v in self.params.items() if isinstance(v, Tensor)]
-        check_array_state(owner, self.shape, self.device_cfg, keys, state.get("w"), state.get("params"),
+        saved = params_from_state(owner, state.get("params"), self.shape, self.w.device, self.w.dtype)
+        check_array_state(owner, self.shape, self.device_cfg, keys, state.get("w"), saved,
                           state.get("device"))
-        items = {k: (state["params"][k].to(device=v.device, dtype=v.dtype).expand(self.shape).clone()
+        items = {k: (saved[k].to(device=v.device, dtype=v.dtype).expand(self.shape).clone()
                      if isinstance(v, Tensor) else v) for k, v in self.params.items()}
-        self.params = DeviceParams(**items)
+        self.set_params(DeviceParams(**items), saved.get("__draw__"))
         self.w = state["w"].to(device=self.w.device, dtype=self.w.dtype).clone()
         if isinstance(state.get("rng"), Tensor) and self.generator.device.type == "cpu":
             self.generator.set_state(state["rng"].cpu())

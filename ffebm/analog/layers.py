@@ -286,6 +286,13 @@ class _AnalogLayer(nn.Module):
         self.analog_ctx.forget_mirror()  # the loaded tile is the truth, not the loaded mirror
         self._refresh()
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # copy.deepcopy / pickle rebuild the weight Parameter without its Python attributes:
+        # link it again at once, so that model.parameters() of a copy still tells analog weights
+        super().__setstate__(state)
+        if "analog_ctx" in self.__dict__ and "tile" in self._modules:
+            self._link()
+
     def _apply(self, fn, recurse: bool = True):
         if "analog_ctx" in self.__dict__:
             self._refresh()  # a write into ``weight`` made before the move reaches the tile

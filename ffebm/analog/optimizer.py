@@ -130,7 +130,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
 
     def _export(self, p: Tensor) -> Dict[str, Tensor]:
         rt = self._runtimes[id(p)]
-        st = {k: v.detach().clone() for k, v in rt.export().items()}
+        st = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in rt.export().items()}
         st["rng_state"] = self._gens[id(p)].get_state()
         return st
 
@@ -236,8 +236,10 @@ class AnalogOptimizer(torch.optim.Optimizer):
             rt = self._runtimes.get(id(p))
             if rt is None or rt.tile is not actx.tile:  # a throwaway runtime tells what is kept
                 rt = self.algorithm.build(actx.tile, make_generator(0, actx.tile.out_scale.device))
-            want = {k: tuple(v.shape) for k, v in rt.export().items()}
-            have = {k: tuple(v.shape) for k, v in st.items() if k != "rng_state" and isinstance(v, Tensor)}
+            want = {k: tuple(v.shape) for k, v in rt.export().items() if isinstance(v, Tensor)}
+            # (older files keep a device array's parameters as "A.p.<name>" tensors: read as well)
+            have = {k: tuple(v.shape) for k, v in st.items()
+                    if k != "rng_state" and isinstance(v, Tensor) and not k.startswith("A.p.")}
             who = f"{me}, weight of {actx.layer} {actx.tile.out_size}x{actx.tile.in_size}"
             if set(have) != set(want):
                 raise IncompatibleState(who, f"saved algorithm state {sorted(have)} does not match this "
@@ -250,6 +252,11 @@ class AnalogOptimizer(torch.optim.Optimizer):
         """Load a :meth:`state_dict`; everything is checked first (:class:`IncompatibleState`
         naming the weight and the mismatch, nothing changed)."""
         self._check_state(state_dict)
+        # the algorithm states as saved: torch casts every tensor of an optimizer state to its
+        # parameter's dtype (generator states, counters, fingerprints would not survive that)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        ours = [p for g in self.analog_groups for p in g["params"]]
+        raw = {id(p): state_dict["state"].get(i) for i, p in zip(saved_ids, ours)}
         digital_sd = state_dict.get("digital")
         state_dict = {k: v for k, v in state_dict.items() if k not in ("algorithm", "digital")}
         groups = self.param_groups
@@ -264,7 +271,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
             self.param_groups[self._n_analog:] = self.digital.param_groups
         for group in self.analog_groups:
             for p in group["params"]:
-                st = self.state.get(p)
+                st = raw.get(id(p))
                 if st:
                     self._runtime(p)
                     self._import(p, st)

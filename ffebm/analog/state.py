@@ -16,10 +16,13 @@ warning saying so. Devices keep their own sampled parameters through the remap.
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .devices import DeviceParams, device_from_name
 
 __all__ = ["IncompatibleState", "StateRemapped", "check_array_state", "check_tile_state",
            "check_module_state"]
@@ -112,12 +115,13 @@ def _cut(full: Tensor, rows: Sequence[int], cols: Sequence[int]) -> List[List[Te
     return out
 
 
-def check_tile_state(tile: Any, state: Any, owner: str) -> Optional[Dict[str, Any]]:
+def check_tile_state(tile: Any, state: Any, owner: str) -> Dict[str, Any]:
     """Check a tile's saved extra state against ``tile``.
 
-    Returns None when it fits as saved, or the state remapped onto this tile's split (same
-    matrix, other ``max_size``; a :class:`StateRemapped` warning is issued). Raises
-    :class:`IncompatibleState` for anything else (other matrix shape, device model, parameters).
+    Returns the state with every array's device parameters as tensors (compact entries drawn
+    again), remapped onto this tile's split if it was saved with another one (same matrix, other
+    ``max_size``; a :class:`StateRemapped` warning is issued). Raises :class:`IncompatibleState`
+    for anything else (other matrix shape, device model, parameters).
     """
     if not isinstance(state, Mapping):
         raise IncompatibleState(owner, f"saved tile state is {type(state).__name__}, expected a mapping")
@@ -126,6 +130,9 @@ def check_tile_state(tile: Any, state: Any, owner: str) -> Optional[Dict[str, An
         raise IncompatibleState(owner, f"saved on {saved_dev} devices, this tile holds "
                                        f"{_device_name(tile.device_cfg)}")
     rows, cols = _grid(owner, state)
+    state = dict(state, params=[[params_from_state(f"{owner} array ({i}, {j})", p, (rows[i], cols[j]), w.device,
+                                                   w.dtype) for j, (w, p) in enumerate(zip(wr, pr))]
+                                for i, (wr, pr) in enumerate(zip(state["w"], state["params"]))])
     shape = (sum(rows), sum(cols))
     if shape != (tile.out_size, tile.in_size):
         raise IncompatibleState(owner, f"saved matrix is {shape[0]} x {shape[1]}, this tile is "
@@ -135,12 +142,12 @@ def check_tile_state(tile: Any, state: Any, owner: str) -> Optional[Dict[str, An
         for j, (w, p) in enumerate(zip(wr, pr)):
             check_array_state(f"{owner} array ({i}, {j})", (rows[i], cols[j]), tile.device_cfg, keys, w, p)
     if rows == list(tile.row_sizes) and cols == list(tile.col_sizes):
-        return None
+        return state
     # the same matrix cut differently: assemble it (states and parameters) and cut it again
     new_w = _cut(_assemble(state["w"]), tile.row_sizes, tile.col_sizes)
     full_p = {k: _assemble([[p[k].expand(w.shape) for w, p in zip(wr, pr)]
                             for wr, pr in zip(state["w"], state["params"])]) for k in keys}
-    extras = {k: v for k, v in state["params"][0][0].items() if not isinstance(v, Tensor)}
+    extras = {k: v for k, v in state["params"][0][0].items() if not isinstance(v, Tensor) and k != "__draw__"}
     cut_p = {k: _cut(v, tile.row_sizes, tile.col_sizes) for k, v in full_p.items()}
     new_p = [[dict(extras, **{k: cut_p[k][i][j] for k in keys}) for j in range(len(tile.col_sizes))]
              for i in range(len(tile.row_sizes))]
@@ -177,6 +184,76 @@ def check_module_state(module: Any, state_dict: Dict[str, Any], prefix: str, str
         if getattr(type(m), "is_analog_tile", False) is True and hasattr(m, "arrays"):  # an AnalogTile
             key = (sub + "." if sub else "") + "_extra_state"
             if key in state_dict:
-                remapped = check_tile_state(m, state_dict[key], f"{name} tile '{sub}'")
-                if remapped is not None:
-                    state_dict[key] = remapped
+                state_dict[key] = check_tile_state(m, state_dict[key], f"{name} tile '{sub}'")
+
+
+# ----------------------------------------------------------------------------------------------
+# compact parameter state: draw the device-to-device spread again instead of storing it
+# ----------------------------------------------------------------------------------------------
+
+
+def _settings(cfg: Any) -> Optional[Dict[str, Any]]:
+    """The device model's settings as plain values (None if one is not a plain value: such a
+    model's parameters are stored as tensors)."""
+    out: Dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[f.name] = v
+        elif isinstance(v, tuple) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v):
+            out[f.name] = tuple(v)
+        else:
+            return None
+    return out
+
+
+def _draw_record(cfg: Any, generator: torch.Generator, device: Any, dtype: torch.dtype) -> Optional[Dict[str, Any]]:
+    settings = _settings(cfg)
+    if settings is None:
+        return None
+    at = torch.device(device) if device is not None else generator.device
+    return {"model": type(cfg).__name__, "settings": settings, "rng": generator.get_state(),
+            "generator": generator.device.type, "at": at.type, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _fingerprint(params: DeviceParams) -> Tensor:
+    """Sums and a few leading values of every parameter tensor (float64, CPU)."""
+    parts = []
+    for k in sorted(k for k, v in params.items() if isinstance(v, Tensor)):
+        v = params[k].detach().double().cpu().reshape(-1)
+        parts += [v.sum().reshape(1), v[:4]]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def params_from_state(owner: str, state: Any, shape: Sequence[int], device: Any,
+                      dtype: torch.dtype) -> Dict[str, Any]:
+    """Per-device parameters from a checkpoint entry: the tensors themselves, or (``__draw__``)
+    drawn again exactly as they were drawn, checked against their fingerprint. Returns a dict of
+    tensors (and the draw record under ``__draw__``); raises
+    :class:`~ffebm.analog.state.IncompatibleState` when they cannot be drawn again."""
+    if not isinstance(state, dict) or "__draw__" not in state or any(isinstance(v, Tensor) for v in state.values()):
+        return state  # tensors (older files, or already drawn again)
+    d = state["__draw__"]
+    try:
+        cfg = device_from_name(d["model"], **d["settings"])
+        gen_dev = d["generator"]
+        if (gen_dev == "cuda" or d["at"] == "cuda") and not torch.cuda.is_available():
+            raise IncompatibleState(owner, "its device parameters were drawn on CUDA and can only be drawn again "
+                                           "there; load this checkpoint on a machine with a GPU")
+        g = torch.Generator(device=gen_dev)
+        g.set_state(d["rng"].detach().cpu().to(torch.uint8))
+        p = cfg.sample(tuple(int(s) for s in shape), g, d["at"], getattr(torch, d["dtype"]))
+    except IncompatibleState:
+        raise
+    except Exception as e:  # a malformed record
+        raise IncompatibleState(owner, f"its device parameters cannot be drawn again ({type(e).__name__}: {e})") from None
+    fp = _fingerprint(p)
+    want = d["fingerprint"].detach().double().cpu()
+    if fp.shape != want.shape or not torch.allclose(fp, want, rtol=1e-6, atol=1e-12):
+        raise IncompatibleState(owner, "its device parameters, drawn again from the saved generator state, differ "
+                                       "from the saved fingerprint (another torch version or random-number "
+                                       "implementation?)")
+    out: Dict[str, Any] = {k: (v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else v)
+                           for k, v in p.items()}
+    out["__draw__"] = d
+    return out

@@ -338,18 +338,17 @@ class AnalogTile(nn.Module):
         split (``max_size``); ``load_state_dict`` checks them before loading (see
         :mod:`ffebm.analog.state`) and remaps a different split of the same matrix."""
         return {"w": [[a.w.clone() for a in row] for row in self.arrays],
-                "params": [[{k: v for k, v in a.params.items()} for a in row] for row in self.arrays],
+                "params": [[a.param_state() for a in row] for row in self.arrays],
                 "device": type(self.device_cfg).__name__, "max_size": self.max_size}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         from .state import check_tile_state
 
-        remapped = check_tile_state(self, state, f"AnalogTile {self.out_size}x{self.in_size}")
-        state = remapped if remapped is not None else state
+        state = check_tile_state(self, state, f"AnalogTile {self.out_size}x{self.in_size}")
         for row, wrow, prow in zip(self.arrays, state["w"], state["params"]):
             for a, w, p in zip(row, wrow, prow):
-                a.params = DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)
-                                           for k, v in p.items()})
+                a.set_params(DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)
+                                             for k, v in p.items() if k != "__draw__"}), p.get("__draw__"))
                 a.set_weights(w.to(a.w.device))
 
     def extra_repr(self) -> str:

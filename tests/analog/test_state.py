@@ -172,7 +172,7 @@ def test_optimizer_load_checks_algorithm_and_shapes_first():
     sd = _roundtrip(o1.state_dict())
     assert sd["algorithm"] == "ChoppedTTv2"
     m2, o2 = _trained(TikiTaka(), seed=1)
-    before = {k: v.clone() for k, v in o2._export(m2.weight).items()}
+    before = {k: v.clone() for k, v in o2._export(m2.weight).items() if isinstance(v, torch.Tensor)}
     with pytest.raises(IncompatibleState, match="ChoppedTTv2"):
         o2.load_state_dict(sd)
     after = o2._export(m2.weight)
@@ -344,3 +344,75 @@ def test_digital_parameter_in_a_pulsed_only_optimizer_is_named():
         AnalogOptimizer(m.parameters(), AnalogSGD())
     with pytest.raises(ValueError, match="no analog weights"):
         AnalogOptimizer(nn.Linear(2, 2).parameters(), AnalogSGD(), digital=torch.optim.SGD)
+
+
+# -- compact checkpoints: device spread drawn again, not stored -----------------------------------
+
+def _nbytes(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def test_ctt_checkpoint_is_a_few_times_the_weights_and_resumes_exactly():
+    torch.manual_seed(0)
+    m = AnalogLinear(256, 256, config=AnalogConfig(device=SoftBounds()), seed=0)
+    o = AnalogOptimizer(analog_parameters(m), ChoppedTTv2(), lr=0.05, seed=0)
+    for _ in range(2):
+        o.zero_grad()
+        (m(torch.rand(4, 256)) ** 2).sum().backward()
+        o.step()
+    weights = 4 * 256 * 256
+    model_b, opt_b = _nbytes(m.state_dict()), _nbytes(o.state_dict())
+    # model: the mirror weight + the device states; optimizer: A's states, its reference, H
+    assert model_b < 2.2 * weights and opt_b < 3.2 * weights, (model_b / weights, opt_b / weights)
+    ck = _roundtrip({"m": m.state_dict(), "o": o.state_dict()})
+    m2 = AnalogLinear(256, 256, config=AnalogConfig(device=SoftBounds()), seed=5)
+    o2 = AnalogOptimizer(analog_parameters(m2), ChoppedTTv2(), lr=0.05, seed=7)
+    m2.load_state_dict(ck["m"])
+    o2.load_state_dict(ck["o"])
+    for k, v in m.tile.arrays[0][0].params.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, m2.tile.arrays[0][0].params[k]), k
+    x = torch.rand(4, 256)
+    for mod, opt in ((m, o), (m2, o2)):
+        opt.zero_grad()
+        (mod(x) ** 2).sum().backward()
+        opt.step()
+    assert torch.equal(m.tile.tile_weights(), m2.tile.tile_weights())
+    assert torch.equal(o._runtimes[id(m.weight)].A.w, o2._runtimes[id(m2.weight)].A.w)
+
+
+def test_tampered_or_foreign_draw_record_is_refused():
+    src = AnalogTile(3, 4, SoftBounds(), seed=0)
+    sd = src.state_dict()
+    rec = sd["_extra_state"]["params"][0][0]["__draw__"]
+    rec["fingerprint"] = rec["fingerprint"] + 1.0
+    dst = AnalogTile(3, 4, SoftBounds(), seed=1)
+    before = _snapshot(dst)
+    with pytest.raises(IncompatibleState, match="fingerprint"):
+        dst.load_state_dict(sd)
+    _assert_unchanged(dst, before)
+
+
+def test_explicit_parameter_tensors_still_load():
+    """Older files (and arrays whose parameters were set by hand) carry the tensors themselves."""
+    src = AnalogTile(3, 4, SoftBounds(), seed=0)
+    a = src.arrays[0][0]
+    a.params = a.params.clone()  # assigned: how they were drawn is no longer known
+    entry = src.state_dict()["_extra_state"]["params"][0][0]
+    assert "__draw__" not in entry and isinstance(entry["scale_up"], torch.Tensor)
+    dst = AnalogTile(3, 4, SoftBounds(), seed=1)
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.arrays[0][0].params.scale_up, a.params.scale_up)
+
+
+def test_copied_model_parameters_still_tell_analog_weights():
+    """copy.deepcopy (to_analog_energy, convert_to_analog copy their input) drops a Parameter's
+    Python attributes; the one optimizer must still put the analog weights on the pulsed side."""
+    import copy
+
+    m = copy.deepcopy(_mixed_model())
+    opt = AnalogOptimizer(m.parameters(), AnalogSGD(), lr=0.1, digital=torch.optim.SGD)
+    assert [p is m[0].weight for p in opt.analog_groups[0]["params"]] == [True]
+    assert m[0].weight not in [p for g in opt.digital.param_groups for p in g["params"]]
