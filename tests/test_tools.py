@@ -83,3 +83,16 @@ def test_compare_beta_sweep_reference_and_one_line_errors(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert word in err and "Traceback" not in err
+
+
+def test_bench_analog_checkpoint_size_and_bad_counts(capsys):
+    import pytest
+
+    from train.bench import analog as bench_analog
+
+    r = bench_analog.checkpoint_size(256)  # (small ones are dominated by fixed overheads)
+    assert r["model_mb"] < 2.5 * r["weights_mb"] and r["optimizer_mb"] < 3.5 * r["weights_mb"], r
+    for bad in (["--repeats", "0"], ["--checkpoint-size", "-1"]):
+        with pytest.raises(SystemExit):
+            bench_analog.main(bad)
+        assert bad[0] in capsys.readouterr().err

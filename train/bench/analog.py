@@ -14,6 +14,10 @@ Energy blocks on tiles (what simulating the hardware costs): one EP training ste
 relaxation, two nudged relaxations, pulsed c-TTv2 update) of a dense block and of a
 convolutional block whose couplings settle on tiles with the default read model, beside the
 same digital block trained by EP and Adam, median seconds side by side.
+
+Checkpoint size (``--checkpoint-size N``, default 2048): the saved ``state_dict`` of an N x N
+``AnalogLinear`` on SoftBounds devices and of its c-TTv2 ``AnalogOptimizer`` after one step, in MB
+and as a multiple of the weights' own size (float32).
 """
 from __future__ import annotations
 
@@ -201,6 +205,35 @@ def print_table(res: Dict[str, object]) -> None:
           "(layer rows), fast path at the same size (exact rows); ref: AIHWKit 1.2.0 CPU, 2 threads")
 
 
+def checkpoint_size(n: int = 2048) -> Dict[str, float]:
+    """MB of an n x n AnalogLinear's and its c-TTv2 optimizer's state_dict (after one step)."""
+    import io
+
+    from ffebm.analog import AnalogLinear
+
+    torch.manual_seed(0)
+    m = AnalogLinear(n, n, config=AnalogConfig(device=SoftBounds()), seed=0)
+    o = AnalogOptimizer(analog_parameters(m), ChoppedTTv2(), lr=0.01, seed=0)
+    o.zero_grad()
+    (m(torch.rand(4, n)) ** 2).sum().backward()
+    o.step()
+
+    def mb(obj) -> float:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.tell() / 2 ** 20
+
+    w = 4 * n * n / 2 ** 20
+    return {"size": n, "weights_mb": w, "model_mb": mb(m.state_dict()), "optimizer_mb": mb(o.state_dict())}
+
+
+def print_checkpoint(r: Dict[str, float]) -> None:
+    n, w = r["size"], r["weights_mb"]
+    print(f"\ncheckpoint of a {n}x{n} AnalogLinear (SoftBounds) with c-TTv2: weights {w:.1f} MB, "
+          f"model {r['model_mb']:.1f} MB ({r['model_mb'] / w:.1f}x), optimizer {r['optimizer_mb']:.1f} MB "
+          f"({r['optimizer_mb'] / w:.1f}x)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write the results as JSON to this path")
@@ -208,7 +241,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-blocks", action="store_true", help="skip the energy-block step comparison")
+    ap.add_argument("--checkpoint-size", type=int, default=2048, metavar="N",
+                    help="size of the checkpoint-size example (0: skip it)")
     a = ap.parse_args(argv)
+    if a.repeats < 1:
+        ap.error(f"--repeats {a.repeats}: expected at least 1")
+    if a.checkpoint_size < 0:
+        ap.error(f"--checkpoint-size {a.checkpoint_size}: expected 0 (skip) or a size >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.repeats, a.device)
@@ -216,6 +255,9 @@ def main(argv=None) -> None:
     if not a.no_blocks:
         res["blocks"] = block_rows(max(3, a.repeats // 3), torch.device(a.device))
         print_blocks(res["blocks"])
+    if a.checkpoint_size:
+        res["checkpoint"] = checkpoint_size(a.checkpoint_size)
+        print_checkpoint(res["checkpoint"])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
