@@ -25,9 +25,12 @@ Write one dataclass deriving from :class:`PulsedDevice` with
 
 * its settings as dataclass fields with defaults (validate them in ``_validate``; call
   ``check_range(type(self).__name__, "field", value, lo, hi)`` so errors name the field),
-* ``step_up(w, p)`` / ``step_down(w, p)``: expected magnitude (>= 0) of one up / down pulse at
-  state ``w``; ``p`` holds the per-device parameters: ``p.scale_up``, ``p.scale_down`` (dw_min
-  with its device-to-device spread and up/down asymmetry), ``p.w_min``, ``p.w_max`` (bounds),
+* ``step_up(w, p)`` / ``step_down(w, p)``: expected magnitude (>= 0, finite) of one up / down
+  pulse at state ``w``; ``p`` holds the per-device parameters: ``p.scale_up``, ``p.scale_down``
+  (dw_min with its device-to-device spread and up/down asymmetry), ``p.w_min``, ``p.w_max``
+  (bounds). The step must be finite for *every* device, degenerate ones included (see
+  "Degenerate devices" below): divide by the range with :func:`safe_span`, by other per-device
+  quantities with :func:`safe_ratio`,
 * optionally ``_sample_extra(shape, randn, p)`` returning a dict of extra per-device tensors
   (e.g. a spread exponent) that then appear as attributes of ``p``,
 * optionally ``affine_up(p)`` / ``affine_down(p)`` returning ``(k, beta)`` when one noiseless
@@ -45,9 +48,35 @@ model. Example::
     @dataclass
     class SqrtStep(PulsedDevice):
         def step_up(self, w, p):
-            return p.scale_up * ((p.w_max - w) / (p.w_max - p.w_min)).clamp(min=0).sqrt()
+            return p.scale_up * ((p.w_max - w) / safe_span(p)).clamp(0, 1).sqrt()
         def step_down(self, w, p):
-            return p.scale_down * ((w - p.w_min) / (p.w_max - p.w_min)).clamp(min=0).sqrt()
+            return p.scale_down * ((w - p.w_min) / safe_span(p)).clamp(0, 1).sqrt()
+
+Degenerate devices
+------------------
+Valid nominal settings can still give degenerate *per-device* parameters, and every model must
+stay finite and physical for them (a NaN step is not removed by the clip to the bounds: it
+turns the state into NaN for good):
+
+* stuck devices: ``corrupt_devices_prob`` (or any spread) gives ``w_min == w_max`` (with
+  ``corrupt_devices_range = 0`` both are 0); the range ``w_max - w_min`` is then 0 and a step
+  written as ``(w_max - w) / (w_max - w_min)`` is 0/0. A stuck device never moves: its state
+  equals both bounds and every pulse is clipped to them, so only a NaN can move it;
+* zero or tiny steps: ``dw_min`` of 1e-12 or less (0 in float32 below 1e-45), a zero gain
+  from ``dw_min_dtod``, ``up_down`` near +-1 give ``scale_up`` / ``scale_down`` of 0, so any
+  infinite factor multiplying them gives 0 * inf = NaN;
+* extreme shape settings: exponentials that overflow (``A exp(gamma z)``), powers of ratios
+  outside [0, 1], ratios by a bound that is 0 or tiny, settings beyond the dtype's range
+  (``1e300`` is inf in float32).
+
+Hence the rules the built-in models follow: :meth:`PulsedDevice.sample` keeps every per-device
+value finite; divide by the range with :func:`safe_span` (never 0), by other per-device
+quantities with :func:`safe_ratio` (finite), clamp ratios to the range they mean, clamp
+exponents before ``exp`` (:func:`_exp_limits`), and return finite steps. The pulse machinery
+(:mod:`ffebm.analog.integrate`, :mod:`ffebm.analog.pulses`) keeps its closed forms and pulse
+probabilities finite on top of that. Not covered: per-device *steps* so large that a step
+squared (a noise variance) or times the pulse counts leaves the dtype's range (``dw_min`` and
+its spreads beyond ~1e19 in float32) -- an unbounded device cannot hold such a state.
 """
 from __future__ import annotations
 
@@ -64,7 +93,7 @@ from .config import InvalidSetting, Validated, check_range
 __all__ = [
     "DeviceParams", "PulsedDevice", "IdealDevice", "ConstantStep", "LinearStep", "SoftBounds",
     "ExpStep", "PowStep", "PiecewiseStep", "device_from_name", "register_device",
-    "DEVICE_REGISTRY",
+    "DEVICE_REGISTRY", "safe_span", "safe_ratio",
 ]
 
 DEVICE_REGISTRY: Dict[str, Type["PulsedDevice"]] = {}
@@ -148,6 +177,50 @@ class DeviceParams:
 
 
 # ----------------------------------------------------------------------------------------------
+# guarded arithmetic for step formulas (degenerate devices, see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+
+def safe_span(p: DeviceParams) -> Tensor:
+    """Each device's range ``w_max - w_min`` for dividing by it: clamped to the dtype's normal
+    finite numbers ``[tiny, max]`` (``tiny`` = 1.2e-38 in float32), so never 0 nor inf.
+
+    A stuck device (``w_min == w_max``) has range 0; its state equals both bounds, so the
+    numerators ``w_max - w`` / ``w - w_min`` of the step formulas are 0 there and the ratio
+    becomes 0 instead of 0/0 = NaN; whatever its step, the clip to the bounds keeps the device
+    where it is. A range that overflows (bounds near +-max) would make inf / inf = NaN. Ranges
+    in ``[tiny, max]`` are returned unchanged (bit-identical results for every other device)."""
+    fi = torch.finfo(p.w_max.dtype)
+    return (p.w_max - p.w_min).clamp(fi.tiny, fi.max)
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` for per-device coefficients, finite: a divisor below the dtype's smallest
+    normal number (0, negative) counts as that number, the quotient is capped at the largest
+    finite value, and an undefined one (inf / inf: an infinite bound) is 0.
+
+    For coefficients such as LinearStep's ``gamma scale / w_max``: a divisor that is 0 (a bound
+    of a stuck device with ``corrupt_devices_range = 0``) or of the wrong sign (a stuck device's
+    bound at a random value) only occurs for devices whose numerator is 0 (their scale is 0),
+    so the coefficient is 0 instead of 0/0 = NaN; a tiny divisor (a bound that rounds to 0)
+    would give inf, then inf * 0 = NaN in the step. Unchanged where the divisor is at least
+    the smallest normal number and the quotient is finite."""
+    fi = torch.finfo(num.dtype)
+    return torch.nan_to_num(num / den.clamp(min=fi.tiny), nan=0.0, posinf=fi.max, neginf=-fi.max)
+
+
+def _exp_limits(dtype: torch.dtype) -> Tuple[float, float]:
+    """Exponent range ``(lo, hi)`` within which ``exp`` stays a finite, normal, positive number
+    of ``dtype`` (with one unit of margin: 1.3e38 and 3.2e-38 in float32). Clamping an exponent
+    to it before ``A * exp(x)`` keeps the product finite or +inf, never 0 * inf = NaN (A = 0 with
+    an overflowing exponent, an A beyond the dtype's range with an underflowing one), and, for A
+    in the dtype's normal range (not beyond 1e29 in float32), changes no result: beyond ``hi``
+    ``A exp(x) > 1`` anyway, below ``lo`` it vanishes next to 1."""
+    fi = torch.finfo(dtype)
+    return math.log(fi.tiny) + 1.0, math.log(fi.max) - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
 # base class
 # ----------------------------------------------------------------------------------------------
 
@@ -221,25 +294,37 @@ class PulsedDevice(Validated):
     # -- sampling ---------------------------------------------------------------------------
     def sample(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
                device: Any = None, dtype: torch.dtype = torch.float32) -> DeviceParams:
-        """Draw the device-to-device spread once for an array of ``shape``."""
+        """Draw the device-to-device spread once for an array of ``shape``.
+
+        Every per-device value is finite for finite settings (steps in ``[0, max]``, bounds
+        and stuck values in ``[-max, max]``, ``max`` the dtype's largest finite number: a
+        setting beyond float32's range would otherwise become inf, and inf - inf or 0 * inf
+        NaN in the step formulas); infinite nominal bounds stay infinite."""
         shape = tuple(int(s) for s in shape)
         like = torch.empty(0, device=device, dtype=dtype)
+        fmax = torch.finfo(dtype).max
 
         def randn() -> Tensor:
             return rng.randn(shape, generator, like)
 
         one = torch.ones(shape, device=like.device, dtype=dtype)
-        gain = (one + self.dw_min_dtod * randn()).abs() if self.dw_min_dtod > 0 else one
-        r = self.up_down_dtod * randn() if self.up_down_dtod > 0 else torch.zeros_like(one)
-        scale_up = (self.dw_min * gain * (1.0 + self.up_down + r)).clamp(min=0.0)
-        scale_down = (self.dw_min * gain * (1.0 - self.up_down - r)).clamp(min=0.0)
+        if self.dw_min_dtod > 0:
+            gain = (one + self.dw_min_dtod * randn()).abs().clamp(max=fmax)
+        else:
+            gain = one
+        if self.up_down_dtod > 0:
+            r = (self.up_down_dtod * randn()).clamp(-fmax, fmax)
+        else:
+            r = torch.zeros_like(one)
+        scale_up = (self.dw_min * gain * (1.0 + self.up_down + r)).clamp(0.0, fmax)
+        scale_down = (self.dw_min * gain * (1.0 - self.up_down - r)).clamp(0.0, fmax)
         w_max = self._bound(self.w_max, self.w_max_dtod, randn, one)
         w_min = self._bound(self.w_min, self.w_min_dtod, randn, one)
         lo, hi = torch.minimum(w_min, w_max), torch.maximum(w_min, w_max)
         p = DeviceParams(scale_up=scale_up, scale_down=scale_down, w_min=lo, w_max=hi)
         if self.corrupt_devices_prob > 0:
             bad = rng.rand(shape, generator, like) < self.corrupt_devices_prob
-            val = (2 * rng.rand(shape, generator, like) - 1) * self.corrupt_devices_range
+            val = (2 * rng.rand(shape, generator, like) - 1) * min(self.corrupt_devices_range, fmax)
             p.w_min = torch.where(bad, val, p.w_min)
             p.w_max = torch.where(bad, val, p.w_max)
             p.scale_up = torch.where(bad, torch.zeros_like(scale_up), p.scale_up)
@@ -250,10 +335,13 @@ class PulsedDevice(Validated):
 
     @staticmethod
     def _bound(nominal: float, dtod: float, randn: Callable[[], Tensor], one: Tensor) -> Tensor:
-        if dtod > 0 and math.isfinite(nominal):
+        if not math.isfinite(nominal):
+            return nominal * one
+        fmax = torch.finfo(one.dtype).max
+        if dtod > 0:
             # relative spread, kept away from 0 (a bound shrunk to nothing is not a device)
-            return nominal * (one + dtod * randn()).clamp(min=0.05)
-        return nominal * one
+            return (nominal * (one + dtod * randn()).clamp(0.05, fmax)).clamp(-fmax, fmax)
+        return (nominal * one).clamp(-fmax, fmax)
 
     def nominal(self, shape: Sequence[int], device: Any = None,
                 dtype: torch.dtype = torch.float32) -> DeviceParams:
@@ -297,7 +385,11 @@ class PulsedDevice(Validated):
         return None
 
     def clip(self, w: Tensor, p: DeviceParams) -> Tensor:
-        return torch.minimum(torch.maximum(w, p.w_min), p.w_max)
+        """``w`` clipped to each device's bounds and to the dtype's finite range: a state of an
+        unbounded device (``w_min = -inf`` / ``w_max = inf``) whose steps overflow saturates at
+        ``+-max`` instead of becoming inf (and then NaN as inf - inf in the next pulse)."""
+        fmax = torch.finfo(w.dtype).max
+        return torch.clamp(w, p.w_min, p.w_max).clamp(-fmax, fmax)
 
     def pulse_once(self, w: Tensor, direction: Tensor, p: DeviceParams,
                    generator: Optional[torch.Generator] = None) -> Tensor:
@@ -347,11 +439,14 @@ class ConstantStep(PulsedDevice):
     def closed_form(self, w, n_up, n_down, p, generator=None):
         """Constant steps commute: ``w + a+ n_up - a- n_down + sigma sqrt(a+^2 n_up + a-^2 n_down) xi``
         (additive and multiplicative noise coincide), clipped once at the end (exact unless a
-        bound is reached during the batch)."""
+        bound is reached during the batch). A noise term that is NaN (0 * inf: a
+        ``dw_min_std`` that rounds to 0 in the dtype times a variance that overflows) adds
+        nothing."""
         new = w + p.scale_up * n_up - p.scale_down * n_down
         if self.dw_min_std > 0:
             var = p.scale_up * p.scale_up * n_up + p.scale_down * p.scale_down * n_down
-            new = new + self.dw_min_std * var.sqrt() * rng.randn(w.shape, generator, w)
+            noise = self.dw_min_std * var.sqrt() * rng.randn(w.shape, generator, w)
+            new = new + torch.nan_to_num(noise, nan=0.0, posinf=math.inf, neginf=-math.inf)
         return self.clip(new, p)
 
 
@@ -401,30 +496,36 @@ class LinearStep(PulsedDevice):
             raise InvalidSetting(o, "w_max", self.w_max, "(0, inf] (the slope is relative to it)")
 
     def _sample_extra(self, shape, randn, p):
-        def spread(v: float, dtod: float) -> Tensor:
+        fmax = torch.finfo(p.w_max.dtype).max
+
+        def spread(v: float, dtod: float) -> Tensor:  # finite (an inf slope times a 0 step: NaN)
             if dtod > 0 and v != 0:
-                return (v * (1.0 + dtod * randn())).clamp(min=0.0)
-            return torch.full(shape, float(v), dtype=p.w_max.dtype, device=p.w_max.device)
+                return (v * (1.0 + dtod * randn()).clamp(-fmax, fmax)).clamp(0.0, fmax)
+            return torch.full(shape, min(float(v), fmax), dtype=p.w_max.dtype, device=p.w_max.device)
 
         gu = spread(self.gamma_up, self.gamma_up_dtod)
         gd = spread(self.gamma_down, self.gamma_down_dtod)
-        ku = gu * p.scale_up / p.w_max
-        kd = gd * p.scale_down / p.w_min.abs()
+        ku = safe_ratio(gu * p.scale_up, p.w_max)
+        kd = safe_ratio(gd * p.scale_down, p.w_min.abs())
         # closed form valid when no step changes sign inside the range and (1-k) > 0
         affine_ok = bool(((gu <= 1) & (gd <= 1) & (ku < 1) & (kd < 1)).all().item())
         return {"gamma_up": gu, "gamma_down": gd, "affine_ok": affine_ok}
 
+    # slopes k = gamma scale / bound, by safe_ratio: 0 for a device whose bound is 0 or has the
+    # wrong sign (stuck devices only: w_min == w_max == a random value, 0 with
+    # corrupt_devices_range = 0; their scale is 0), capped at the largest finite value for a
+    # bound that is tiny (the step is then 0 or capped, on either side of 0)
     def _ku(self, p):
-        return p.gamma_up * p.scale_up / p.w_max
+        return safe_ratio(p.gamma_up * p.scale_up, p.w_max)
 
     def _kd(self, p):
-        return p.gamma_down * p.scale_down / p.w_min.abs()
+        return safe_ratio(p.gamma_down * p.scale_down, p.w_min.abs())
 
     def step_up(self, w, p):
-        return (p.scale_up - self._ku(p) * w).clamp(min=0.0)
+        return (p.scale_up - self._ku(p) * w).clamp(0.0, torch.finfo(w.dtype).max)
 
     def step_down(self, w, p):
-        return (p.scale_down + self._kd(p) * w).clamp(min=0.0)
+        return (p.scale_down + self._kd(p) * w).clamp(0.0, torch.finfo(w.dtype).max)
 
     def affine_up(self, p):
         if not getattr(p, "affine_ok", False):
@@ -461,7 +562,13 @@ class SoftBounds(LinearStep):
 @dataclass
 class ExpStep(PulsedDevice):
     """Exponential saturation: ``z = 2 a w / (b_max - b_min) + b``; up step scaled by
-    ``max(1 - A_up exp(gamma_up z), 0)``, down by ``max(1 - A_down exp(-gamma_down z), 0)``."""
+    ``max(1 - A_up exp(gamma_up z), 0)``, down by ``max(1 - A_down exp(-gamma_down z), 0)``.
+
+    Guards (degenerate devices): the range is never 0 (:func:`safe_span`); ``a``, ``b`` and
+    ``gamma`` are kept finite in the dtype and so is ``z`` (0 times an infinite ``z``, or an
+    infinite ``a`` times ``w = 0``, would be NaN), and the exponent is clamped to
+    :func:`_exp_limits` (``A = 0`` times an overflowing ``exp`` would be NaN; a saturated
+    ``A exp`` only needs to exceed 1), so each factor is in [0, 1]."""
 
     A_up: float = 0.00081
     A_down: float = 0.36833
@@ -481,13 +588,29 @@ class ExpStep(PulsedDevice):
             raise InvalidSetting(o, "w_max", self.w_max, "finite bounds (z is relative to the range)")
 
     def _z(self, w, p):
-        return 2.0 * self.a * w / (p.w_max - p.w_min) + self.b
+        # a and b kept finite in the dtype (an a beyond it times w = 0 would be NaN), z clamped
+        # to the finite range (a gamma that is or rounds to 0 times an infinite z would be NaN;
+        # z is never NaN: a, b, w and the range are finite); the same operations as
+        # 2 a w / range + b otherwise
+        fmax = torch.finfo(w.dtype).max
+        a2 = min(max(2.0 * self.a, -fmax), fmax)
+        b = min(max(self.b, -fmax), fmax)
+        return (a2 * w / safe_span(p) + b).clamp(-fmax, fmax)
+
+    @staticmethod
+    def _factor(A: float, gamma: float, z: Tensor) -> Tensor:
+        """``max(1 - A exp(gamma z), 0)``: ``gamma`` kept finite in the dtype (one beyond it
+        times z = 0 would be NaN), the exponent clamped to :func:`_exp_limits`."""
+        fmax = torch.finfo(z.dtype).max
+        lo, hi = _exp_limits(z.dtype)
+        x = min(max(gamma, -fmax), fmax) * z
+        return (1.0 - A * torch.exp(x.clamp(lo, hi))).clamp(min=0.0)
 
     def step_up(self, w, p):
-        return p.scale_up * (1.0 - self.A_up * torch.exp(self.gamma_up * self._z(w, p))).clamp(min=0.0)
+        return p.scale_up * self._factor(self.A_up, self.gamma_up, self._z(w, p))
 
     def step_down(self, w, p):
-        return p.scale_down * (1.0 - self.A_down * torch.exp(-self.gamma_down * self._z(w, p))).clamp(min=0.0)
+        return p.scale_down * self._factor(self.A_down, -self.gamma_down, self._z(w, p))
 
 
 @register_device("pow_step", "power")
@@ -495,7 +618,11 @@ class ExpStep(PulsedDevice):
 class PowStep(PulsedDevice):
     """Power-law saturation: up ``dw+ ((b_max - w)/range)^gamma``, down
     ``dw- ((w - b_min)/range)^gamma`` (range = b_max - b_min), ``gamma`` with relative
-    device-to-device spread ``gamma_dtod``."""
+    device-to-device spread ``gamma_dtod``.
+
+    Guards (degenerate devices): the range is never 0 (:func:`safe_span`: a stuck device's 0/0
+    would be NaN), and the ratio is clamped to [0, 1] (a state outside the bounds counts as
+    at the nearest bound; a ratio above 1 to a large gamma would overflow)."""
 
     gamma: float = 1.0
     gamma_dtod: float = 0.1
@@ -509,26 +636,32 @@ class PowStep(PulsedDevice):
             raise InvalidSetting(o, "w_max", self.w_max, "finite bounds (the step is relative to the range)")
 
     def _sample_extra(self, shape, randn, p):
+        fmax = torch.finfo(p.w_max.dtype).max
         if self.gamma_dtod > 0:
-            g = (self.gamma * (1.0 + self.gamma_dtod * randn())).clamp(min=1e-3)
+            spread = (1.0 + self.gamma_dtod * randn()).clamp(-fmax, fmax)
+            g = (self.gamma * spread).clamp(1e-3, fmax)
         else:
-            g = torch.full(shape, float(self.gamma), dtype=p.w_max.dtype, device=p.w_max.device)
+            g = torch.full(shape, min(float(self.gamma), fmax), dtype=p.w_max.dtype,
+                           device=p.w_max.device)
         return {"gamma": g}
 
     def step_up(self, w, p):
-        span = p.w_max - p.w_min
-        return p.scale_up * ((p.w_max - w) / span).clamp(min=0.0) ** p.gamma
+        return p.scale_up * ((p.w_max - w) / safe_span(p)).clamp(0.0, 1.0) ** p.gamma
 
     def step_down(self, w, p):
-        span = p.w_max - p.w_min
-        return p.scale_down * ((w - p.w_min) / span).clamp(min=0.0) ** p.gamma
+        return p.scale_down * ((w - p.w_min) / safe_span(p)).clamp(0.0, 1.0) ** p.gamma
 
 
 @register_device("piecewise_step", "piecewise")
 @dataclass
 class PiecewiseStep(PulsedDevice):
     """Step scale linearly interpolated from node values spread evenly over each device's range
-    (``piecewise_up[0]`` at ``b_min`` ... ``piecewise_up[-1]`` at ``b_max``)."""
+    (``piecewise_up[0]`` at ``b_min`` ... ``piecewise_up[-1]`` at ``b_max``).
+
+    Guards (degenerate devices): the range is never 0 (:func:`safe_span`; a stuck device's
+    0/0 would be a NaN table index), node values are capped at half the dtype's largest finite
+    value (so their interpolation stays finite: a node beyond float32's range would be inf, and
+    0 * inf = NaN) and steps at the largest finite value."""
 
     piecewise_up: Tuple[float, ...] = (1.0,)
     piecewise_down: Tuple[float, ...] = (1.0,)
@@ -551,17 +684,20 @@ class PiecewiseStep(PulsedDevice):
     @staticmethod
     def _interp(nodes: Tuple[float, ...], w: Tensor, p: DeviceParams) -> Tensor:
         n = len(nodes)
+        fmax = torch.finfo(w.dtype).max
         if n == 1:
-            return torch.full_like(w, nodes[0])
-        t = ((w - p.w_min) / (p.w_max - p.w_min)).clamp(0.0, 1.0) * (n - 1)
-        i0 = t.floor().clamp(max=n - 2)
+            return torch.full_like(w, min(nodes[0], 0.5 * fmax))
+        t = ((w - p.w_min) / safe_span(p)).clamp(0.0, 1.0) * (n - 1)
+        i0 = t.floor().clamp(0, n - 2)
         frac = t - i0
-        tab = torch.tensor(nodes, dtype=w.dtype, device=w.device)
+        tab = torch.tensor(nodes, dtype=w.dtype, device=w.device).clamp(max=0.5 * fmax)
         i0l = i0.long()
         return tab[i0l] * (1 - frac) + tab[i0l + 1] * frac
 
     def step_up(self, w, p):
-        return p.scale_up * self._interp(self.piecewise_up, w, p)
+        step = p.scale_up * self._interp(self.piecewise_up, w, p)
+        return step.clamp(max=torch.finfo(w.dtype).max)
 
     def step_down(self, w, p):
-        return p.scale_down * self._interp(self.piecewise_down, w, p)
+        step = p.scale_down * self._interp(self.piecewise_down, w, p)
+        return step.clamp(max=torch.finfo(w.dtype).max)

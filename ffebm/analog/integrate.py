@@ -19,6 +19,8 @@ of the pairs.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -73,7 +75,11 @@ def per_pulse_loop(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor
     Schedule per device: ``floor(m/2)`` up/down pairs (``m = min(n_up, n_down)``; up first in
     even slots, down first in odd slots), the ``|n_up - n_down|`` excess pulses of one sign,
     then the remaining pairs. Vectorised over the devices that still have pulses to receive
-    (devices sorted by count, so slot k touches a prefix: cost ~ total pulses)."""
+    (devices sorted by count, so slot k touches a prefix: cost ~ total pulses).
+    Finite for degenerate devices: each pulse is a finite step (the models guard their step
+    formulas, :mod:`ffebm.analog.devices`) times a finite noise factor, then clipped to the
+    bounds and the dtype's finite range (:meth:`~ffebm.analog.devices.PulsedDevice.clip`), so
+    a stuck device stays exactly where it is."""
     m = torch.maximum(n_up, n_down).reshape(-1)
     kmax = int(m.max().item()) if m.numel() else 0
     w = w.clone()
@@ -124,7 +130,13 @@ def per_pulse_loop(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor
 def _affine_constants(device: PulsedDevice, p: DeviceParams, au: Affine, ad: Affine) -> Dict[str, Any]:
     """Per-device constants of :func:`affine_closed_form` (cached on ``p`` as ``p._affine``,
     dropped by ``p.map``): logs ``l = log(1 - k)`` of the up, down and pair contractions,
-    inverses of ``k``, the pair constant and the noise-variance coefficients."""
+    inverses of ``k``, the pair constant and the noise-variance coefficients.
+
+    Finite for every device: ``k`` is capped below 1 (at ``1 - 1e-12``, or at the largest
+    value below 1 where the dtype cannot hold that, float32: a ``k`` that rounds to 1, e.g.
+    after a change of dtype, would make ``l = -inf``, then ``0 * l = NaN`` for a device without
+    pulses and ``exp(-2 l) = inf`` in the run variance), so ``l >= log(6e-8)`` in float32 and
+    ``exp(-2 l)`` stays finite."""
     c = p.__dict__.get("_affine")
     if c is not None:
         return c
@@ -132,8 +144,9 @@ def _affine_constants(device: PulsedDevice, p: DeviceParams, au: Affine, ad: Aff
     kd, bd = ad
     ku, kd = ku.expand_as(p.w_max), kd.expand_as(p.w_max)
     bu, bd = bu.expand_as(p.w_max), bd.expand_as(p.w_max)
-    lu = torch.log1p(-ku.clamp(max=1.0 - 1e-12))
-    ld = torch.log1p(-kd.clamp(max=1.0 - 1e-12))
+    kcap = _k_cap(ku.dtype)
+    lu = torch.log1p(-ku.clamp(max=kcap))
+    ld = torch.log1p(-kd.clamp(max=kcap))
     lp = lu + ld
     kp = -torch.expm1(lp)  # 1 - rho, rho = (1-ku)(1-kd)
     kp2 = -torch.expm1(2 * lp)  # 1 - rho^2
@@ -158,6 +171,16 @@ def _affine_constants(device: PulsedDevice, p: DeviceParams, au: Affine, ad: Aff
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def _k_cap(dtype: torch.dtype) -> float:
+    """Largest contraction ``k`` used in the logs: ``1 - 1e-12`` when ``dtype`` holds it
+    (float64, as always), else the largest number below 1 (``1 - 6e-8`` in float32, where
+    ``1 - 1e-12`` rounds to 1)."""
+    below_one = float(torch.nextafter(torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)))
+    cap = float(torch.tensor(1.0 - 1e-12, dtype=dtype))
+    return min(cap, below_one)
+
+
 def affine_closed_form(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor, p: DeviceParams,
                        au: Affine, ad: Affine, generator: Optional[torch.Generator]) -> Tensor:
     """Closed form for pulses acting as ``w -> (1-k) w + beta`` (``au``, ``ad``: ``(k, beta)``
@@ -177,6 +200,10 @@ def affine_closed_form(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Te
     at the symmetry point); cross-contraction between phases to first order. Clipping at
     the end (exact for noiseless single-sign runs; otherwise the closed form ignores a bound
     reached in the middle of the batch).
+    Finite for degenerate devices: the constants are finite (:func:`_affine_constants`); a
+    noise term that is NaN (0 * inf or inf - inf once squared steps overflow the dtype) adds
+    nothing, an infinite one saturates the state at a bound (or at the dtype's largest value,
+    :meth:`~ffebm.analog.devices.PulsedDevice.clip`).
     """
     c = _affine_constants(device, p, au, ad)
     exact_fp = w.dtype == torch.float64
@@ -230,6 +257,10 @@ def affine_closed_form(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Te
             # the run's noise is contracted by the later pairs, half of the pairs' noise by
             # the run
             var = var * (a3 * a3) + qbar * g2 * (0.5 + 0.5 * (a2 * a2))
-        new = new + sig * var.clamp(min=0).sqrt() * rng.randn(w.shape, generator, w)
+        noise = sig * var.clamp(min=0).sqrt() * rng.randn(w.shape, generator, w)
+        # NaN only from 0 * inf or inf - inf once squared steps overflow (a phase without
+        # pulses times an infinite squared step, a sig that rounds to 0 times an infinite
+        # variance): no noise there rather than a NaN state
+        new = new + torch.nan_to_num(noise, nan=0.0, posinf=math.inf, neginf=-math.inf)
     return device.clip(new, p)
 

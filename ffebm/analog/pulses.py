@@ -50,7 +50,14 @@ def _as_2d(x: Tensor, n: int, name: str) -> Tensor:
 
 def pulse_probabilities(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig,
                         dw_min: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-sample bit probabilities of x ([B, in]) and d ([B, out]) and bit lengths ([B], long)."""
+    """Per-sample bit probabilities of x ([B, in]) and d ([B, out]) and bit lengths ([B], long).
+
+    Always finite: probabilities in [0, 1], bit lengths in [1, ``cfg.bl``], for any finite
+    ``lr`` and any ``dw_min > 0`` -- including a ``dw_min`` so small (1e-12 and below) that
+    ``lr / dw_min`` overflows or ``dw_min`` rounds to 0 in the dtype: the bit length is then
+    the full ``cfg.bl``, the scale factors are infinite and a probability ``inf * |x_j|`` is 1,
+    or 0 for ``x_j = 0`` (where ``inf * 0`` would be NaN); likewise for update management's
+    ratio ``max|x| / max|d|`` overflowing or underflowing."""
     xa, da = x.abs(), d.abs()
     xmax = xa.amax(dim=1)
     dmax = da.amax(dim=1)
@@ -69,9 +76,14 @@ def pulse_probabilities(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig,
         ratio = torch.ones_like(xmax)
     bx = base / ratio
     ad = base * ratio
-    px = (bx.unsqueeze(1) * xa).clamp(max=1.0)
-    pd = (ad.unsqueeze(1) * da).clamp(max=1.0)
-    return px, pd, bl.long()
+    return _probability(bx, xa), _probability(ad, da), bl.long()
+
+
+def _probability(scale: Tensor, mag: Tensor) -> Tensor:
+    """``min(scale_b |v_j|, 1)`` per sample b, element j; 0 where the product is NaN (``inf * 0``
+    for ``|v_j| = 0`` with an infinite scale, or a NaN scale from a degenerate ``dw_min`` /
+    ratio: no pulse), 1 where it is infinite."""
+    return torch.nan_to_num(scale.unsqueeze(1) * mag, nan=0.0).clamp(max=1.0)
 
 
 def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator],

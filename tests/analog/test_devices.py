@@ -1,14 +1,17 @@
 """Device models: per-pulse response, closed forms, bounds, behaviour numbers, validation, seeds."""
 import math
+from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ffebm.analog import (ConstantStep, DeviceArray, ExpStep, IdealDevice, InvalidSetting,
                           IOConfig, LinearStep, PiecewiseStep, PowStep, PulsedDevice, SoftBounds,
-                          UpdateConfig, apply_pulses, device_from_name, register_device)
+                          UpdateConfig, apply_pulses, device_from_name, pulse_probabilities,
+                          register_device)
+from ffebm.analog.devices import DEVICE_REGISTRY
 
 # ---------------------------------------------------------------------------------------------
 # independent float64 per-pulse recursions, written from the equations (not from the library)
@@ -268,3 +271,177 @@ def test_plots_command_writes_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     ws = device_response(ConstantStep(dw_min=0.01).without_variability(), 100, 3)
     assert ws.shape == (201, 3) and abs(float(ws[100, 0]) - 0.6) < 1e-9 and abs(float(ws[-1, 0]) + 0.4) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate devices: stuck, tiny steps, extreme shapes -- finite, inside the bounds, stuck
+# devices never move
+
+BUILTIN_DEVICE_NAMES = {"ConstantStep", "IdealDevice", "LinearStep", "SoftBounds", "ExpStep",
+                        "PowStep", "PiecewiseStep"}
+
+
+def _builtin_device_classes():
+    """The device models defined in ffebm.analog.devices (other tests register their own)."""
+    classes = {c for c in DEVICE_REGISTRY.values() if c.__module__ == "ffebm.analog.devices"}
+    return sorted(classes, key=lambda c: c.__name__)
+
+
+def test_builtin_device_list_is_complete():
+    """A new built-in model must be added to BUILTIN_DEVICE_NAMES (and so to the tests below)."""
+    assert {c.__name__ for c in _builtin_device_classes()} == BUILTIN_DEVICE_NAMES
+
+
+# settings beyond the defaults where the defaults skip the code that divides by the range
+_STUCK_EXTRA = {"PiecewiseStep": {"piecewise_up": (1.0, 0.6, 0.1),
+                                  "piecewise_down": (0.2, 0.7, 1.0, 0.9)}}
+
+
+@pytest.mark.parametrize("cls", _builtin_device_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("corrupt_range", [0.1, 0.0])
+@pytest.mark.parametrize("exact", [False, True])
+def test_stuck_devices_never_move(cls, corrupt_range, exact):
+    """Every device stuck (w_min == w_max; with range 0 both are 0): pulses leave the states
+    exactly where they are (was: NaN for PowStep, ExpStep, LinearStep, SoftBounds, an
+    IndexError for PiecewiseStep)."""
+    kw = _STUCK_EXTRA.get(cls.__name__, {})
+    da = DeviceArray(cls(corrupt_devices_prob=1.0, corrupt_devices_range=corrupt_range, **kw),
+                     (2, 2), seed=0)
+    assert torch.equal(da.params.w_min, da.params.w_max)
+    w0 = da.w.clone()
+    da.pulse(torch.ones(2, 2), exact=exact)
+    assert torch.isfinite(da.w).all() and torch.equal(da.w, w0), (da.w, w0)
+    da.pulse_counts(torch.full((2, 2), 5.0), torch.full((2, 2), 3.0), exact=exact)
+    da.pulsed_update(torch.rand(3, 2), torch.randn(3, 2), 0.1, exact=exact)
+    assert torch.equal(da.w, w0), (da.w, w0)
+
+
+@pytest.mark.parametrize("A", [0.0, 0.5, 1e30, 1e300])
+@pytest.mark.parametrize("gamma", [0.0, 1e-3, 50.0, 1e4, 1e300])
+def test_expstep_steps_finite_for_extreme_A_and_gamma(A, gamma):
+    """A exp(gamma z) overflows for large gamma (then A = 0 gave 0 * inf = NaN) or underflows
+    with an A beyond float32 (inf * 0): each factor stays in [0, 1], every step in [0, scale]."""
+    m = ExpStep(A_up=A, A_down=A, gamma_up=gamma, gamma_down=gamma, corrupt_devices_prob=0.5)
+    p = m.sample((4, 8), torch.Generator().manual_seed(0))
+    for frac in (0.0, 0.3, 1.0):
+        w = p.w_min + frac * (p.w_max - p.w_min)
+        for step, scale in ((m.step_up(w, p), p.scale_up), (m.step_down(w, p), p.scale_down)):
+            assert torch.isfinite(step).all() and (step >= 0).all() and (step <= scale).all()
+
+
+def test_affine_closed_form_finite_when_contraction_rounds_to_one():
+    """k = gamma dw / w_max just below 1 in float64 is 1 in float32 (parameters moved to float32
+    keep the closed form): log(1 - k) = -inf gave 0 * inf = NaN for devices without pulses."""
+    m = SoftBounds(dw_min=0.5, w_max=0.5000000001, w_min=-1.0).without_variability()
+    p = m.nominal((2, 2), dtype=torch.float64).to(torch.float32)
+    assert p.affine_ok and float(m.affine_up(p)[0].max()) == 1.0
+    nu, nd = torch.tensor([[0., 1.], [3., 0.]]), torch.tensor([[0., 1.], [0., 2.]])
+    for sigma in (0.0, 0.3):
+        got = apply_pulses(m.replace(dw_min_std=sigma), torch.zeros(2, 2), nu, nd, p)
+        assert torch.isfinite(got).all() and got[0, 0] == 0.0 and got[1, 0] == 0.5, got
+
+
+@pytest.mark.parametrize("dw_min", [1e-300, 1e-45, 1e-12])
+@pytest.mark.parametrize("lr", [1e-30, 1e-3, 1e4])
+def test_pulse_probabilities_finite_for_tiny_steps(dw_min, lr):
+    """lr / dw_min overflows (or dw_min is 0 in float32): probabilities in [0, 1], 0 for
+    x_j = 0 or d_i = 0 (inf * 0 was NaN), bit lengths in [1, bl]."""
+    x = torch.tensor([[0.0, 0.5, 1e-30], [0.0, 0.0, 0.0]])
+    d = torch.tensor([[1e30, 0.0], [0.3, 0.0]])
+    px, pd, bl = pulse_probabilities(x, d, lr, UpdateConfig(), dw_min)
+    for prob, v in ((px, x), (pd, d)):
+        assert torch.isfinite(prob).all() and (prob >= 0).all() and (prob <= 1).all(), prob
+        assert (prob[v == 0] == 0).all(), prob
+    assert ((bl >= 1) & (bl <= 31)).all()
+
+
+# corner values of every float setting (signed; each model keeps the ones it accepts): 0, tiny
+# (1e-300 rounds to 0 in float32, 1e-45 to a denormal), around 1 (up_down near +-1), large
+# (slopes, gammas, spreads), infinite (bounds)
+_CORNER_MAGNITUDES = (0.0, 1e-300, 1e-45, 1e-12, 1e-3, 0.5, 1.0 - 1e-6, 1.0, 50.0, 1e4)
+_CORNERS = tuple(sorted({s * v for v in _CORNER_MAGNITUDES for s in (1.0, -1.0)})) \
+    + (math.inf, -math.inf)
+# huge values too (1e300 is beyond float32) for every setting except the ones that scale the
+# per-device step or its noise: a step that large, squared in a noise variance or times the
+# pulse counts, is beyond float32 itself, and no model can keep an unbounded state finite then.
+# So A_up/A_down, gammas, a, b, bounds, stuck values and node values are drawn huge as well.
+_HUGE = (1e30, 1e300, -1e30, -1e300)
+_STEP_FIELDS = {"dw_min", "dw_min_dtod", "dw_min_std", "up_down_dtod", "write_noise_std"}
+_NODE_VALUES = st.one_of(st.sampled_from([v for v in _CORNER_MAGNITUDES + _HUGE if v >= 0]),
+                         st.floats(0.0, 1e4))
+
+
+def _accepted_corners(cls, name, default):
+    """The corner values (and the default) that ``cls`` accepts for field ``name`` alone, so
+    that most drawn combinations are valid."""
+    vals = []
+    for v in _CORNERS + (() if name in _STEP_FIELDS else _HUGE) + (default,):
+        try:
+            cls(**{name: v})
+        except InvalidSetting:
+            continue
+        if v not in vals:
+            vals.append(v)
+    return vals
+
+
+def _field_strategy(cls, f):
+    default = f.default
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, tuple):
+        return st.lists(_NODE_VALUES, min_size=1, max_size=50).map(tuple)
+    if isinstance(default, (int, float)):
+        return st.sampled_from(_accepted_corners(cls, f.name, float(default)))
+    return st.just(default)
+
+
+@st.composite
+def _corner_devices(draw):
+    cls = draw(st.sampled_from(_builtin_device_classes()))
+    kw = {f.name: draw(_field_strategy(cls, f)) for f in fields(cls)
+          if f.name != "corrupt_devices_prob"}
+    if kw["w_min"] > kw["w_max"]:  # bounds: an ordered pair
+        kw["w_min"], kw["w_max"] = kw["w_max"], kw["w_min"]
+    kw["corrupt_devices_prob"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    return cls, kw
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dev=_corner_devices(), seed=st.integers(0, 2 ** 31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float64]), count=st.sampled_from([1, 4, 40]),
+       lr=st.sampled_from([1e-3, 0.1, 1.0]))
+def test_degenerate_devices_stay_finite_and_physical(dev, seed, dtype, count, lr):
+    """Every built-in model with corner settings: states finite, inside each device's bounds,
+    stuck devices exactly unchanged, through pulses, pulse counts and pulsed updates (fast and
+    exact paths)."""
+    cls, kw = dev
+    try:
+        model = cls(**kw)
+    except InvalidSetting:
+        assume(False)
+    shape = (3, 4)
+    da = DeviceArray(model, shape, seed=seed, dtype=dtype)
+    w0 = da.w.clone()
+    stuck = da.params.w_min == da.params.w_max
+    if kw["corrupt_devices_prob"] == 1.0:
+        assert stuck.all()
+    gen = torch.Generator().manual_seed(seed)
+
+    def check(what):
+        w = da.w
+        assert torch.isfinite(w).all() and torch.isfinite(da.w_read).all(), (what, model, w)
+        assert ((w >= da.params.w_min) & (w <= da.params.w_max)).all(), (what, model, w)
+        assert torch.equal(w[stuck], w0[stuck]), (what, model, w, w0)
+
+    check("init")
+    for exact in (False, True):
+        da.pulse(torch.randint(-count, count + 1, shape, generator=gen), exact=exact)
+        check(("pulse", exact))
+        da.pulse_counts(torch.randint(0, count + 1, shape, generator=gen),
+                        torch.randint(0, count + 1, shape, generator=gen), exact=exact)
+        check(("pulse_counts", exact))
+        x = torch.rand(3, shape[1], generator=gen) * (torch.rand(3, shape[1], generator=gen) > 0.3)
+        d = torch.randn(3, shape[0], generator=gen) * (torch.rand(3, shape[0], generator=gen) > 0.3)
+        da.pulsed_update(x, d, lr, exact=exact)
+        check(("pulsed_update", exact))
