@@ -159,10 +159,12 @@ class DeviceParams:
         return key in self.__dict__
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "DeviceParams":
-        """Apply ``fn`` to every tensor (cached derived values, keys starting with ``_``, are
-        dropped)."""
-        return DeviceParams(**{k: (fn(v) if isinstance(v, Tensor) else v) for k, v in self.items()
-                               if not k.startswith("_")})
+        """Apply ``fn`` to every tensor. Cached derived values (keys starting with ``_``) follow
+        when they are per-device tensors (``fn`` slices or moves them like the rest) and are
+        dropped otherwise (recomputed on use)."""
+        out = {k: (fn(v) if isinstance(v, Tensor) else v) for k, v in self.items()}
+        out.update({k: fn(v) for k, v in self.__dict__.items() if k.startswith("_") and isinstance(v, Tensor)})
+        return DeviceParams(**out)
 
     def to(self, *args: Any, **kw: Any) -> "DeviceParams":
         return self.map(lambda t: t.to(*args, **kw))
@@ -516,10 +518,16 @@ class LinearStep(PulsedDevice):
     # corrupt_devices_range = 0; their scale is 0), capped at the largest finite value for a
     # bound that is tiny (the step is then 0 or capped, on either side of 0)
     def _ku(self, p):
-        return safe_ratio(p.gamma_up * p.scale_up, p.w_max)
+        k = p.__dict__.get("_ku")  # a per-device constant: computed once per parameter set
+        if k is None:
+            k = p.__dict__["_ku"] = safe_ratio(p.gamma_up * p.scale_up, p.w_max)
+        return k
 
     def _kd(self, p):
-        return safe_ratio(p.gamma_down * p.scale_down, p.w_min.abs())
+        k = p.__dict__.get("_kd")
+        if k is None:
+            k = p.__dict__["_kd"] = safe_ratio(p.gamma_down * p.scale_down, p.w_min.abs())
+        return k
 
     def step_up(self, w, p):
         return (p.scale_up - self._ku(p) * w).clamp(0.0, torch.finfo(w.dtype).max)
