@@ -80,6 +80,10 @@ class AnalogContext:
         tile = self.tile
         snap = self._mirror
         w = weight.detach()
+        if w.numel() != tile.out_size * tile.in_size or (snap is not None and snap.shape != w.shape):
+            raise ValueError(f"{self.layer}: its weight was replaced by a tensor of shape {list(w.shape)}; "
+                             f"expected {list(snap.shape) if snap is not None else [tile.out_size, tile.in_size]} "
+                             f"(write values with weight.copy_(...) or layer.set_weights(...))")
         if (snap is not None and snap.shape == w.shape and snap.device == w.device and snap.dtype == w.dtype
                 and not torch.equal(snap, w)):
             tile.set_weights(w.reshape(tile.out_size, tile.in_size).to(tile.out_scale))
@@ -184,10 +188,13 @@ class AnalogContext:
 
     # -- copies ---------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {"tile": self.tile, "layer": self.layer}
+        # the mirror travels with the copy: a write into the weight not yet programmed onto the
+        # tile is still recognised (and programmed) by the copy
+        return {"tile": self.tile, "layer": self.layer, "mirror": self._mirror}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["tile"], state["layer"])
+        self._mirror = state.get("mirror")
 
     def __repr__(self) -> str:
         owner = "none" if self.optimizer is None else type(self.optimizer).__name__
@@ -204,7 +211,9 @@ def _torch_optimizer_step_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
         for p in group["params"]:
             ctx = p.__dict__.get("analog_ctx") if hasattr(p, "__dict__") else None
             if isinstance(ctx, AnalogContext) and ctx.optimizer is None:
-                ctx.drop_unowned(f"weight stepped by {type(optimizer).__name__}, which cannot pulse a tile")
+                ctx.drop_unowned(f"weight stepped by {type(optimizer).__name__}, which cannot pulse a tile (its recorded "
+                                 "pulse pairs are dropped; a value the optimizer writes into the weight is "
+                                 "programmed onto the tile at the next read)")
 
 
 register_optimizer_step_pre_hook(_torch_optimizer_step_hook)

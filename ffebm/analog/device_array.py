@@ -139,7 +139,8 @@ class DeviceArray:
         """States, sampled per-device parameters, the device model's name and the generator's
         state (plain tensors and strings: ``torch.load(..., weights_only=True)`` reads it)."""
         return {"w": self.w.clone(), "params": self.param_state(),
-                "device": type(self.device_cfg).__name__, "rng": self.generator.get_state()}
+                "device": type(self.device_cfg).__name__, "rng": self.generator.get_state(),
+                "w_read": None if self._w_read is None else self._w_read.clone()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, checked first (shape, device model, parameters): a mismatch
@@ -148,6 +149,16 @@ class DeviceArray:
         if not isinstance(state, dict):
             raise IncompatibleState(owner, f"saved state is {type(state).__name__}, expected a dict")
         keys = [k for k, v in self.params.items() if isinstance(v, Tensor)]
+        w = state.get("w")
+        if not isinstance(w, Tensor) or tuple(w.shape) != self.shape:
+            raise IncompatibleState(owner, f"saved states have shape {list(w.shape) if isinstance(w, Tensor) else w!r}, "
+                                           f"this array is {list(self.shape)}")
+        rng = state.get("rng")
+        if rng is not None and (not isinstance(rng, Tensor) or rng.numel() != self.generator.get_state().numel()):
+            raise IncompatibleState(owner, "saved generator state is malformed or from another device type")
+        w_read = state.get("w_read")
+        if w_read is not None and (not isinstance(w_read, Tensor) or tuple(w_read.shape) != self.shape):
+            raise IncompatibleState(owner, "saved read states (write noise) have the wrong shape")
         saved = params_from_state(owner, state.get("params"), self.shape, self.w.device, self.w.dtype)
         check_array_state(owner, self.shape, self.device_cfg, keys, state.get("w"), saved,
                           state.get("device"))
@@ -155,9 +166,11 @@ class DeviceArray:
                      if isinstance(v, Tensor) else v) for k, v in self.params.items()}
         self.set_params(DeviceParams(**items), saved.get("__draw__"))
         self.w = state["w"].to(device=self.w.device, dtype=self.w.dtype).clone()
-        if isinstance(state.get("rng"), Tensor) and self.generator.device.type == "cpu":
-            self.generator.set_state(state["rng"].cpu())
+        if rng is not None:
+            self.generator.set_state(rng.cpu().to(torch.uint8))
         self._redraw_write_noise()
+        if w_read is not None and self._w_read is not None:
+            self._w_read = w_read.to(device=self.w.device, dtype=self.w.dtype).clone()
 
     def symmetry_point(self) -> Optional[Tensor]:
         return self.device_cfg.symmetry_point(self.params)

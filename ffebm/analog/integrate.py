@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -29,7 +30,11 @@ from torch import Tensor
 from . import rng
 from .devices import DeviceParams, PulsedDevice
 
-__all__ = ["apply_pulses", "per_pulse_loop", "affine_closed_form"]
+__all__ = ["apply_pulses", "per_pulse_loop", "affine_closed_form", "MAX_LOOP_PULSES"]
+
+#: most pulses one device receives in one call of the per-pulse loop (models without a closed
+#: form); larger counts are scaled down to it, keeping the up/down ratio, with a warning
+MAX_LOOP_PULSES = 100_000
 
 #: ``(k, beta)`` of one noiseless pulse ``w -> (1 - k) w + beta`` (per-device tensors)
 Affine = Tuple[Tensor, Tensor]
@@ -81,6 +86,15 @@ def per_pulse_loop(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor
     bounds and the dtype's finite range (:meth:`~ffebm.analog.devices.PulsedDevice.clip`), so
     a stuck device stays exactly where it is."""
     m = torch.maximum(n_up, n_down).reshape(-1)
+    if m.numel() and float(m.max()) > MAX_LOOP_PULSES:
+        # far more pulses than any device needs to cross its range pulse by pulse: cap them
+        # (the device sits at its bound long before) rather than loop for hours or overflow
+        warnings.warn(f"{type(device).__name__}: {float(m.max()):.3g} pulses for one device in one call; capped at "
+                      f"{MAX_LOOP_PULSES} (the per-pulse loop of a model without a closed form)", RuntimeWarning,
+                      stacklevel=3)
+        scale = (MAX_LOOP_PULSES / torch.maximum(n_up, n_down).clamp(min=1)).clamp(max=1.0)
+        n_up, n_down = torch.floor(n_up * scale), torch.floor(n_down * scale)
+        m = torch.maximum(n_up, n_down).reshape(-1)
     kmax = int(m.max().item()) if m.numel() else 0
     w = w.clone()
     if kmax == 0:

@@ -158,7 +158,11 @@ class _AnalogLayer(nn.Module):
         if config is None:
             config = AnalogConfig()
         if not isinstance(config, AnalogConfig):
-            raise InvalidSetting(type(self).__name__, "config", config, "an AnalogConfig or None")
+            hint = (f"; a device model goes inside it: AnalogConfig(device={getattr(config, '__name__', type(config).__name__)}())"
+                    if isinstance(config, PulsedDevice) or (isinstance(config, type) and issubclass(config, PulsedDevice))
+                    else "")
+            raise InvalidSetting(type(self).__name__, "config", f"{getattr(config, '__name__', type(config).__name__)}(...)",
+                                 "an AnalogConfig or None" + hint)
         self.config = config
         dtype = dtype or torch.get_default_dtype()
         self.tile = config.make_tile(out_size, in_size, seed=seed, device=device, dtype=dtype)
@@ -191,7 +195,7 @@ class _AnalogLayer(nn.Module):
         """Program ``weight`` (network units, the shape of ``layer.weight``; clipped to the device
         bounds) onto the tile and, if given, copy ``bias`` into the digital bias."""
         w = torch.as_tensor(weight)
-        if w.numel() != self.weight.numel():
+        if tuple(w.shape) not in (tuple(self.weight.shape), (self.tile.out_size, self.tile.in_size)):
             raise ValueError(f"{type(self).__name__}.set_weights: weight of shape {list(w.shape)}, expected "
                              f"{list(self.weight.shape)}")
         if bias is not None:
@@ -220,6 +224,7 @@ class _AnalogLayer(nn.Module):
     def effective_weight(self) -> Tensor:
         """Network-unit weight the reads see, ``out_scale * (W_tile_read + extra)`` (``extra``: a
         Tiki-Taka fast array's contribution while one is in use), in ``weight``'s shape."""
+        self._refresh()  # a write into ``weight`` reaches the tile first
         W = self.tile.tile_weights(read=True)
         extra = self._extra()
         if extra is not None:
@@ -280,10 +285,12 @@ class _AnalogLayer(nn.Module):
     def _post_load(self) -> None:
         rng = getattr(self, "_pending_rng", None)
         if rng is not None:
-            self.tile.generator.set_state(rng.cpu())
+            if rng.numel() == self.tile.generator.get_state().numel():  # (not across device types)
+                self.tile.generator.set_state(rng.cpu().to(torch.uint8))
             self._pending_rng = None
         self._link()
-        self.analog_ctx.forget_mirror()  # the loaded tile is the truth, not the loaded mirror
+        if not self.__dict__.pop("_program_loaded_weight", False):
+            self.analog_ctx.forget_mirror()  # the loaded tile is the truth, not the loaded mirror
         self._refresh()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from .algorithms import AnalogAlgorithm, AnalogSGD, _Runtime
 from .config import InvalidSetting, check_range
 from .layers import is_analog_parameter
 from .rng import make_generator
-from .state import IncompatibleState
+from .state import IncompatibleState, check_array_state, params_from_state
 
 __all__ = ["AnalogOptimizer"]
 
@@ -89,6 +89,35 @@ class AnalogOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self._runtimes: Dict[int, _Runtime] = {}
         self._gens: Dict[int, torch.Generator] = {}
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group: its analog weights join the pulsed groups, the rest the digital
+        optimizer's (an error naming them when there is none)."""
+        if "_n_analog" not in self.__dict__:  # torch's constructor adding the first groups
+            return super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        analog = [p for p in params if is_analog_parameter(p)]
+        digital = [p for p in params if not is_analog_parameter(p)]
+        if digital and self.digital is None:
+            raise InvalidSetting("AnalogOptimizer.add_param_group", "params",
+                                 f"{len(digital)} digital parameter(s) (first of shape {list(digital[0].shape)})",
+                                 "analog weights only (no digital= optimizer was given)")
+        rest = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        if analog:
+            groups = self.param_groups
+            self.param_groups = groups[:self._n_analog]
+            try:
+                super().add_param_group(dict(rest, params=analog))
+            finally:
+                self.param_groups = self.param_groups + groups[self._n_analog:]
+            self._n_analog += 1
+            check_range("AnalogOptimizer", f"param_groups[{self._n_analog - 1}].lr", self.param_groups[self._n_analog - 1]["lr"], 0, None)
+            for p in analog:
+                p.analog_ctx.attach(self)
+        if digital:
+            self.digital.add_param_group(dict(rest, params=digital))
+            self.param_groups[self._n_analog:] = self.digital.param_groups
 
     @property
     def analog_groups(self) -> list:
@@ -247,6 +276,20 @@ class AnalogOptimizer(torch.optim.Optimizer):
             bad = [f"{k} {list(have[k])} (here {list(want[k])})" for k in want if have[k] != want[k]]
             if bad:
                 raise IncompatibleState(who, "saved algorithm state has other shapes: " + ", ".join(bad))
+            rng = st.get("rng_state")
+            if rng is not None and (not isinstance(rng, Tensor)
+                                    or rng.numel() != make_generator(0, actx.tile.out_scale.device).get_state().numel()):
+                raise IncompatibleState(who, "saved pulse-generator state is malformed or from another device type")
+            A = getattr(rt, "A", None)  # a fast array: its device model, settings and parameters
+            if A is not None:
+                if "A.params" in st:
+                    ps = params_from_state(f"{who}, fast array A", st["A.params"], A.shape, A.w.device, A.w.dtype)
+                else:  # older files: "A.p.<name>" tensors
+                    ps = {k[4:]: v for k, v in st.items() if k.startswith("A.p.")}
+                draw = ps.get("__draw__") if isinstance(ps, dict) else None
+                keys = [k for k, v in A.params.items() if isinstance(v, Tensor)]
+                check_array_state(f"{who}, fast array A", A.shape, A.device_cfg, keys, st.get("A.w"), ps,
+                                  draw.get("model") if isinstance(draw, dict) else None)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; everything is checked first (:class:`IncompatibleState`
@@ -259,6 +302,8 @@ class AnalogOptimizer(torch.optim.Optimizer):
         raw = {id(p): state_dict["state"].get(i) for i, p in zip(saved_ids, ours)}
         digital_sd = state_dict.get("digital")
         state_dict = {k: v for k, v in state_dict.items() if k not in ("algorithm", "digital")}
+        if self.digital is not None:  # first: torch checks it before changing it
+            self.digital.load_state_dict(digital_sd)
         groups = self.param_groups
         self.param_groups = self.analog_groups
         try:
@@ -267,7 +312,6 @@ class AnalogOptimizer(torch.optim.Optimizer):
             # torch rebuilt the analog group dicts; the digital optimizer's follow them again
             self.param_groups = self.param_groups + groups[self._n_analog:]
         if self.digital is not None:
-            self.digital.load_state_dict(digital_sd)
             self.param_groups[self._n_analog:] = self.digital.param_groups
         for group in self.analog_groups:
             for p in group["params"]:

@@ -29,14 +29,15 @@ __all__ = ["IncompatibleState", "StateRemapped", "check_array_state", "check_til
 
 
 class IncompatibleState(RuntimeError):
-    """Saved analog state that does not fit the object it is loaded into (nothing was changed).
+    """Saved analog state that does not fit the object it is loaded into (that object was not
+    changed; in a model, torch may already have loaded the modules before it).
 
     Attributes: ``owner`` (the object, e.g. ``"AnalogLinear 'fc.tile'"``) and ``problem``.
     """
 
     def __init__(self, owner: str, problem: str) -> None:
         self.owner, self.problem = owner, problem
-        super().__init__(f"cannot load into {owner}: {problem}; nothing was changed")
+        super().__init__(f"cannot load into {owner}: {problem}; it was left unchanged")
 
 
 class StateRemapped(UserWarning):
@@ -75,6 +76,26 @@ def check_array_state(owner: str, shape: Sequence[int], device_cfg: Any, params_
         if v.numel() != 1 and tuple(v.shape) != shape:
             raise IncompatibleState(owner, f"saved device parameter {k!r} has shape {list(v.shape)}, "
                                            f"this array is {list(shape)}")
+        if bool(torch.isnan(v).any()):
+            raise IncompatibleState(owner, f"saved device parameter {k!r} holds NaN")
+    if "w_min" in saved and "w_max" in saved and bool((params["w_min"] > params["w_max"]).any()):
+        raise IncompatibleState(owner, "saved device bounds have w_min > w_max")
+    if not bool(torch.isfinite(w).all()):
+        raise IncompatibleState(owner, "saved device states are not finite (NaN or inf)")
+    draw = params.get("__draw__")
+    check_settings(owner, device_cfg, draw.get("settings") if isinstance(draw, Mapping) else None)
+
+
+def check_settings(owner: str, device_cfg: Any, settings: Any) -> None:
+    """The device model's settings saved with a state (when they were) must be this model's: the
+    sampled spread and every later pulse follow them."""
+    if not isinstance(settings, Mapping):
+        return
+    mine = _settings(device_cfg) or {}
+    diff = [f"{k}={settings[k]!r} (here {mine[k]!r})" for k in sorted(set(settings) & set(mine))
+            if settings[k] != mine[k] and not (settings[k] != settings[k] and mine[k] != mine[k])]
+    if diff:
+        raise IncompatibleState(owner, f"saved with other {_device_name(device_cfg)} settings: " + ", ".join(diff))
 
 
 def _grid(owner: str, state: Mapping[str, Any]) -> Tuple[List[int], List[int]]:
@@ -129,14 +150,15 @@ def check_tile_state(tile: Any, state: Any, owner: str) -> Dict[str, Any]:
     if saved_dev is not None and saved_dev != _device_name(tile.device_cfg):
         raise IncompatibleState(owner, f"saved on {saved_dev} devices, this tile holds "
                                        f"{_device_name(tile.device_cfg)}")
+    check_settings(owner, tile.device_cfg, state.get("settings"))
     rows, cols = _grid(owner, state)
-    state = dict(state, params=[[params_from_state(f"{owner} array ({i}, {j})", p, (rows[i], cols[j]), w.device,
-                                                   w.dtype) for j, (w, p) in enumerate(zip(wr, pr))]
-                                for i, (wr, pr) in enumerate(zip(state["w"], state["params"]))])
     shape = (sum(rows), sum(cols))
     if shape != (tile.out_size, tile.in_size):
         raise IncompatibleState(owner, f"saved matrix is {shape[0]} x {shape[1]}, this tile is "
                                        f"{tile.out_size} x {tile.in_size}")
+    state = dict(state, params=[[params_from_state(f"{owner} array ({i}, {j})", p, (rows[i], cols[j]), w.device,
+                                                   w.dtype) for j, (w, p) in enumerate(zip(wr, pr))]
+                                for i, (wr, pr) in enumerate(zip(state["w"], state["params"]))])
     keys = _tensor_keys(tile.arrays[0][0].params)
     for i, (wr, pr) in enumerate(zip(state["w"], state["params"])):
         for j, (w, p) in enumerate(zip(wr, pr)):
@@ -166,20 +188,25 @@ def check_module_state(module: Any, state_dict: Dict[str, Any], prefix: str, str
     saved with another split has its entry in ``state_dict`` replaced by the remapped state."""
     name = f"{type(module).__name__} '{prefix[:-1]}'" if prefix else type(module).__name__
     own = module.state_dict(prefix=prefix, keep_vars=True)
-    if strict:
-        missing = sorted(k[len(prefix):] for k in own if k not in state_dict)
-        if missing:
-            raise IncompatibleState(name, f"missing keys {missing}")
-        unexpected = sorted(k[len(prefix):] for k in state_dict if k.startswith(prefix) and k not in own)
-        if unexpected:
-            raise IncompatibleState(name, f"unexpected keys {unexpected} (saved from another configuration?)")
+    # (missing and unexpected keys: torch reports them after loading, honouring strict=False)
     for k, v in own.items():
         if k.endswith("_extra_state") or k not in state_dict:
             continue
         s = state_dict[k]
-        if isinstance(v, Tensor) and isinstance(s, Tensor) and tuple(s.shape) != tuple(v.shape):
+        if isinstance(v, Tensor) and not isinstance(s, Tensor):
+            raise IncompatibleState(name, f"{k[len(prefix):]} is {type(s).__name__} in the saved state, expected a tensor")
+        if isinstance(v, Tensor) and tuple(s.shape) != tuple(v.shape):
             raise IncompatibleState(name, f"{k[len(prefix):]} has shape {list(s.shape)} in the saved state, "
                                           f"{list(v.shape)} here")
+        if k.endswith("out_scale") and not bool(torch.isfinite(s).all()):
+            raise IncompatibleState(name, f"{k[len(prefix):]} is not finite in the saved state")
+    layer_extra = prefix + "_extra_state"
+    tile = getattr(module, "tile", None)
+    if layer_extra in state_dict and tile is not None and hasattr(tile, "generator"):
+        ex = state_dict[layer_extra]
+        rng = ex.get("rng") if isinstance(ex, Mapping) else None
+        if not isinstance(ex, Mapping) or (rng is not None and not isinstance(rng, Tensor)):
+            raise IncompatibleState(name, "its saved extra state (the read-noise generator) is malformed")
     for sub, m in module.named_modules(prefix=prefix[:-1] if prefix else ""):
         if getattr(type(m), "is_analog_tile", False) is True and hasattr(m, "arrays"):  # an AnalogTile
             key = (sub + "." if sub else "") + "_extra_state"

@@ -21,7 +21,7 @@ from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
 from .device_array import DeviceArray
 from .devices import ConstantStep, DeviceParams, PulsedDevice, device_from_name
 from .rng import fork_generator, make_generator, randn
-from .state import check_module_state
+from .state import _settings, check_module_state
 
 __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "find_analog_tiles"]
 
@@ -339,7 +339,10 @@ class AnalogTile(nn.Module):
         :mod:`ffebm.analog.state`) and remaps a different split of the same matrix."""
         return {"w": [[a.w.clone() for a in row] for row in self.arrays],
                 "params": [[a.param_state() for a in row] for row in self.arrays],
-                "device": type(self.device_cfg).__name__, "max_size": self.max_size}
+                "device": type(self.device_cfg).__name__, "max_size": self.max_size,
+                "settings": _settings(self.device_cfg),
+                # what the reads see (write noise drawn at the last update): exact resume
+                "w_read": [[a._w_read.clone() if a._w_read is not None else None for a in row] for row in self.arrays]}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         from .state import check_tile_state
@@ -350,6 +353,12 @@ class AnalogTile(nn.Module):
                 a.set_params(DeviceParams(**{k: (v.to(a.w.device) if isinstance(v, Tensor) else v)
                                              for k, v in p.items() if k != "__draw__"}), p.get("__draw__"))
                 a.set_weights(w.to(a.w.device))
+        w_read = state.get("w_read")
+        if isinstance(w_read, list) and len(w_read) == len(self.arrays):
+            for row, rrow in zip(self.arrays, w_read):
+                for a, r in zip(row, rrow if isinstance(rrow, list) else []):
+                    if isinstance(r, Tensor) and r.shape == a.w.shape and a._w_read is not None:
+                        a._w_read = r.to(device=a.w.device, dtype=a.w.dtype).clone()
 
     def extra_repr(self) -> str:
         return (f"out={self.out_size}, in={self.in_size}, device={type(self.device_cfg).__name__}, "
@@ -362,6 +371,11 @@ def _check_before_load(module: nn.Module, state_dict: Dict[str, Any], prefix: st
     """``load_state_dict`` pre-hook of tiles and analog layers: check (and, for another split of
     the same matrix, remap) the saved analog state before anything of the module is loaded."""
     check_module_state(module, state_dict, prefix, strict)
+    if isinstance(getattr(module, "tile", None), AnalogTile):
+        # a digital layer's state (a weight, no tile state): the loaded weight is programmed
+        # onto the tile after the load (see _AnalogLayer._post_load), not overwritten by it
+        module._program_loaded_weight = (prefix + "weight" in state_dict
+                                         and prefix + "tile._extra_state" not in state_dict)
 
 
 def is_analog_tile(obj: Any) -> bool:
