@@ -259,7 +259,18 @@ def analog_energy_block(block: nn.Module, config: Optional[AnalogConfig] = None,
         _convert_input_map(block.input_map, config, next_seed)
     if analog_gradient:
         block.gradient = _analog_ep_from(block.gradient)
+    if not getattr(block, "_analog_sync_hooked", False):
+        block.register_forward_pre_hook(_sync_analog_couplings)
+        block._analog_sync_hooked = True
     return block
+
+
+def _sync_analog_couplings(block: nn.Module, args: Any) -> None:
+    """Forward pre-hook of an energy block on tiles: a value written into a coupling's weight
+    reaches its tile before the relaxation reads it (once per call, not once per read)."""
+    for c in block.couplings:
+        if isinstance(c, (AnalogDenseCoupling, AnalogConvCoupling)):
+            c._refresh()
 
 
 def _convert_input_map(mod: nn.Module, config: AnalogConfig, next_seed) -> None:

@@ -505,3 +505,19 @@ def test_huge_pulse_counts_are_capped_not_crashing(monkeypatch):
         a.pulse(torch.full((2, 2), 1e19))
     assert torch.isfinite(a.w).all() and (a.w <= a.params.w_max).all()
     assert any("capped" in str(r.message) for r in rec)
+
+
+def test_write_into_a_coupling_weight_reaches_the_relaxation():
+    import ffebm
+    from ffebm.analog import analog_couplings, to_analog_energy
+
+    torch.manual_seed(0)
+    blk = ffebm.DenseHopfield([6, 5, 4], steps=40, tol=None, nudge_steps=10).double()
+    a = to_analog_energy(blk, AnalogConfig(device=IdealDevice(), io=IOConfig.perfect()))
+    new = torch.randn(4, 5, dtype=torch.float64) * 0.3
+    with torch.no_grad():
+        analog_couplings(a)[-1].weight.copy_(new)
+        blk.couplings[-1].weight.copy_(new)
+    x = torch.rand(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), blk(x), rtol=0, atol=1e-10)
