@@ -164,6 +164,8 @@ class DeviceParams:
         dropped otherwise (recomputed on use)."""
         out = {k: (fn(v) if isinstance(v, Tensor) else v) for k, v in self.items()}
         out.update({k: fn(v) for k, v in self.__dict__.items() if k.startswith("_") and isinstance(v, Tensor)})
+        if "_bounded" in self.__dict__:  # "all bounds finite" holds for any slice or copy too
+            out["_bounded"] = self.__dict__["_bounded"]
         return DeviceParams(**out)
 
     def to(self, *args: Any, **kw: Any) -> "DeviceParams":
@@ -390,8 +392,14 @@ class PulsedDevice(Validated):
         """``w`` clipped to each device's bounds and to the dtype's finite range: a state of an
         unbounded device (``w_min = -inf`` / ``w_max = inf``) whose steps overflow saturates at
         ``+-max`` instead of becoming inf (and then NaN as inf - inf in the next pulse)."""
+        out = torch.clamp(w, p.w_min, p.w_max)
+        bounded = p.__dict__.get("_bounded")  # finite bounds everywhere: one clamp is enough
+        if bounded is None:
+            bounded = p.__dict__["_bounded"] = bool(torch.isfinite(p.w_min).all() and torch.isfinite(p.w_max).all())
+        if bounded:
+            return out
         fmax = torch.finfo(w.dtype).max
-        return torch.clamp(w, p.w_min, p.w_max).clamp(-fmax, fmax)
+        return out.clamp(-fmax, fmax)
 
     def pulse_once(self, w: Tensor, direction: Tensor, p: DeviceParams,
                    generator: Optional[torch.Generator] = None) -> Tensor:
