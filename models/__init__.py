@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Callable, Dict, List, Optional, Set
 
@@ -16,7 +17,6 @@ import ffebm
 from .digits import digits_dhn, digits_ffebm
 from .presets import PRESETS, preset
 from .published import ALIASES, PUBLISHED, published, published_ffebm
-from .published import OPTIONS as PUBLISHED_OPTIONS
 from .vgg import vgg_ffebm
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn}
@@ -28,19 +28,22 @@ def available() -> List[str]:
     return sorted(_BUILDERS) + sorted(PUBLISHED) + sorted(ALIASES) + sorted(PRESETS)
 
 
-PRESET_OPTIONS = {"in_channels", "image_size", "tol", "gain", "method", "variant", "mode", "pool_override", "dtype",
-                  "precision"}
+class UnknownModelOption(TypeError, ValueError):
+    """An option the model's builder does not take (a TypeError like Python's own for an unexpected
+    keyword, and a ValueError as before)."""
 
 
 def options(name: str) -> Optional[Set[str]]:
-    """The keyword options model ``name`` accepts (None: it takes any, nothing to check)."""
+    """The keyword options model ``name`` accepts (from its builder's signature, plus ``dtype``)."""
     if name in _BUILDERS:
-        return keyword_options(_BUILDERS[name]) | {"dtype"}
-    if name in PUBLISHED or name in ALIASES:
-        return set(PUBLISHED_OPTIONS)
-    if name in PRESETS:
-        return set(preset(name)) | PRESET_OPTIONS
-    raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+        fn = _BUILDERS[name]
+    elif name in PUBLISHED or name in ALIASES:
+        fn = published_ffebm
+    elif name in PRESETS:
+        fn = vgg_ffebm
+    else:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return keyword_options(fn) | {"dtype"}
 
 
 def keyword_options(fn: Callable[..., nn.Module]) -> Optional[Set[str]]:
@@ -50,32 +53,39 @@ def keyword_options(fn: Callable[..., nn.Module]) -> Optional[Set[str]]:
     return named if named or not any(p.kind is p.VAR_KEYWORD for p in params) else None
 
 
+def check_options(name: str, overrides) -> None:
+    """Refuse options model ``name`` does not take, naming them and listing the valid ones."""
+    known = options(name)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        named = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            named.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UnknownModelOption(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(named)} "
+                                 f"for model {name!r}; its options: {', '.join(sorted(known))}")
+
+
 def build(name: str, **overrides) -> nn.Module:
-    """Build a model by name; keyword overrides replace the preset's values."""
+    """Build a model by name; keyword overrides replace the preset's values.  An option the model does
+    not take raises :class:`UnknownModelOption` naming it and listing the valid ones."""
+    check_options(name, overrides)
+    kw = {k: v for k, v in overrides.items() if k != "dtype"}
     if name in _BUILDERS:
-        model = _BUILDERS[name](**overrides)
+        model = _BUILDERS[name](**kw)
     elif name in PUBLISHED or name in ALIASES:
         cfg = published(name)
-        unknown = set(overrides) - PUBLISHED_OPTIONS
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for model {name!r} "
-                             f"(options: {', '.join(sorted(PUBLISHED_OPTIONS))})")
-        cfg.update({k: v for k, v in overrides.items() if k != "dtype"})
+        cfg.update(kw)
         model = published_ffebm(**cfg)
-    elif name in PRESETS:
-        cfg = preset(name)
-        unknown = set(overrides) - set(cfg) - PRESET_OPTIONS
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for preset {name!r}")
-        cfg.update({k: v for k, v in overrides.items() if k != "dtype"})
-        model = vgg_ffebm(**cfg)
     else:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(available())}")
+        cfg = preset(name)
+        cfg.update(kw)
+        model = vgg_ffebm(**cfg)
     if overrides.get("dtype") is not None:
         model = model.to(overrides["dtype"])
     list(ffebm.energy_blocks(model))  # names every block after its path
     return model
 
 
-__all__ = ["available", "build", "options", "PRESETS", "preset", "PUBLISHED", "ALIASES", "published", "published_ffebm",
+__all__ = ["available", "build", "options", "check_options", "UnknownModelOption", "PRESETS", "preset", "PUBLISHED", "ALIASES", "published", "published_ffebm",
            "digits_ffebm", "digits_dhn", "vgg_ffebm"]

@@ -16,7 +16,7 @@ ARCHS = ("dense", "conv")
 def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int = 40, t2: int = 12,
                  tol: float = 1e-4, method: str = "ep", variant: str = "centered", num_classes: int = 10,
                  in_features: int = 64, gain: float = 0.5, average_last: int = 0, arch: str = "dense",
-                 init_gain: float = 1.0, **_: object) -> nn.Module:
+                 init_gain: float = 1.0, dropout: float = 0.0) -> nn.Module:
     """The default ff-EBM: energy block -> digital layer -> energy block -> digital readout.
 
         arch="dense":  x[64] -> DenseHopfield(64, hidden, width) -> Linear + ReLU
@@ -24,7 +24,8 @@ def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int
         arch="conv":   x[1x8x8] -> ConvHopfield(conv 1->16 + batch norm, 2x2 avg pool, coupling 16->32
                              with 2x2 avg pool) -> Flatten -> Linear(128, width) + ReLU -> (the rest as above)
 
-    (``hidden`` is not used by ``arch="conv"``.)  Weights start ~ N(0, (init_gain / sqrt(fan_in))^2).  ``average_last`` > 0: every relaxation (free and
+    (``hidden`` is not used by ``arch="conv"``.)  ``dropout`` > 0: dropout on the digital layer's
+    output, the input of block 2 (training only; backprop through it, EP inside the blocks).  Weights start ~ N(0, (init_gain / sqrt(fan_in))^2).  ``average_last`` > 0: every relaxation (free and
     nudged) returns the mean state over its last ``average_last`` steps (averages the read noise of
     blocks on analog tiles; 0: the last state).  On tiles, the conv block's coupling becomes an
     ``AnalogConvCoupling`` and its input conv an ``AnalogConv2d``.
@@ -46,12 +47,15 @@ def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int
     else:
         b1 = ffebm.DenseHopfield([in_features, hidden, width], name="block1", **kw)
     b2 = ffebm.DenseHopfield([width, width, width // 2], name="block2", **kw)
-    return nn.Sequential(b1, nn.Linear(width, width), nn.ReLU(), b2, nn.Linear(width // 2, num_classes))
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []  # on the digital layer's output (training only)
+    return nn.Sequential(b1, nn.Linear(width, width), nn.ReLU(), *drop, b2, nn.Linear(width // 2, num_classes))
 
 
 def digits_dhn(hidden: int = 256, beta: float = 0.5, t1: int = 60, t2: int = 15, tol: float = 1e-4,
                method: str = "ep", variant: str = "centered", num_classes: int = 10, in_features: int = 64,
-               gain: float = 0.5, **_: object) -> nn.Module:
+               gain: float = 0.5) -> nn.Module:
     """A plain Deep Hopfield Network: one energy block whose linear top layer gives the logits."""
     grad = _method(method, beta, variant, t2)
     blk = ffebm.DenseHopfield([in_features, hidden, hidden // 2, num_classes], gain=gain, linear_top=True,

@@ -3,7 +3,7 @@
 Each block is written as in the reference configurations: ``"3-128-256 mm"`` is a block whose
 input map is conv 3->128 (3x3, stride 1, padding 1) followed by the first pool code, and whose
 energy couples 128->256 by a conv followed by the second pool code ("m": 2x2 max pool, "-":
-none); dense couplings (``dense``) sit on top.  Conventions (``shared/reference/PRESETS.md``):
+none); dense couplings (``dense``) sit on top.  Conventions (of the paper and its released configurations):
 
 * input map = conv -> pool -> batch norm (where published: the first block of the L=6 models,
   every block of the L=12 / L=15 models); the conv has a bias only where no batch norm follows;
@@ -99,9 +99,6 @@ ALIASES: Dict[str, str] = {
     "cifar100_l12_6blocks": "scaling_small", "gradient_study_l15_6blocks": "static_gradient_analysis",
 }
 
-OPTIONS = {"blocks", "gain", "t1", "t2", "beta", "variance", "num_classes", "in_channels", "image_size", "tol",
-           "method", "variant", "mode", "pool_override", "precision", "dtype"}
-
 
 def published(name: str) -> dict:
     """A fresh copy of a published configuration (by its name or one of our aliases)."""
@@ -135,7 +132,7 @@ def goe_init_(weight: torch.Tensor, variance: float, generator: Optional[torch.G
 def published_ffebm(blocks: List[dict], gain: float, t1: int, t2: int, beta: float, variance: float,
                     num_classes: int = 10, in_channels: int = 3, image_size: int = 32, tol: Optional[float] = None,
                     method: str = "ep", variant: str = "centered", mode: str = "async",
-                    pool_override: Optional[str] = None, precision: Optional[str] = None, **_: object) -> nn.Module:
+                    pool_override: Optional[str] = None, precision: Optional[str] = None) -> nn.Module:
     """Build a published configuration (see the module docstring).  ``pool_override`` replaces
     every max pool ("avg" or "soft": a smooth energy); ``precision="bfloat16"`` relaxes under bf16
     autocast with full-precision polish and read-out."""

@@ -19,7 +19,7 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
               num_classes: int = 10, in_channels: int = 3, image_size: int = 32, beta: float = 0.2, t1: int = 60,
               t2: int = 20, tol: Optional[float] = None, gain: float = 1.0, method: str = "ep",
               variant: str = "centered", mode: str = "async", pool_override: Optional[str] = None,
-              precision: Optional[str] = None, **_: object) -> nn.Module:
+              precision: Optional[str] = None) -> nn.Module:
     """Build the ff-EBM.
 
     channels/pools: one entry per conv layer (pool after that layer's conv: "max", "avg", "soft"

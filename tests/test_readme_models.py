@@ -54,3 +54,23 @@ def test_building_does_not_mutate_presets():
         before = get(name)
         models.build(name, t1=3, beta=0.1)
         assert get(name) == before
+
+
+def test_readme_points_only_at_files_the_repository_has():
+    """A path the README names (``models/published.py``, ``shared/...``) or a bare ``NAME.md`` is a
+    file a user of this repository has; facts from elsewhere are stated or cited, not pointed at."""
+    text = (ROOT / "README.md").read_text()
+    tops = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} | {"shared"}
+    missing = []
+    for tok in re.findall(r"`([^`\s]+)`", text):
+        path = tok.split("::")[0].rstrip(".,;:")
+        first = path.split("/")[0]
+        if "/" in path and first in tops and not any(c in path for c in "<>*{}"):
+            if not (ROOT / path).exists():
+                missing.append(path)
+        elif re.fullmatch(r"[A-Za-z0-9_.-]+\.md", path) and not list(ROOT.rglob(path)):
+            missing.append(path)
+    for name in ("PRESETS.md", "ANCHORS.md"):  # reference notes that are not part of the repository
+        if name in text and not list(ROOT.rglob(name)):
+            missing.append(name)
+    assert not missing, f"README names files this repository does not have: {sorted(set(missing))}"

@@ -7,7 +7,8 @@ run folder in use by another process or not writable, a stored user model withou
 --trust-code), 3 training diverged (NaN/inf or RelaxationDiverged; the last good, finite
 checkpoint is kept), 4 a checkpoint or result file could not be written (disk full, I/O error;
 the previous checkpoint is kept), 128+N stopped by signal N after saving a checkpoint (130 for
-Ctrl-C, 143 for SIGTERM).
+Ctrl-C, 143 for SIGTERM).  A run that fails (or is stopped) before its first checkpoint removes the
+run folder it created: no half-made folder is left behind.
 """
 
 from __future__ import annotations
@@ -18,14 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-USAGE = """usage: python -m train [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR [--trust-code]]
-       torchrun --nproc_per_node N -m train [RECIPE] [key=value ...] --out DIR
-       python -m train --list        (recipes and configuration keys)
+USAGE = """usage: {prog} [RECIPE] [key=value ...] [--out DIR] [--resume RUN_DIR [--trust-code]]
+       torchrun --nproc_per_node N -m {module} [RECIPE] [key=value ...] --out DIR
+       {prog} --list        (recipes and configuration keys)
 
 RECIPE defaults to 'digits'.  --out defaults to a new folder runs/<time>-<recipe>; an --out
 folder that already holds the same run is resumed.  --resume RUN_DIR continues a run from
 its checkpoint with its stored configuration (only runtime keys may be changed); a stored
-configuration naming a user model (model=module:function) is only imported with --trust-code."""
+configuration naming a user model (model=module:function) is only imported with --trust-code.
+
+model=module:function trains a model of your own: function(num_classes=, in_channels=,
+image_size=, **model_options) returns a torch.nn.Module; the module is imported from
+PYTHONPATH or, failing that, from the working directory (e.g. ./mymodel.py: model=mymodel:build)."""
+
+
+def usage() -> str:
+    """USAGE with the command as the user typed it (ffebm-train, python -m ffebm.train, python -m train)."""
+    from .cli import invoked_as, module_of
+
+    prog = invoked_as("train")
+    return USAGE.format(prog=prog, module=module_of(prog, "train"))
 
 
 @dataclass
@@ -89,141 +102,157 @@ def _print_err(msg: str, ctx=None):
         print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
 
 
+class _Held:
+    """What :func:`main` must give back however it ends: the claimed run folder, the process group."""
+    claimed = None
+    ctx = None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ctx = None
-    claimed = None
+    held = _Held()
+    code = 1  # an unexpected exception (a traceback) counts as a failure too
     try:
-        from . import distributed as D
-        from .config import UserError, describe_keys, format_config, unknown_key_error
-        from .recipes import build_config, describe
+        from .runlock import TerminateRaises, Terminated
 
         try:
-            args = parse_args(argv)
-        except UserError as e:
-            _print_err(str(e))
-            return 2
-        if args.help:
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-            print(USAGE.replace("python -m train", prog) if prog.startswith("ffebm-") else USAGE)
-            return 0
-        if args.list:
-            try:
-                cfg = build_config(args.recipe or "digits", args.overrides)
-            except UserError as e:
-                _print_err(str(e))
-                return 2
-            print("recipes:\n" + describe() + f"\n\nconfiguration keys (values of recipe '{cfg.recipe}'"
-                  + (" with your overrides" if args.overrides else "") + "):\n" + describe_keys(cfg))
-            return 0
-        from .config import field_names
-
-        for k in args.overrides:
-            if k not in field_names():
-                _print_err(str(unknown_key_error(k)))
-                return 2
-
-        import torch  # noqa: F401  (heavy imports after the cheap checks)
-        from . import trainer as T
-        from .config import from_dict, to_dict
-        from .runfolder import METRICS_FILE, plan_run
-        from .runlock import ClaimedRunFolder
-        from .checkpoint import CheckpointError  # noqa: F401
-
-        try:
-            cfg = None if args.resume else build_config(args.recipe or "digits", args.overrides)
-            device_kind = cfg.device if cfg is not None else "auto"
-        except UserError as e:
-            _print_err(str(e))
-            return 2
-        ctx = D.init(device_kind)
-
-        # rank 0 decides the run folder and whether to resume; the others follow
-        decision = None
-        if ctx.is_main:
-            try:
-                plan = plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {},
-                                  trust_code=args.trust_code)
-                # one process per run folder, and a folder we can write, before any work is spent
-                claimed = ClaimedRunFolder(plan.run_dir).claim()
-                decision = ("ok", {"cfg": to_dict(plan.cfg), "run_dir": str(plan.run_dir),
-                                   "resume_from": str(plan.resume_from) if plan.resume_from else None,
-                                   "existing": plan.existing, "note": plan.note})
-            except UserError as e:
-                decision = ("error", str(e))
-        decision = D.broadcast_object(decision, ctx)
-        if decision[0] == "error":
-            _print_err(decision[1], ctx)
-            return 2
-        d = decision[1]
-        cfg = from_dict(d["cfg"])
-        run_dir = Path(d["run_dir"])
-        if d["note"]:
-            if ctx.is_main:
-                print(d["note"], flush=True)
-
-        trainer = T.Trainer(cfg, run_dir, ctx)
-        try:
-            trainer.setup(resume_from=Path(d["resume_from"]) if d["resume_from"] else None)
-        except UserError as e:
-            _print_err(str(e), ctx)
-            if claimed is not None:
-                claimed.release(failed=True)
-                claimed = None
-            return 2
-        if trainer.finished and trainer.final is not None:
-            metrics = run_dir / METRICS_FILE
-            if ctx.is_main and not metrics.exists():  # a run stopped while writing its results
-                from .checkpoint import WriteError, atomic_write_json
-
-                try:
-                    atomic_write_json(metrics, trainer.final)
-                except WriteError as e:
-                    _print_err(str(e))
-                    return 4
-            if ctx.is_main:
-                print(f"run already complete: test accuracy {100 * trainer.final['test_accuracy']:.2f}% "
-                      f"(metrics in {run_dir / METRICS_FILE})", flush=True)
-            return 0
-        if ctx.is_main:
-            print("configuration:\n" + format_config(cfg), flush=True)
-            print(f"run folder: {run_dir}  (world size {ctx.world}, device {trainer.device}, "
-                  f"{len(trainer.train_set)} training / {len(trainer.test_set)} test samples, "
-                  f"gradient {trainer.method})", flush=True)
-            if ctx.enabled and args.out is None and args.resume is None:
-                print("note: pass --out DIR under torchrun so that a restarted worker group finds the run",
-                      flush=True)
-        try:
-            trainer.commit(existing=d["existing"])
-            trainer.fit()
-        except T.TrainingStopped as e:
-            if ctx.is_main or not ctx.enabled:
-                print(str(e), file=sys.stderr, flush=True)
-            if claimed is not None and trainer.last_ckpt is None and trainer.global_step == 0:
-                claimed.release(failed=True)  # nothing was trained: leave no half-made folder
-                claimed = None
-            return e.code
-        except RuntimeError as e:
-            if not ctx.enabled or not D.is_peer_failure(e):
-                raise
-            print(f"[rank {ctx.rank}] error: lost contact with another worker at step {trainer.global_step} "
-                  f"({str(e).splitlines()[0][:160]}); the run folder keeps the last checkpoint "
-                  f"(torchrun --max-restarts N resumes from it)", file=sys.stderr, flush=True)
-            return 1
-        return 0
+            with TerminateRaises():  # SIGTERM before the training loop: unwind, release the run folder
+                code = _main(argv, held)
+        except Terminated as e:
+            code = 128 + e.signum
+            _print_err(f"{e} before training started: stopped; nothing was trained"
+                       + (" (the new run folder is removed)" if held.claimed is not None and held.claimed.fresh
+                          else ""), held.ctx)
+        return code
     except KeyboardInterrupt:
+        code = 130
         print("interrupted", file=sys.stderr, flush=True)
-        return 130
+        return code
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stdout = open(os.devnull, "w")
-        return 0
+        code = 0
+        return code
     finally:
-        if claimed is not None:
-            claimed.release()
-        if ctx is not None and ctx.enabled:
+        if held.claimed is not None:
+            # a failure before the first checkpoint leaves no half-made run folder (see ClaimedRunFolder)
+            held.claimed.release(failed=code != 0)
+        if held.ctx is not None and held.ctx.enabled:
             from . import distributed as D
 
             D.shutdown()
+
+
+def _main(argv: List[str], held: "_Held") -> int:
+    from . import distributed as D
+    from .config import UserError, describe_keys, format_config, unknown_key_error
+    from .recipes import build_config, describe
+
+    try:
+        args = parse_args(argv)
+    except UserError as e:
+        _print_err(str(e))
+        return 2
+    if args.help:
+        print(usage())
+        return 0
+    if args.list:
+        try:
+            cfg = build_config(args.recipe or "digits", args.overrides)
+        except UserError as e:
+            _print_err(str(e))
+            return 2
+        print("recipes:\n" + describe() + f"\n\nconfiguration keys (values of recipe '{cfg.recipe}'"
+              + (" with your overrides" if args.overrides else "") + "):\n" + describe_keys(cfg))
+        return 0
+    from .config import field_names
+
+    for k in args.overrides:
+        if k not in field_names():
+            _print_err(str(unknown_key_error(k)))
+            return 2
+
+    import torch  # noqa: F401  (heavy imports after the cheap checks)
+    from . import trainer as T
+    from .config import from_dict, to_dict
+    from .runfolder import METRICS_FILE, plan_run
+    from .runlock import ClaimedRunFolder
+    from .checkpoint import CheckpointError  # noqa: F401
+
+    try:
+        cfg = None if args.resume else build_config(args.recipe or "digits", args.overrides)
+        device_kind = cfg.device if cfg is not None else "auto"
+    except UserError as e:
+        _print_err(str(e))
+        return 2
+    ctx = held.ctx = D.init(device_kind)
+
+    # rank 0 decides the run folder and whether to resume; the others follow
+    decision = None
+    if ctx.is_main:
+        try:
+            plan = plan_run(cfg, args.out, args.resume, args.overrides if args.resume else {},
+                              trust_code=args.trust_code)
+            # one process per run folder, and a folder we can write, before any work is spent
+            held.claimed = ClaimedRunFolder(plan.run_dir).claim()
+            decision = ("ok", {"cfg": to_dict(plan.cfg), "run_dir": str(plan.run_dir),
+                               "resume_from": str(plan.resume_from) if plan.resume_from else None,
+                               "existing": plan.existing, "note": plan.note})
+        except UserError as e:
+            decision = ("error", str(e))
+    decision = D.broadcast_object(decision, ctx)
+    if decision[0] == "error":
+        _print_err(decision[1], ctx)
+        return 2
+    d = decision[1]
+    cfg = from_dict(d["cfg"])
+    run_dir = Path(d["run_dir"])
+    if d["note"]:
+        if ctx.is_main:
+            print(d["note"], flush=True)
+
+    trainer = T.Trainer(cfg, run_dir, ctx)
+    try:
+        trainer.setup(resume_from=Path(d["resume_from"]) if d["resume_from"] else None)
+    except UserError as e:
+        _print_err(str(e), ctx)
+        return 2
+    if trainer.finished and trainer.final is not None:
+        metrics = run_dir / METRICS_FILE
+        if ctx.is_main and not metrics.exists():  # a run stopped while writing its results
+            from .checkpoint import WriteError, atomic_write_json
+
+            try:
+                atomic_write_json(metrics, trainer.final)
+            except WriteError as e:
+                _print_err(str(e))
+                return 4
+        if ctx.is_main:
+            print(f"run already complete: test accuracy {100 * trainer.final['test_accuracy']:.2f}% "
+                  f"(metrics in {run_dir / METRICS_FILE})", flush=True)
+        return 0
+    if ctx.is_main:
+        print("configuration:\n" + format_config(cfg), flush=True)
+        print(f"run folder: {run_dir}  (world size {ctx.world}, device {trainer.device}, "
+              f"{len(trainer.train_set)} training / {len(trainer.test_set)} test samples, "
+              f"gradient {trainer.method})", flush=True)
+        if ctx.enabled and args.out is None and args.resume is None:
+            print("note: pass --out DIR under torchrun so that a restarted worker group finds the run",
+                  flush=True)
+    try:
+        trainer.commit(existing=d["existing"])
+        trainer.fit()
+    except T.TrainingStopped as e:
+        if ctx.is_main or not ctx.enabled:
+            print(str(e), file=sys.stderr, flush=True)
+        return e.code  # main() removes the run folder if no checkpoint was written
+    except RuntimeError as e:
+        if not ctx.enabled or not D.is_peer_failure(e):
+            raise
+        print(f"[rank {ctx.rank}] error: lost contact with another worker at step {trainer.global_step} "
+              f"({str(e).splitlines()[0][:160]}); the run folder keeps the last checkpoint "
+              f"(torchrun --max-restarts N resumes from it)", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -42,15 +42,31 @@ ALL_COLUMNS = 10 ** 6  # columns_per_transfer=0: every column (clipped to the wi
 ALGORITHM_NAMES = ("sgd", "mixed-precision", "tiki-taka", "ttv2", "c-ttv2", "agad")
 
 
+def _snake(class_name: str) -> str:
+    n = re.sub(r"Device$", "", class_name)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower()
+
+
 def device_names() -> List[str]:
     """Snake-case names of the registered device models (``soft_bounds``, ``ideal``, ...)."""
     from ffebm.analog import DEVICE_REGISTRY
 
-    out = set()
-    for cls in DEVICE_REGISTRY.values():
-        n = re.sub(r"Device$", "", cls.__name__)
-        out.add(re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower())
-    return sorted(out)
+    return sorted({_snake(cls.__name__) for cls in DEVICE_REGISTRY.values()})
+
+
+def canonical_device_name(name: str) -> str:
+    """The snake-case name of device model ``name`` (any spelling ``device_from_name`` takes:
+    ``SoftBounds``, ``soft_bounds``, ``softbound``, ...); an unknown name raises :class:`ConfigError`
+    listing the snake-case names."""
+    from ffebm.analog import DEVICE_REGISTRY, InvalidSetting, device_from_name
+
+    try:
+        cls = type(device_from_name(name))
+    except (InvalidSetting, TypeError, ValueError):
+        cls = None
+    if cls is None or cls not in set(DEVICE_REGISTRY.values()):
+        raise ConfigError(f"unknown device model {name!r}; device models: {', '.join(device_names())}")
+    return _snake(cls.__name__)
 
 
 def make_device(cfg: TrainConfig):

@@ -2,10 +2,16 @@
 checked), optimiser and learning-rate schedule."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.util
+import inspect
 import math
+import os
 import random
+import sys
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -87,28 +93,149 @@ def _refuse_unknown_options(model: str, extra: Dict[str, Any], known) -> None:
                           f"its options: {', '.join(sorted(o for o in known if o != '_'))}")
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text[:limit] if text else "(no message)"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "alloc" in str(e).lower() or "memory" in str(e).lower()))
+
+
+def _memory_error(model: str, e: BaseException) -> ConfigError:
+    return ConfigError(f"model {model!r} cannot be built with these options: not enough memory "
+                       f"({_first_line(e, 160)})")
+
+
+#: what a ``module:function`` builder is, in the words of the errors below
+BUILDER_CONTRACT = ("a model builder is a function taking num_classes=, in_channels=, image_size= (and the "
+                    "model_options) as keywords, or **kwargs, and returning a torch.nn.Module")
+
+
+@contextlib.contextmanager
+def user_module_path(mod_name: str):
+    """While importing and calling a ``module:function`` builder: if ``module`` is not on ``sys.path``
+    but in the current working directory, that folder is appended to ``sys.path`` (a console script
+    such as ``ffebm-train`` does not put it there, ``python -m train`` does).  Appended, it never
+    shadows an installed module, and it is taken off again afterwards: only the module the user named
+    (and what it imports) comes from there."""
+    top = mod_name.split(".")[0]
+    cwd = os.getcwd()
+    add = False
+    if cwd not in sys.path and ((Path(cwd) / f"{top}.py").is_file() or (Path(cwd) / top / "__init__.py").is_file()):
+        try:
+            add = importlib.util.find_spec(top) is None
+        except (ImportError, ValueError):
+            add = False
+    if add:
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if add and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def user_module_origin(mod_name: str) -> str:
+    """Where ``mod_name`` would be imported from (sys.path, then the working directory), found without
+    importing anything: a path, or '' if not found."""
+    top = mod_name.split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        return spec.origin or ""
+    for cand in (Path.cwd() / f"{top}.py", Path.cwd() / top / "__init__.py"):
+        if cand.is_file():
+            return str(cand)
+    return ""
+
+
+def user_builder(spec: str) -> Callable[..., Any]:
+    """The callable named by ``model=module:function`` (imported, not yet called)."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not (mod_name and fn_name and all(p.isidentifier() for p in mod_name.split("."))
+            and fn_name.isidentifier()):
+        raise ConfigError(f"model={spec!r}: expected a registered name or module:function (e.g. mymodel:build)")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"model={spec!r}: cannot import module '{mod_name}' ({_first_line(e)}); a module of "
+                          "your own must be on PYTHONPATH or in the working directory") from None
+    except Exception as e:  # the module itself fails while importing (a syntax error, ...)
+        raise ConfigError(f"model={spec!r}: importing module '{mod_name}' raised {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+    try:
+        fn = getattr(module, fn_name)
+    except AttributeError:
+        raise ConfigError(f"model={spec!r}: module '{mod_name}' has no attribute '{fn_name}'") from None
+    if not callable(fn):
+        raise ConfigError(f"model={spec!r}: {mod_name}.{fn_name} is a {type(fn).__name__}, not a function; "
+                          f"{BUILDER_CONTRACT}")
+    return fn
+
+
+def call_user_builder(spec: str, fn: Callable[..., Any], kw: Dict[str, Any]) -> nn.Module:
+    """``fn(**kw)``: refused before the call if its signature cannot take ``kw`` (``os:system`` is no
+    builder); what it raises or returns instead of a module is reported in one line."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: the return value is checked
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(**kw)
+        except TypeError as e:
+            raise ConfigError(f"model={spec!r} is not a model builder: {spec}{sig} cannot take the keywords the "
+                              f"trainer passes ({', '.join(sorted(kw))}: {_first_line(e)}); "
+                              f"{BUILDER_CONTRACT}") from None
+    try:
+        model = fn(**kw)
+    except Exception as e:
+        if _out_of_memory(e):
+            raise _memory_error(spec, e) from None
+        raise ConfigError(f"model={spec!r}: the builder raised {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model={spec!r}: {spec} did not return a torch.nn.Module (it returned "
+                          f"{type(model).__name__}); {BUILDER_CONTRACT}")
+    return model
+
+
 def build_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
     """``cfg.model`` is a name from ``models.available()`` or ``"package.module:function"``."""
+    from ffebm import models
+
     kw = model_kwargs(cfg, info)
     if ":" in cfg.model:
-        mod_name, fn_name = cfg.model.split(":", 1)
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"model={cfg.model!r}: cannot import ({e})") from None
-        from ffebm import models
-
-        _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), models.keyword_options(fn))
-        return fn(**kw)
-    from ffebm import models
+        with user_module_path(cfg.model.split(":", 1)[0]):
+            fn = user_builder(cfg.model)
+            try:
+                known = models.keyword_options(fn)
+            except (TypeError, ValueError):
+                known = None
+            _refuse_unknown_options(cfg.model, parse_model_options(cfg.model_options), known)
+            return call_user_builder(cfg.model, fn, kw)
 
     names = list(models.available())
     if cfg.model not in names:
         raise ConfigError(f"model={cfg.model!r} is not a known model; available: {', '.join(names)}")
+    takes = models.options(cfg.model)
+    for key in ("num_classes", "in_channels", "image_size"):
+        # the data's shape (these keys also shape dataset=fake): passed where the model takes it; a model
+        # that does not (digits reads in_features=64) meets the data at the first batch, which checks the fit
+        if takes is not None and key not in takes:
+            kw.pop(key, None)
     try:
         return models.build(cfg.model, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        if _out_of_memory(e):
+            raise _memory_error(cfg.model, e) from None
+        if isinstance(e, (TypeError, ValueError)):
+            raise ConfigError(f"model {cfg.model!r} rejected its options ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"model {cfg.model!r}: its builder raised {type(e).__name__}: {_first_line(e)}") from None
 
 
 def build_checked(model_fn: Callable[[TrainConfig, DataInfo], nn.Module], cfg: TrainConfig,
@@ -117,12 +244,11 @@ def build_checked(model_fn: Callable[[TrainConfig, DataInfo], nn.Module], cfg: T
     try:
         model = model_fn(cfg, info)
     except (MemoryError, RuntimeError) as e:  # e.g. a size option far too large to allocate
-        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
+        if not _out_of_memory(e):
             raise
-        raise ConfigError(f"model {cfg.model!r} cannot be built with these options: not enough memory "
-                          f"({' '.join(str(e).split())[:160]})") from None
+        raise _memory_error(cfg.model, e) from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"model {cfg.model!r} did not build an nn.Module")
+        raise UserError(f"model {cfg.model!r} did not build a torch.nn.Module (got {type(model).__name__})")
     return model
 
 

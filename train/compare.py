@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -122,32 +123,36 @@ def main(argv: Optional[List[str]] = None) -> None:
     import ffebm
     from ffebm import models
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import invoked_as, non_negative_float, positive_int, seed
+
+    prog = invoked_as("train.compare")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m train.compare", prog),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits", help=f"one of: {', '.join(models.available())}")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=8)
     ap.add_argument("--beta", default="0.05", help="EP's beta, or a comma list for a sweep (e.g. 0.5,0.2,0.05,0.02)")
-    ap.add_argument("--t1", type=int, default=None, help="free steps (default: the model's)")
-    ap.add_argument("--t2", type=int, default=None, help="nudged steps (default: the model's, 20 for digits)")
-    ap.add_argument("--tol", type=float, default=None, help="free-phase tolerance (default: the model's)")
+    ap.add_argument("--t1", type=positive_int, default=None, help="free steps (default: the model's)")
+    ap.add_argument("--t2", type=positive_int, default=None, help="nudged steps (default: the model's, 20 for digits)")
+    ap.add_argument("--tol", type=non_negative_float, default=None, help="free-phase tolerance (default: the model's)")
     ap.add_argument("--reference", choices=["implicit", "unrolled"], default="implicit",
                     help="implicit: the exact gradient at the equilibrium; unrolled: backprop through T2 steps "
                          "from the equilibrium")
     ap.add_argument("--candidates", default="centered,positive,negative",
                     help="comma list of: centered, positive, negative, random (EP variants), implicit, unrolled")
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
-    ap.add_argument("--image-size", type=int, default=None, help="input size for image presets")
+    ap.add_argument("--image-size", type=positive_int, default=None, help="input size for image presets")
     ap.add_argument("--double", action="store_true", help="compare in float64")
     ap.add_argument("--precision", choices=["bfloat16", "float16"], default=None,
                     help="relax under this autocast dtype (presets), with full-precision polish steps")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed, default=0)
     ap.add_argument("--out", default=".", help="folder for compare.png and compare.json")
     args = ap.parse_args(argv)
     try:
         betas = [float(b) for b in args.beta.split(",") if b.strip()]
     except ValueError:
         ap.error(f"--beta {args.beta!r}: expected a number or a comma list of numbers")
-    if not betas or any(b <= 0 for b in betas):
-        ap.error(f"--beta must be > 0, got {args.beta}")
+    if not betas or any(not (math.isfinite(b) and b > 0) for b in betas):
+        ap.error(f"argument --beta: must be finite numbers > 0, got {args.beta}")
     if args.model not in models.available():
         ap.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]

@@ -18,8 +18,15 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-USAGE = ("usage: python -m train.evaluate RUN_DIR [--checkpoint FILE] [--times T1,T2,...] "
+USAGE = ("usage: {prog} RUN_DIR [--checkpoint FILE] [--times T1,T2,...] "
          "[--device DEV] [--batch-size N] [--json OUT] [--trust-code]")
+
+
+def usage() -> str:
+    """USAGE with the command as the user typed it (ffebm-evaluate, python -m train.evaluate, ...)."""
+    from .cli import invoked_as
+
+    return USAGE.format(prog=invoked_as("train.evaluate"))
 
 
 def _parse(argv: List[str]):
@@ -40,7 +47,7 @@ def _parse(argv: List[str]):
             name, _, val = tok[2:].partition("=")
             name = name.replace("-", "_")
             if name not in opts or name in ("run_dir", "trust_code"):
-                raise ConfigError(f"unknown option '{tok}'; {USAGE}")
+                raise ConfigError(f"unknown option '{tok}'; {usage()}")
             if not val:
                 i += 1
                 if i >= len(argv):
@@ -50,10 +57,10 @@ def _parse(argv: List[str]):
         elif opts["run_dir"] is None:
             opts["run_dir"] = tok
         else:
-            raise ConfigError(f"unexpected argument '{tok}'; {USAGE}")
+            raise ConfigError(f"unexpected argument '{tok}'; {usage()}")
         i += 1
     if opts["run_dir"] is None:
-        raise ConfigError(USAGE)
+        raise ConfigError(usage())
     if opts["times"] is not None:
         try:
             opts["times"] = [float(t) for t in opts["times"].split(",") if t.strip()]
@@ -157,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             opts = _parse(argv)
             if opts is None:
-                print(USAGE)
+                print(usage())
                 return 0
             run_dir = Path(opts["run_dir"])
             lock = None

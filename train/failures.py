@@ -100,8 +100,10 @@ class SignalCatcher:
 def interrupted_message(signum: int, global_step: int, run_dir: Optional[Path]) -> str:
     name = signal.Signals(signum).name if signum in (signal.SIGINT, signal.SIGTERM) else str(signum)
     where_ = run_dir if run_dir is not None else "(no run folder)"
+    from .cli import invoked_as
+
     return (f"{name} received: checkpoint saved at step {global_step}; "
-            f"continue with: ffebm-train --resume {where_}  (in a checkout also: python -m train --resume ...)")
+            f"continue with: {invoked_as('train')} --resume {where_}")
 
 
 def maybe_inject_fault(global_step: int, rank: int) -> None:

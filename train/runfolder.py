@@ -2,7 +2,6 @@
 name (only registered models, unless ``--trust-code``). Plans only; nothing is written here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,12 +62,11 @@ def check_trusted(cfg: TrainConfig, source: str, trust_code: bool) -> None:
     --trust-code on the command line: importing ``module:function`` runs that module's code."""
     if ":" not in cfg.model or trust_code:
         return
+    from .build import user_module_origin
+
     mod = cfg.model.split(":", 1)[0]
-    try:  # where it would come from, found without importing anything
-        spec = importlib.util.find_spec(mod.split(".")[0])
-        where = f" (from {spec.origin})" if spec is not None and spec.origin else " (not found on the path)"
-    except (ImportError, ValueError):
-        where = ""
+    origin = user_module_origin(mod)  # where it would come from, found without importing anything
+    where = f" (from {origin})" if origin else " (not found on the path or in the working directory)"
     raise UserError(f"{source} names a user model {cfg.model!r}: loading it would import and run module "
                     f"'{mod}'{where}. Only do that for a run folder you trust: pass --trust-code")
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .config import UserError
 
@@ -136,13 +137,25 @@ def check_writable(run_dir: Path) -> None:
         raise RunFolderUnwritable(f"cannot write to {run_dir}: {e.strerror or e}") from None
 
 
+#: what a run writes before its first checkpoint: without a checkpoint beside them they are not worth keeping
+PRE_CHECKPOINT = (LOCK_FILE, "config.json", "tb", "failure.json")
+
+
+def _ours_before_a_checkpoint(p: Path) -> bool:
+    return p.name in PRE_CHECKPOINT or (p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
 class ClaimedRunFolder:
-    """The run folder of this process: created if needed, locked, checked writable. ``release``
-    unlocks it and removes the folder again if this process created it and wrote nothing else."""
+    """The run folder of this process: created if needed, locked, checked writable. ``release(failed=True)``
+    unlocks it and, if the folder was new (created by this process, or empty) and holds no checkpoint,
+    removes what the run wrote into it (and the folder itself if this process created it): a run that
+    fails before its first checkpoint leaves nothing behind; one that fails later keeps its last good
+    checkpoint."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.created = False
+        self.fresh = False
         self.lock = RunFolderLock(self.run_dir)
 
     def claim(self) -> "ClaimedRunFolder":
@@ -154,25 +167,76 @@ class ClaimedRunFolder:
             except OSError as e:
                 raise RunFolderUnwritable(f"cannot create run folder {self.run_dir}: {e.strerror or e}") from None
             self.created = True
+        else:  # an empty folder, or one left by a trainer killed before it wrote anything (lock, temp files)
+            self.fresh = all(p.name == LOCK_FILE or (p.name.startswith(".") and p.name.endswith(".tmp"))
+                             for p in self.run_dir.iterdir())
+        self.fresh = self.fresh or self.created
         try:
             check_writable(self.run_dir)
             self.lock.acquire()
         except BaseException:
-            self._remove_if_empty()
+            self._remove_unfinished()
             raise
         return self
 
-    def _remove_if_empty(self) -> None:
-        if not self.created:
+    def _remove_unfinished(self) -> None:
+        if not self.fresh:
             return
-        # what a run writes before its first step (the lock, its configuration, an empty
-        # TensorBoard folder) does not make it worth keeping
-        leftovers = [p for p in self.run_dir.iterdir() if p.name not in (LOCK_FILE, "config.json", "tb")]
-        if not leftovers:
+        try:
+            entries = list(self.run_dir.iterdir())
+        except OSError:
+            return
+        if not all(_ours_before_a_checkpoint(p) for p in entries):
+            return  # a checkpoint (or anything else) is there: keep the folder as it is
+        if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for p in entries:
+            if p.name == LOCK_FILE:
+                continue  # removed by the lock's release
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
 
     def release(self, failed: bool = False) -> None:
-        """Unlock; after a failure before anything was written, leave no empty folder behind."""
+        """Unlock; after a failure before the first checkpoint, leave no half-made folder behind."""
         if failed:
-            self._remove_if_empty()
+            self._remove_unfinished()
         self.lock.release()
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (setup, writing the run folder): unwinds like Ctrl-C, so the
+    run folder is released (and removed if nothing was trained) instead of the process dying at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+class TerminateRaises:
+    """Context manager: while it is active (and the training loop's :class:`SignalCatcher` is not),
+    SIGTERM raises :class:`Terminated` in the main thread."""
+
+    def __init__(self):
+        self._old: Optional[Any] = None
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Terminated(signum)
+
+    def __enter__(self) -> "TerminateRaises":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None

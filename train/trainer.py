@@ -191,14 +191,24 @@ class Trainer:
             # bifurcation (the adjoint system is nearly singular); clipping keeps one such
             # batch from wrecking Adam's moment estimates (plug-in parameters are not gradients)
             torch.nn.utils.clip_grad_norm_(self.digital_params, self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        for p in self.plugins:
-            p.step(self.ctx)
+        try:
+            self.opt.step()
+            self.sched.step()
+            for p in self.plugins:
+                p.step(self.ctx)
+        except RuntimeError as e:
+            # an update too large for the parameters' dtype (e.g. lr=1e300): torch refuses to convert it
+            if "overflow" not in str(e).lower():
+                raise
+            problem = (f"non-finite update: the optimiser step overflowed ({' '.join(str(e).split())[:120]}; "
+                       f"lr={self.cfg.lr:g}, weight_decay={self.cfg.weight_decay:g}"
+                       + (f", analog_lr={self.cfg.analog_lr:g}" if self.cfg.analog else "") + ")")
         # a finite gradient can still make a non-finite weight (a huge lr): stop here, so that no
         # checkpoint of this state is ever called good
-        bad = ckpt_mod.first_nonfinite(self.core.named_parameters())
-        self._stop_if(f"non-finite parameter '{bad}' ({self._where(bad)}) after the optimiser step" if bad else "")
+        bad = "" if problem else ckpt_mod.first_nonfinite(self.core.named_parameters())
+        if bad:
+            problem = f"non-finite parameter '{bad}' ({self._where(bad)}) after the optimiser step"
+        self._stop_if(problem)
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum().item()
         return loss.item(), correct, y.numel(), stats
@@ -346,9 +356,10 @@ def train(cfg: TrainConfig, run_dir: Optional[Path] = None, model_fn=None, resum
         trainer = Trainer(validate(cfg), run_dir, ctx, model_fn=model_fn, log=log)
         found = ckpt_mod.find(Path(run_dir)) if (resume and run_dir is not None) else None
         trainer.setup(resume_from=found)
-        ok = True
         trainer.commit(existing=resume)
-        return trainer.fit()
+        result = trainer.fit()
+        ok = True
+        return result
     finally:
-        if claimed is not None:
+        if claimed is not None:  # a failure before the first checkpoint leaves no half-made folder
             claimed.release(failed=not ok)

@@ -143,7 +143,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 # 3. "last good" means finite
 # ------------------------------------------------------------------------------------------
 def test_last_good_checkpoint_is_finite(tmp_path):
-    res = run_train(DIGITS_SMALL + ["epochs=2", "ckpt_every=5", "lr=1e6", "optimizer=sgd", "grad_clip=0",
+    res = run_train(DIGITS_SMALL + ["epochs=2", "ckpt_every=5", "lr=1e6", "optimizer=sgd", "grad_clip=0", "weight_decay=3e-4",
                                     "--out", "run"], tmp_path)
     assert res.returncode == 3, res.stderr
     assert "after the optimiser step" in res.stderr  # stopped at the step that broke the weights

@@ -1,5 +1,5 @@
 """Final weight error of the analog training algorithms on the least-squares problem of
-ANCHORS.md section 2 (Wu et al. 2024 effect), beside the reference simulator's figures.
+Wu et al. 2024 (the Tiki-Taka v2 / AGAD comparison), beside the reference simulator's figures.
 
     python -m train.bench.algorithms [--steps 3000] [--seeds 1] [--offset 0.0] [--device cpu]
 
@@ -17,7 +17,7 @@ import torch
 from ffebm.analog import AnalogAlgorithm, AnalogTile, IOConfig, PulsedDevice, SoftBounds, algorithm_from_name
 from ffebm.analog.rng import make_generator
 
-REFERENCE = {  # AIHWKit 1.2.0 (ANCHORS.md): sgd, ttv1, ttv2, cttv2 (its defaults)
+REFERENCE = {  # AIHWKit 1.2.0 on the same problem: sgd, ttv1, ttv2, cttv2 (its defaults)
     0.4: (6.5e-3, 3.4e-4, 3.8e-4, 2.1e-2),
     0.6: (1.8e-3, 1.2e-4, 1.9e-4, 2.1e-2),
     1.0: (5.7e-5, 1.1e-4, 1.4e-4, 2.0e-2),
@@ -29,7 +29,7 @@ def least_squares_run(algorithm: AnalogAlgorithm, tau: float = 0.4, steps: int =
                       seed: int = 0, lr: float = 0.05, out_size: int = 16, in_size: int = 32,
                       batch: int = 8, device: Any = None, dtype: torch.dtype = torch.float32,
                       device_cfg: Optional[PulsedDevice] = None) -> float:
-    """The least-squares problem of Wu et al. 2024 as used in ANCHORS.md: ``W*`` (out x in)
+    """The least-squares problem of Wu et al. 2024: ``W*`` (out x in)
     ~ U(-0.3, 0.3), ``x ~ N(0, 1)``, batches of ``batch``, loss ``0.5 mean_b |W x - W* x|^2``,
     ``lr`` 0.05, perfect reads, SoftBounds devices with bounds +-tau (no spread of the bounds,
     published spread of the steps and pulse noise), W starting at 0. Returns the final mean
@@ -51,16 +51,33 @@ def least_squares_run(algorithm: AnalogAlgorithm, tau: float = 0.4, steps: int =
     return float(((tile.get_weights() - w_star) ** 2).mean().item())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seeds", type=int, default=1, help="average over this many seeds")
-    ap.add_argument("--taus", type=float, nargs="+", default=[0.4, 0.6, 1.0])
-    ap.add_argument("--offset", type=float, default=0.0,
+def main(argv=None) -> None:
+    from ffebm.analog import InvalidSetting
+
+    from ..cli import finite_float, invoked_as, positive_float, positive_int, torch_device
+
+    ap = argparse.ArgumentParser(prog=invoked_as("train.bench.algorithms"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=positive_int, default=3000)
+    ap.add_argument("--seeds", type=positive_int, default=1, help="average over this many seeds")
+    ap.add_argument("--taus", type=positive_float, nargs="+", default=[0.4, 0.6, 1.0],
+                    help="device bounds +-tau (each > 0)")
+    ap.add_argument("--offset", type=finite_float, default=0.0,
                     help="reference offset of A (fraction of its weight range) for the TT variants")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
+    ap.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=positive_int, default=1)
+    a = ap.parse_args(argv)
+    # settings the devices or algorithms refuse fail here, before any work
+    for tau in a.taus:
+        try:
+            SoftBounds(w_max=tau, w_min=-tau, w_max_dtod=0.0, w_min_dtod=0.0)
+        except (InvalidSetting, TypeError, ValueError) as e:
+            ap.error(f"argument --taus: {tau:g}: {str(e).splitlines()[0]}")
+    for name in ALGOS:
+        try:
+            algorithm_from_name(name, **({} if (name == "sgd" or a.offset == 0) else {"reference_offset": a.offset}))
+        except (InvalidSetting, TypeError, ValueError) as e:
+            ap.error(f"argument --offset: {a.offset:g}: {str(e).splitlines()[0]}")
     torch.set_num_threads(a.threads)
     print(f"least squares 16x32, batch 8, lr 0.05, {a.steps} steps, perfect reads, "
           f"SoftBounds +-tau, reference offset {a.offset}, mean over {a.seeds} seed(s)")

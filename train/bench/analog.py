@@ -235,13 +235,15 @@ def print_checkpoint(r: Dict[str, float]) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from ..cli import invoked_as, non_negative_int, positive_int, torch_device
+
+    ap = argparse.ArgumentParser(prog=invoked_as("train.bench.analog"), description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write the results as JSON to this path")
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=positive_int, default=9)
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--no-blocks", action="store_true", help="skip the energy-block step comparison")
-    ap.add_argument("--checkpoint-size", type=int, default=2048, metavar="N",
+    ap.add_argument("--checkpoint-size", type=non_negative_int, default=2048, metavar="N",
                     help="size of the checkpoint-size example (0: skip it)")
     a = ap.parse_args(argv)
     if a.repeats < 1:

@@ -6,7 +6,7 @@
 
 Each configuration runs in its own process so that its peak memory (max RSS) is its own. A
 training step is forward (free relaxation of every block) + loss + backward (the blocks'
-gradient method, autograd elsewhere); no data loading, no optimiser step, as in ANCHORS.md.
+gradient method, autograd elsewhere); no data loading, no optimiser step, as in the reference figure below.
 Figures are medians over repeats after one warm-up step. The feedforward baseline has the
 same layers and parameters, run once bottom-up (s_i = sigma(f(s_{i-1}))), trained by backprop.
 """
@@ -25,9 +25,9 @@ from typing import List
 import torch
 import torch.nn as nn
 
-# reference figure (ANCHORS.md section 1): L=6 3-block, EP, batch 32, T1 60, T2 20, 2 threads
+# reference figure (measured on another CPU, see the README's results): L=6 3-block, EP, batch 32, T1 60, T2 20, 2 threads
 REFERENCE_EP_L6_3BLOCKS_S = 19.6
-# fp32 convolution throughput of the machine that figure was taken on (ANCHORS.md: 60-80 GFLOP/s)
+# fp32 convolution throughput of the machine that figure was taken on (60-80 GFLOP/s)
 REFERENCE_MACHINE_CONV_GFLOPS = 70.0
 
 
@@ -203,11 +203,15 @@ def conv_limit(model_name: str, batch: int, threads: int, steps: int) -> dict:
 
 
 def main(argv: List[str] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import invoked_as, positive_int
+
+    prog = invoked_as("train.bench")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m train.bench", prog),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (smoke run)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=None)
     ap.add_argument("--only", choices=["digits", "cifar"], default=None)
     ap.add_argument("--json", default="bench.json", help="where to write the results")
     args = ap.parse_args(argv)

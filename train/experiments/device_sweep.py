@@ -15,13 +15,17 @@ for every run.  Prints a table (final and best test accuracy, wall time), writes
 and ``sweep.png`` (test accuracy per epoch for every device, final accuracies as bars beside the
 digital model's) into ``--out``.  Runs go to ``--jobs`` worker processes, one torch thread each.
 A run that diverges (NaN/inf) is reported with the trainer's message (block, step) and the
-sweep goes on.
+sweep goes on.  Device names are the trainer's ``analog=`` names (any spelling of a device model
+is taken, e.g. SoftBounds for soft_bounds; a device named twice is trained once, with a note); an
+``--out`` that already holds a sweep's results (or one of the run folders) is refused before any
+work, so nothing is overwritten.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -78,18 +82,53 @@ def _history_of(run_dir: Path) -> List[Dict]:
     return list(ckpt_mod.load(found).get("history", [])) if found else []
 
 
+RESULT_FILES = ("sweep.json", "sweep.png")
+
+
+def resolve_devices(devices: Sequence[str]):
+    """The snake-case names of ``devices`` (any spelling of a device model), each once, in order, and
+    notes on the duplicates dropped; an unknown name raises :class:`train.config.ConfigError` listing
+    the names the command takes."""
+    from ..analog import canonical_device_name
+
+    out: List[str] = []
+    given: Dict[str, List[str]] = {}
+    for d in devices:
+        c = canonical_device_name(d)
+        given.setdefault(c, []).append(d)
+        if c not in out:
+            out.append(c)
+    notes = [f"note: --devices names {c} {len(g)} times ({', '.join(g)}): training it once"
+             for c, g in given.items() if len(g) > 1]
+    return out, notes
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a file, or that holds the results of an earlier sweep (they would be
+    overwritten)."""
+    from ..config import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    for name in RESULT_FILES:
+        if (out / name).exists():
+            raise UserError(f"{out / name} exists (an earlier sweep): choose another --out; nothing was overwritten")
+
+
 def sweep(devices: Sequence[str], algorithm: str = "c-ttv2", epochs: Optional[int] = None, jobs: int = 1,
           digital: bool = True, progress: bool = True, out: Path = Path("runs/device_sweep"),
           recipe: str = "digits-analog", reads: str = "default", seed: int = 0, limit: int = 0,
           extra: Optional[Dict[str, str]] = None) -> List[Dict]:
     """Train once per device (plus the digital model if ``digital``); returns the runs' results
     (``device`` None for the digital run), in the order asked; prints a line as each finishes."""
-    from ffebm.analog import device_from_name
     from ..config import UserError
     from ..recipes import build_config
 
-    for d in devices:
-        device_from_name(d)  # unknown names fail here, before any work
+    devices, notes = resolve_devices(devices)  # unknown names fail here, before any work
+    if progress:
+        for n in notes:
+            print(n, flush=True)
+    check_out(Path(out))
     names = list(devices) + ([None] if digital else [])
     taken = [str(Path(out) / (d or "digital")) for d in names if (Path(out) / (d or "digital")).exists()]
     if taken:
@@ -162,39 +201,47 @@ def plot(results: List[Dict], path: Path) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", default=",".join(DEVICES), help="comma-separated device model names")
+    from ..analog import device_names
+    from ..cli import invoked_as, non_negative_int, positive_int, seed
+
+    ap = argparse.ArgumentParser(prog=invoked_as("train.experiments.device_sweep"),
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", default=",".join(DEVICES),
+                    help=f"comma-separated device models: {', '.join(device_names())}")
     ap.add_argument("--recipe", default="digits-analog", help="the trainer recipe every run starts from")
     ap.add_argument("--algorithm", default="c-ttv2", help="analog_algorithm of the runs (c-ttv2, tiki-taka, sgd, ...)")
-    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    ap.add_argument("--epochs", type=positive_int, default=None, help="default: the recipe's")
+    ap.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--reads", default="default", choices=("default", "perfect"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="first N train/test samples only (smoke runs)")
+    ap.add_argument("--seed", type=seed, default=0)
+    ap.add_argument("--limit", type=non_negative_int, default=0,
+                    help="first N train/test samples only (smoke runs; 0: all)")
     ap.add_argument("--no-digital", action="store_true", help="skip the digital reference run")
     ap.add_argument("--out", default="runs/device_sweep", help="folder for the run folders, sweep.json and sweep.png")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="trainer settings for every run")
     a = ap.parse_args(argv)
     devices = [d.strip() for d in a.devices.split(",") if d.strip()]
     if not devices:
-        ap.error("--devices: give at least one device model name")
-    if a.jobs < 1:
-        ap.error(f"--jobs must be >= 1, got {a.jobs}")
+        ap.error("argument --devices: give at least one device model name")
     extra = {}
     for kv in a.overrides:
         k, eq, v = kv.partition("=")
         if not eq:
             ap.error(f"{kv!r}: expected key=value")
         extra[k] = v
-    from ffebm.analog import InvalidSetting, device_from_name
     from ..config import UserError
 
-    for d in devices:
-        try:
-            device_from_name(d)
-        except (ValueError, InvalidSetting) as e:
-            ap.error(f"--devices: {str(e).splitlines()[0]}")
+    try:
+        devices, notes = resolve_devices(devices)
+    except UserError as e:
+        ap.error(f"argument --devices: {e}")
+    for n in notes:
+        print(n, file=sys.stderr, flush=True)
     out = Path(a.out)
+    try:
+        check_out(out)
+    except UserError as e:
+        ap.error(str(e))
     print(f"training {len(devices) + (not a.no_digital)} runs on {a.jobs} worker(s) into {out}/...", flush=True)
     try:
         res = sweep(devices, a.algorithm, a.epochs, a.jobs, digital=not a.no_digital, out=out, recipe=a.recipe,
@@ -203,7 +250,12 @@ def main(argv=None) -> List[Dict]:
         ap.error(str(e))
     print(table(res))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(res, indent=2))
+    try:
+        with open(out / "sweep.json", "x") as f:  # never over the results of another sweep
+            f.write(json.dumps(res, indent=2))
+    except FileExistsError:
+        ap.error(f"{out / 'sweep.json'} appeared while the sweep ran (another sweep into {out}?); "
+                 "the run folders hold every result")
     plot(res, out / "sweep.png")
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}")
     return res

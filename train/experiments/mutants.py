@@ -154,7 +154,7 @@ MUTANTS: List[Mutant] = [
            "                    pass",
            ["tests/train/test_train_safety.py", "-k", "busy or killed_process"]),
     Mutant("nonfinite-step", "a non-finite weight after an optimiser step goes unnoticed until later",
-           "train/trainer.py", "        bad = ckpt_mod.first_nonfinite(self.core.named_parameters())\n",
+           "train/trainer.py", "        bad = \"\" if problem else ckpt_mod.first_nonfinite(self.core.named_parameters())\n",
            "        bad = \"\"\n",
            ["tests/train/test_train_safety.py", "-k", "last_good"]),
     Mutant("nonfinite-checkpoint", "a non-finite state is written and called the last good checkpoint",
