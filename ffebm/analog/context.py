@@ -70,13 +70,14 @@ class AnalogContext:
 
     # -- the mirror weight ----------------------------------------------------------------------
     @torch.no_grad()
-    def sync(self, weight: Tensor) -> None:
+    def sync(self, weight: Tensor, refresh: bool = True) -> None:
         """Make ``weight`` (the layer's mirror parameter) equal to the tile, in network units.
 
         If ``weight`` no longer holds what the last sync wrote into it, someone wrote into it
         (``weight.data``, an in-place op under ``no_grad``, ``nn.init``, a torch optimizer's step):
         that value is programmed onto the tile first (``tile.set_weights``: clipped to the device
-        bounds), so the write is applied, not silently lost at the next read."""
+        bounds), so the write is applied, not silently lost at the next read. ``refresh=False``:
+        only that (the weight is refreshed later, e.g. after the optimizer's pulses)."""
         tile = self.tile
         snap = self._mirror
         w = weight.detach()
@@ -87,11 +88,17 @@ class AnalogContext:
         if (snap is not None and snap.shape == w.shape and snap.device == w.device and snap.dtype == w.dtype
                 and not torch.equal(snap, w)):
             tile.set_weights(w.reshape(tile.out_size, tile.in_size).to(tile.out_scale))
+            self._mirror = None  # refresh (below or later) takes the programmed values
+        if not refresh:
+            return
         now = tile.get_weights()
         if weight.device != now.device:
             weight.data = weight.data.to(now.device)
         weight.data.copy_(now.reshape(weight.shape))
-        self._mirror = weight.detach().clone()
+        if snap is not None and self._mirror is snap and snap.device == w.device and snap.dtype == w.dtype:
+            snap.copy_(weight.detach())  # the same buffer, no new allocation
+        else:
+            self._mirror = weight.detach().clone()
 
     def forget_mirror(self) -> None:
         """Treat the tile as the truth at the next :meth:`sync` (after a load, a move, programming)."""

@@ -184,7 +184,7 @@ class AnalogOptimizer(torch.optim.Optimizer):
                 actx = p.analog_ctx
                 if actx.optimizer is not self:
                     actx.attach(self)
-                actx.sync(p)  # a write into the weight since the last read is programmed first
+                actx.sync(p, refresh=False)  # a write into the weight since the last read is programmed first
                 pair = actx.take()
                 if pair is not None:
                     x, d = pair
