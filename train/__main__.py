@@ -243,7 +243,9 @@ def _main(argv: List[str], held: "_Held") -> int:
         trainer.fit()
     except T.TrainingStopped as e:
         if ctx.is_main or not ctx.enabled:
-            print(str(e), file=sys.stderr, flush=True)
+            # in a redirected log the progress bar's last line has no newline of its own
+            lead = "" if sys.stderr.isatty() else "\n"
+            print(lead + str(e), file=sys.stderr, flush=True)
         return e.code  # main() removes the run folder if no checkpoint was written
     except RuntimeError as e:
         if not ctx.enabled or not D.is_peer_failure(e):

@@ -33,8 +33,8 @@ class ConfigError(UserError):
 @dataclass
 class TrainConfig:
     # --- what to train ------------------------------------------------------------------
-    recipe: str = "digits"           # the recipe the run started from (see python -m train --list)
-    model: str = "digits"            # a name from models.available(), or "package.module:function"
+    recipe: str = "digits"           # the recipe the run started from (the list: ffebm-train --list)
+    model: str = "digits"            # a model name (ffebm-train --list; ffebm.models.available()), or "module:function"
     method: Optional[str] = None     # gradient method passed to the model builder: ep | implicit | unrolled
     variant: Optional[str] = None    # EP variant (centered, positive, negative, random, ...)
     beta: Optional[float] = None     # EP nudging strength (None: the model preset's value)
