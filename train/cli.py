@@ -50,49 +50,30 @@ def _number(text: str, kind):
     return v
 
 
-def positive_int(text: str) -> int:
-    import argparse
+def _ranged(kind, name: str, lo=None, hi=None, lo_open: bool = False, hi_text: str = ""):
+    """An argparse type: a finite number of ``kind`` in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
 
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    def parse(text: str):
+        import argparse
 
+        v = _number(text, kind)
+        shown = f"{v:g}" if kind is float else str(v)
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        if hi is not None and (below or v > hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi_text or hi}], got {shown}")
+        if below:
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {shown}")
+        return v
 
-def non_negative_int(text: str) -> int:
-    import argparse
-
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def seed(text: str) -> int:
-    import argparse
-
-    v = _number(text, int)
-    if not 0 <= v <= 2 ** 63 - 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {v}")
-    return v
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def positive_float(text: str) -> float:
-    import argparse
-
-    v = _number(text, float)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v:g}")
-    return v
-
-
-def non_negative_float(text: str) -> float:
-    import argparse
-
-    v = _number(text, float)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
-    return v
+positive_int = _ranged(int, "positive_int", lo=1)
+non_negative_int = _ranged(int, "non_negative_int", lo=0)
+seed = _ranged(int, "seed", lo=0, hi=2 ** 63 - 1, hi_text="2**63 - 1")
+positive_float = _ranged(float, "positive_float", lo=0, lo_open=True)
+non_negative_float = _ranged(float, "non_negative_float", lo=0)
 
 
 def finite_float(text: str) -> float:
