@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import InvalidSetting, check_range
-from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
+from .layers import AnalogConfig, _AnalogLayer
 
 __all__ = ["AnalogConv1d", "AnalogConv2d", "AnalogGroupedConv"]
 
@@ -78,16 +78,7 @@ class _AnalogConvNd(_AnalogLayer):
         fan_in = self.in_channels * math.prod(self.kernel_size)
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
         self._init_analog(self.out_channels, fan_in, shape, config, seed, device, dtype)
-        w = torch.empty(shape, dtype=self.weight.dtype)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        bound = 1 / math.sqrt(fan_in)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_channels, device=self.weight.device,
-                                                 dtype=self.weight.dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
-        self.set_weights(w.to(self.weight.device))
-        self.register_load_state_dict_post_hook(_post_load_hook)
+        self._init_like_torch(fan_in, bias)
 
     def _pad_amounts(self) -> Tuple[int, ...]:
         """``F.pad`` amounts (last dimension first, (left, right) each), torch's convention: for

@@ -246,6 +246,20 @@ class _AnalogLayer(nn.Module):
         self.set_weights(weight.detach(), None if bias is None else bias.detach())
         return self
 
+    def _init_like_torch(self, fan_in: int, bias: bool) -> None:
+        """Weight and bias initialised as ``nn.Linear`` / ``nn.Conv*`` do (Kaiming-uniform weight,
+        uniform bias in +-1/sqrt(fan_in), from the global RNG); the weight is programmed onto the tile."""
+        w = torch.empty(self.weight.shape, dtype=self.weight.dtype)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        bound = 1 / math.sqrt(fan_in)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.weight.shape[0], device=self.weight.device,
+                                                 dtype=self.weight.dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.set_weights(w.to(self.weight.device))
+        self.register_load_state_dict_post_hook(_post_load_hook)
+
     # -- reads ----------------------------------------------------------------------------
     def _extra(self) -> Optional[Tensor]:
         return self.analog_ctx.read_extra()
@@ -338,16 +352,7 @@ class AnalogLinear(_AnalogLayer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._init_analog(self.out_features, self.in_features, (self.out_features, self.in_features),
                           config, seed, device, dtype)
-        w = torch.empty(self.out_features, self.in_features, dtype=self.weight.dtype)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        bound = 1 / math.sqrt(self.in_features)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, device=self.weight.device,
-                                                 dtype=self.weight.dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
-        self.set_weights(w.to(self.weight.device))
-        self.register_load_state_dict_post_hook(_post_load_hook)
+        self._init_like_torch(self.in_features, bias)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, config: Optional[AnalogConfig] = None,

@@ -64,3 +64,12 @@ TINY = ["digits", "model=tinymodel:build", "progress=false", "num_threads=1", "b
 @pytest.fixture
 def tiny_args():
     return list(TINY)
+
+
+def one_line_error(res, code=2):
+    """The stderr of a command that failed with ``code`` in one line, no traceback: that line."""
+    assert res.returncode == code, (res.returncode, res.stdout[-500:], res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, res.stderr
+    return lines[0]

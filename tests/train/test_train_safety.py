@@ -13,19 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, folder_digest, main_inproc, run_train, subprocess_env
+from conftest import TINY, folder_digest, main_inproc, one_line_error, run_train, subprocess_env
 from train import checkpoint as C
 from train.runlock import RunFolderLock
 
 DIGITS_SMALL = ["digits", "progress=false", "num_threads=1", "tensorboard=false", "model_options=hidden=32,width=16"]
-
-
-def one_line_error(res, code=2):
-    assert res.returncode == code, (res.returncode, res.stdout[-500:], res.stderr[-2000:])
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,9 @@ import uuid
 
 import pytest
 
-from conftest import TINY, main_inproc, subprocess_env
+from conftest import TINY, main_inproc, one_line_error, subprocess_env
 
 BASE = ["digits", "progress=false", "num_threads=1", "epochs=1"]
-
-
-def one_line_error(res, code=2):
-    assert res.returncode == code, (res.returncode, res.stdout[-500:], res.stderr[-2000:])
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 def _module(folder, body):
