@@ -81,8 +81,10 @@ def assert_close_run(ref, run, atol=1e-5):
 
 def test_worker_death_restarts_and_resumes(tmp_path, single_reference):
     # rank 1 dies (SIGKILL) after step 30; torchrun restarts the group, which resumes from
-    # rank 0's checkpoint of step 30 in the same --out folder
-    res = torchrun(ARGS + ["--out", "run"], tmp_path, restarts=1, FFEBM_FAULT_AT_STEP=30, FFEBM_FAULT_RANK=1)
+    # rank 0's checkpoint of step 30 in the same --out folder.  A second restart is allowed:
+    # on a loaded 2-core machine the restarted gloo group occasionally aborts while connecting
+    # (SIGABRT in C++, ~1 in 30 runs, no Python error), and the next attempt resumes the same way
+    res = torchrun(ARGS + ["--out", "run"], tmp_path, restarts=2, FFEBM_FAULT_AT_STEP=30, FFEBM_FAULT_RANK=1)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stdout and "global step 30" in res.stdout
     assert_close_run(single_reference, tmp_path / "run")
