@@ -28,9 +28,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 
 class Preprocess:
-    """uint8 batch -> float batch: optional augmentation, scaling to [0,1], normalisation."""
+    """uint8 batch -> float batch: optional augmentation, scaling to [0,1], optional input noise,
+    normalisation.
 
-    def __init__(self, info: DataInfo, device, dtype=torch.float32):
+    Input noise (training batches only, those given a ``generator``): ``x <- clip(x + s xi, 0, 1)``
+    with ``xi ~ N(0, 1)`` per pixel, on the [0,1] scale before normalisation, drawn from the
+    batch's generator after the augmentation's draws (so a resumed run sees the same noise and
+    turning noise on leaves the augmentation unchanged).
+    """
+
+    def __init__(self, info: DataInfo, device, dtype=torch.float32, augment: bool = False,
+                 input_noise: float = 0.0):
+        self.augment = augment
+        self.input_noise = float(input_noise)
         self.scale = info.scale
         self.mean = torch.tensor(info.mean, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, dtype=dtype, device=device).view(1, -1, 1, 1)
@@ -38,9 +48,12 @@ class Preprocess:
         self.device = device
 
     def __call__(self, x_u8: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        if generator is not None:
+        if generator is not None and self.augment:
             x_u8 = augment_batch(x_u8, generator)
         x = x_u8.to(self.device, non_blocking=True).to(self.dtype) * self.scale
+        if generator is not None and self.input_noise > 0:
+            xi = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            x = (x + self.input_noise * xi).clamp_(0.0, 1.0)
         return (x - self.mean) / self.std
 
 

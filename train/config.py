@@ -64,6 +64,7 @@ class TrainConfig:
     data_root: str = "data"          # folder holding the data sets (MNIST/, cifar-10-batches-py/, imagenet32/)
     download: bool = False           # let torchvision download MNIST/Fashion-MNIST/CIFAR into data_root
     augment: Optional[bool] = None   # None: the data set's default (crop+flip for CIFAR/ImageNet32)
+    input_noise: float = 0.0         # >0: training inputs + N(0, s^2) per pixel in [0,1] units, clipped to [0,1]
     normalize: bool = True           # per-data-set mean/std normalisation
     train_subset: int = 0            # >0: use only the first N training samples
     test_subset: int = 0             # >0: use only the first N test samples
@@ -120,7 +121,7 @@ POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_
             "grad_check_batch", "eval_every")
 NON_NEGATIVE = ("train_subset", "test_subset", "max_steps", "num_threads", "log_every",
                 "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr", "grad_clip",
-                "analog_lr", "analog_omega")
+                "analog_lr", "analog_omega", "input_noise")
 
 
 def field_names():

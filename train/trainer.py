@@ -82,7 +82,8 @@ class Trainer:
         in_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else torch.float32
         if not isinstance(in_dtype, torch.dtype):
             raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
-        self.pre = Preprocess(self.info, self.device, dtype=in_dtype)
+        self.pre = Preprocess(self.info, self.device, dtype=in_dtype, augment=self.info.augment,
+                              input_noise=cfg.input_noise)
         self.test_local = shard_test_set(self.test_set, ctx.world, ctx.rank)
 
         seed_everything(cfg.seed)
@@ -248,7 +249,7 @@ class Trainer:
                     cos = self.grad_check(self.pre(xb[:n]), yb[:n].to(self.device))
                     self.tb.scalars({f"gradcheck/{b}/cosine": c for b, c in cos.items()}, self.global_step + 1)
                 gen = (torch.Generator().manual_seed(batch_seed(cfg.seed, self.epoch, step, ctx.rank))
-                       if self.info.augment else None)
+                       if self.info.augment or cfg.input_noise > 0 else None)
                 t = time.time()
                 loss, correct, count, stats = self.train_step(xb, yb, gen)
                 dt = time.time() - t

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.config import TrainConfig, apply_overrides
-from train.batches import TrainBatches, augment_batch, shard_test_set
+from train.batches import Preprocess, TrainBatches, augment_batch, shard_test_set
 from train.data import load_datasets
 from train.formats import DataError, safe_unpickle
 
@@ -187,6 +187,25 @@ def test_augmentation_is_crop_and_flip():
     y0 = augment_batch(x, torch.Generator().manual_seed(3), pad=0)
     for i in range(2):
         assert torch.equal(y0[i], x[i]) or torch.equal(y0[i], x[i].flip(-1))
+
+
+def test_input_noise_is_clipped_gaussian_on_training_batches_only():
+    _, _, info = load_datasets(cfg_for("digits", "unused"))
+    x = torch.full((400, 1, 8, 8), 8, dtype=torch.uint8)           # every pixel 0.5
+    clean = Preprocess(info, "cpu")(x)
+    noisy = Preprocess(info, "cpu", input_noise=0.1)
+    assert torch.equal(noisy(x), clean)                             # evaluation (no generator): untouched
+    a = noisy(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, noisy(x, torch.Generator().manual_seed(1)))  # seeded per batch: resumable
+    d = a - clean
+    assert abs(d.mean().item()) < 0.005 and abs(d.std().item() - 0.1) < 0.005
+    assert not torch.equal(a, noisy(x, torch.Generator().manual_seed(2)))
+    big = Preprocess(info, "cpu", input_noise=3.0)(x, torch.Generator().manual_seed(0))
+    assert big.min().item() == 0.0 and big.max().item() == 1.0      # clipped to the pixel range
+    # noise comes after the augmentation's draws: the augmentation stream is unchanged
+    aug = Preprocess(info, "cpu", augment=True)(x, torch.Generator().manual_seed(4))
+    both = Preprocess(info, "cpu", augment=True, input_noise=1e-6)(x, torch.Generator().manual_seed(4))
+    assert torch.allclose(aug, both, atol=1e-4)
 
 
 def test_sharded_batches_union_equals_single_process():
