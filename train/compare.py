@@ -3,6 +3,7 @@
     python -m train.compare                              # digits ff-EBM, Implicit vs EP variants
     python -m train.compare --model cifar10_l6_3blocks --batch 2 --beta 0.02 --t2 20 --image-size 32
     python -m train.compare --pool avg ...               # smooth pooling instead of max
+    python -m train.compare --pool-winners free ...      # EP keeps the free phase's max-pool winners
     python -m train.compare --model static_gradient_analysis --batch 2 --beta 0.02 --reference unrolled
     python -m train.compare --beta 0.5,0.2,0.05,0.02     # error vs beta per block (beta_sweep.png)
 
@@ -69,13 +70,13 @@ def plot(res, path: str) -> None:
     plt.close(fig)
 
 
-def _candidates(names: List[str], beta: float, t2: int):
+def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live"):
     import ffebm
 
     out = []
     for n in names:
         if n in ("centered", "positive", "negative", "random"):
-            out.append(ffebm.EP(beta, variant=n, steps=t2))
+            out.append(ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners))
         elif n == "implicit":
             out.append(ffebm.Implicit(tol=1e-8, max_iter=1000))
         elif n == "unrolled":
@@ -140,6 +141,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--candidates", default="centered,positive,negative",
                     help="comma list of: centered, positive, negative, random (EP variants), implicit, unrolled")
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
+    ap.add_argument("--pool-winners", choices=["live", "free"], default="live",
+                    help="EP candidates: max pools inside a block pick their winner at every step (live), or keep "
+                         "the free equilibrium's winners through the nudged phases and the read-out (free)")
     ap.add_argument("--image-size", type=positive_int, default=None, help="input size for image presets")
     ap.add_argument("--double", action="store_true", help="compare in float64")
     ap.add_argument("--precision", choices=["bfloat16", "float16"], default=None,
@@ -209,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
-                                          candidates=_candidates(names, beta, t2), trace=len(betas) == 1)
+                                          candidates=_candidates(names, beta, t2, args.pool_winners), trace=len(betas) == 1)
             per: Dict[str, Dict[str, float]] = {}
             for r in res.rows:
                 if r["comparable"] and r["block"] != "input":
