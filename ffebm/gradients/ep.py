@@ -202,6 +202,16 @@ class EP(GradientMethod):
         Both phases are relaxed in lockstep from s*; entry k-1 is the estimate read off the
         states after k steps.
         """
+        tr = self.trajectories(call, delta)
+        out = []
+        for sa, sb in tr.pairs():
+            g_u, g_p = primitive_difference_grads(tr.call, sa, sb, tr.scale)
+            out.append(GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=tr.polish)))
+        return out
+
+    def trajectories(self, call: BlockCall, delta: torch.Tensor) -> "Trajectories":
+        """The states of both nudged phases after each step k = 1..T2 (no early stop), and what
+        reading an estimate off them needs (see :class:`Trajectories`)."""
         c = float(delta.shape[0]) if self.scale == "batch" else 1.0
         d = delta * c
         cfg = self.nudge_config(call)
@@ -215,11 +225,28 @@ class EP(GradientMethod):
             self._phase(call, free, d, ba, cfg, callback=lambda k, s: hist_a.append([t.clone() for t in s]))
         if bb != 0.0:
             self._phase(call, free, d, bb, cfg, callback=lambda k, s: hist_b.append([t.clone() for t in s]))
-        n = max(len(hist_a), len(hist_b))
-        out = []
+        return Trajectories(call=call, free=free, a=hist_a, b=hist_b, scale=1.0 / ((ba - bb) * c), polish=polish)
+
+
+@dataclass
+class Trajectories:
+    """Both nudged phases of one EP backward, step by step.
+
+    call: the call the phases ran on (its block keeps the free winners with
+    ``pool_winners="free"``); free: the (polished) free state they started from; a, b: the
+    states after each step of the phases at beta_a and beta_b (empty for a zero nudge: the free
+    state); scale: 1 / ((beta_a - beta_b) * c), the factor of EP's read-out.
+    """
+
+    call: BlockCall
+    free: List[torch.Tensor]
+    a: List[List[torch.Tensor]]
+    b: List[List[torch.Tensor]]
+    scale: float
+    polish: Any = None
+
+    def pairs(self):
+        """(s_a, s_b) after each step k = 1..T2."""
+        n = max(len(self.a), len(self.b))
         for k in range(n):
-            sa = hist_a[k] if hist_a else free
-            sb = hist_b[k] if hist_b else free
-            g_u, g_p = primitive_difference_grads(call, sa, sb, 1.0 / ((ba - bb) * c))
-            out.append(GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=polish)))
-        return out
+            yield (self.a[k] if self.a else self.free), (self.b[k] if self.b else self.free)
