@@ -249,6 +249,10 @@ class GDDComparison:
     mode: str
     blocks: Dict[str, Dict[str, List[Dict[str, float]]]]
 
+    @staticmethod
+    def short(name: str) -> str:
+        return _short(name)
+
     def tensors(self, block: str, biases: bool = False) -> List[str]:
         return [t for t in self.blocks[block] if biases or not t.endswith("bias")]
 
