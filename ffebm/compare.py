@@ -271,9 +271,8 @@ class GDDComparison:
                     continue
                 cells = [f"{per[t][k]['cosine']:7.4f}/{per[t][k]['rel_error']:7.1e}" for t in names]
                 lines.append(f"  k={k + 1:<4d} " + "  ".join(f"{c:>{w}}" for c in cells))
-        legend = {_short(n): n for per in self.blocks.values() for n in per if _short(n) != n}
-        if legend:
-            lines.append("\n" + "; ".join(f"{s} = {n}" for s, n in legend.items()))
+        lines.append("\nW<i> / b<i>: the weight / bias of the block's coupling i (couplings.<i-1>); u: the block's "
+                     "input drive; s<i>: neuron layer i. A zero reference (BPTT) shows the absolute error.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
