@@ -17,7 +17,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "models")) and \
     __path__.append(_root)
 
 from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
-from .compare import CURRENT, GradientComparison, compare_gradients
+from .compare import CURRENT, GDDComparison, GradientComparison, compare_gdd, compare_gradients
 from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d
 from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupported, NotConverged, NotTwiceDifferentiable,
                      RelaxationDiverged, UnsupportedGradient)
@@ -34,6 +34,6 @@ __all__ = [
     "Relaxation", "SolveStats", "relax", "STEPPERS",
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
     "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient",
-    "compare_gradients", "GradientComparison", "CURRENT",
+    "compare_gradients", "GradientComparison", "CURRENT", "compare_gdd", "GDDComparison",
     "energy_blocks", "set_gradient", "block_stats",
 ]

@@ -226,3 +226,195 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
         torch.set_rng_state(rng)
     return GradientComparison(reference=reference.describe(), rows=rows, grads=all_grads, block_of=block_of,
                               traces=traces)
+
+
+# ---------------------------------------------------------------------------------------------
+# step by step: EP's running estimate against truncated backprop (the "GDD" check)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GDDComparison:
+    """EP's running estimate after k nudged steps against backprop through the last k steps of
+    the free dynamics run from the equilibrium (truncated BPTT), k = 1..T2, per block and tensor.
+
+    ``blocks[block][tensor]`` is a list over k of ``{"k", "ep_norm", "bptt_norm", "cosine",
+    "rel_error"}`` (relative error of EP against BPTT). Tensors: the coupling parameters (their
+    model names), ``"u"`` (the block's input drive) and ``"s0"``, ``"s1"``, ... (the neuron
+    layers: EP's ``-(s_a - s_b) / ((beta_a - beta_b) c)`` against BPTT's gradient with respect to the
+    layer's pre-activation summed over the last k steps, ``sum_t sigma' * dL/ds_{T-t}``). For
+    synchronous dynamics at a small beta the two agree at every k (Ernoult et al. 2019's
+    gradient-descending-updates property); both tend to the implicit gradient as k grows.
+    """
+
+    method: str
+    mode: str
+    blocks: Dict[str, Dict[str, List[Dict[str, float]]]]
+
+    @staticmethod
+    def short(name: str) -> str:
+        return _short(name)
+
+    def tensors(self, block: str, biases: bool = False) -> List[str]:
+        return [t for t in self.blocks[block] if biases or not t.endswith("bias")]
+
+    def table(self, biases: bool = False, every: int = 1) -> str:
+        """Per block: one row per k, one ``cosine / rel.err`` column per tensor."""
+        lines = [f"EP's running estimate ({self.method}) vs backprop through the last k free steps from the "
+                 f"equilibrium ({self.mode} dynamics): cosine / relative error"]
+        for bname, per in self.blocks.items():
+            names = self.tensors(bname, biases)
+            short = [_short(n) for n in names]
+            w = max([15] + [len(s) for s in short])
+            lines.append(f"\n{bname}   " + "  ".join(f"{s:>{w}}" for s in short))
+            n = len(per[names[0]]) if names else 0
+            for k in range(n):
+                if (k + 1) % every and k not in (0, n - 1):
+                    continue
+                cells = [f"{per[t][k]['cosine']:7.4f}/{per[t][k]['rel_error']:7.1e}" for t in names]
+                lines.append(f"  k={k + 1:<4d} " + "  ".join(f"{c:>{w}}" for c in cells))
+        lines.append("\nW<i> / b<i>: the weight / bias of the block's coupling i (couplings.<i-1>); u: the block's "
+                     "input drive; s<i>: neuron layer i. A zero reference (BPTT) shows the absolute error.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "mode": self.mode, "blocks": self.blocks}
+
+
+def _short(name: str) -> str:
+    """``"3.couplings.1.weight"`` -> ``"W2"`` (coupling index from 1); ``u`` and ``s<i>`` stay."""
+    parts = name.split(".")
+    if "couplings" in parts:
+        i = parts.index("couplings")
+        if i + 2 < len(parts):
+            return ("W" if parts[i + 2] == "weight" else "b") + str(int(parts[i + 1]) + 1)
+    return name
+
+
+class _GDDProbe(GradientMethod):
+    """Runs EP step by step and truncated backprop on one block call; returns EP's estimate."""
+
+    def __init__(self, ep: EP, mode: Optional[str], names: Dict[int, str], store: Dict[str, dict]):
+        self.ep, self.mode, self.names, self.store = ep, mode, names, store
+
+    def describe(self) -> str:
+        return self.ep.describe()
+
+    def backward(self, call, delta):
+        import dataclasses
+
+        from .gradients.base import primitive_difference_grads
+        from .solvers import analytic_step
+
+        if self.mode is not None:
+            call = dataclasses.replace(call, relaxation=dataclasses.replace(call.relaxation, mode=self.mode),
+                                       nudge_relaxation=dataclasses.replace(call.nudge_relaxation, mode=self.mode))
+        mode = call.nudge_relaxation.mode
+        tr = self.ep.trajectories(call, delta)
+        call, free, block = tr.call, tr.free, tr.call.block
+        steps = max(len(tr.a), len(tr.b))
+        params = list(call.params)
+        names = [self.names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        a = block.gain
+        # sigma' at the equilibrium: a on units inside the box (all units of an unbounded layer)
+        slope = [a * (((t > 0) & (t < 1)) if block.bounded(i) else torch.ones_like(t, dtype=torch.bool)).to(t.dtype)
+                 for i, t in enumerate(free)]
+        # the free dynamics from the equilibrium, T2 steps (they stay at s* up to its residual)
+        run = [[t.detach() for t in free]]
+        with torch.no_grad():
+            for _ in range(steps):
+                run.append(analytic_step(block, call.u, run[-1], None, mode, {}))
+        lam = [torch.zeros_like(t) for t in free]
+        lam[-1] = delta.to(free[-1].dtype)
+        cum_p = [None] * len(params)
+        cum_u = None
+        cum_s = [torch.zeros_like(t) for t in free]
+        rows: Dict[str, List[Dict[str, float]]] = {}
+
+        def add(name, ep_g, bp_g):
+            if ep_g is None and bp_g is None:
+                return
+            ep_g = torch.zeros_like(bp_g) if ep_g is None else ep_g
+            bp_g = torch.zeros_like(ep_g) if bp_g is None else bp_g
+            rows.setdefault(name, []).append(dict(
+                k=len(rows.get(name, [])) + 1, ep_norm=float(ep_g.double().norm()),
+                bptt_norm=float(bp_g.double().norm()), cosine=cosine(ep_g, bp_g), rel_error=rel_error(ep_g, bp_g)))
+
+        pairs = list(tr.pairs())
+        for k in range(1, steps + 1):
+            # backprop through step T-k+1 (the k-th from the end): dL/ds_{T-k}, that step's
+            # contributions to dL/dθ and dL/du, and the gradient with respect to each layer's
+            # new value inside the step (async: the odd layers read the even ones' new values),
+            # which times sigma' is the gradient with respect to that update's pre-activation
+            with torch.enable_grad():
+                u_ = call.u.detach().requires_grad_(call.wants_input)
+                prev = [t.detach().requires_grad_(True) for t in run[steps - k]]
+                out = analytic_step(block, u_, prev, None, mode, {})
+                wanted = [p for p, w in zip(params, call.wants) if w]
+                inputs = prev + list(out) + ([u_] if call.wants_input else []) + wanted
+                gs = torch.autograd.grad(out, inputs, grad_outputs=lam, allow_unused=True)
+            L = len(prev)
+            for i in range(L):
+                g_new = gs[L + i] if gs[L + i] is not None else lam[i]
+                cum_s[i] = cum_s[i] + slope[i] * g_new
+            lam = [torch.zeros_like(t) if g is None else g for g, t in zip(gs[:L], prev)]
+            rest = list(gs[2 * L:])
+            if call.wants_input:
+                g_u = rest.pop(0)
+                if g_u is not None:
+                    cum_u = g_u if cum_u is None else cum_u + g_u
+            for i, w in enumerate(call.wants):
+                if w:
+                    g = rest.pop(0)
+                    if g is not None:
+                        cum_p[i] = g if cum_p[i] is None else cum_p[i] + g
+            sa, sb = pairs[k - 1]
+            e_u, e_p = primitive_difference_grads(call, sa, sb, tr.scale)
+            for i, n in enumerate(names):
+                if call.wants[i]:
+                    add(n, e_p[i], cum_p[i])
+            if call.wants_input:
+                add("u", e_u, cum_u)
+            for i in range(len(free)):
+                add(f"s{i}", -(sa[i] - sb[i]) * tr.scale, cum_s[i])
+        self.store[call.block.name] = rows
+        sa, sb = pairs[-1]
+        g_u, g_p = primitive_difference_grads(call, sa, sb, tr.scale)
+        from .gradients.base import BackwardStats, GradientResult
+
+        return GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=tr.polish))
+
+
+def compare_gdd(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tensor], ep: Optional[EP] = None,
+                mode: Optional[str] = None) -> GDDComparison:
+    """The step-by-step check of EP against truncated backprop on every energy block of ``model``
+    (see :class:`GDDComparison`) on one batch. ``ep``: the EP settings (default ``EP()``; its
+    ``steps`` or each block's nudged step count give T2); ``mode``: run both with "sync" or
+    "async" dynamics (default: each block's own). Each block's incoming gradient is the one the
+    EP backward of the blocks above it produces (what training sees); EP and backprop get the same
+    one. The model's parameters, buffers and gradient methods are restored afterwards."""
+    ep = ep if ep is not None else EP()
+    if not isinstance(ep, EP):
+        raise TypeError(f"compare_gdd takes an EP method, got {type(ep).__name__}")
+    if mode is not None and mode not in ("sync", "async"):
+        raise ValueError(f"mode must be 'sync', 'async' or None, got {mode!r}")
+    x, y = batch[0], batch[1]
+    blocks = list(energy_blocks(model))
+    if not blocks:
+        raise ValueError("compare_gdd: the model has no energy block")
+    saved_methods = {name: blk.gradient for name, blk in blocks}
+    saved_state = copy.deepcopy(model.state_dict())
+    names = {id(p): n for n, p in model.named_parameters()}
+    store: Dict[str, dict] = {}
+    rng = torch.get_rng_state()
+    try:
+        probe = _GDDProbe(ep, mode, names, store)
+        for _, blk in blocks:
+            blk.gradient = probe
+        _grads(model, loss_fn, x, y, include_input=False)
+    finally:
+        for name, blk in blocks:
+            blk.gradient = saved_methods[name]
+        model.load_state_dict(saved_state)
+        torch.set_rng_state(rng)
+    modes = {mode or blk.nudge_relaxation.mode for _, blk in blocks}
+    ordered = {name: store[name] for name, _ in blocks if name in store}
+    return GDDComparison(method=ep.describe(), mode="/".join(sorted(modes)), blocks=ordered)

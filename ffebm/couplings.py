@@ -15,6 +15,7 @@ indices, soft-pool weights); `top_down(y, ctx)` applies J_f(x)^T with it.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional, Sequence
 
@@ -76,7 +77,15 @@ class ConvCoupling(Coupling):
     Top-down: conv_transpose(P^T y): the pooling's adjoint at x (max: scatter to the winners;
     avg: spread evenly; soft: through the Jacobian of the soft-max weighted mean), then the
     transposed convolution.
+
+    ``with_winners(x)`` gives a view of a max-pooling coupling (sharing its parameters) whose pool
+    keeps the winners it has at lower state x: a fixed selection, so f is affine in x there (EP's
+    nudged phases with ``EP(pool_winners="free")``).
     """
+
+    #: max-pool winners held fixed (flat indices per channel plane, as ``max_pool2d`` returns
+    #: them); set only on a view made by :meth:`with_winners`, None: the live max
+    winners: Optional[torch.Tensor] = None
 
     def __init__(
         self,
@@ -125,6 +134,8 @@ class ConvCoupling(Coupling):
         if self.pool == "avg":
             return F.avg_pool2d(c, k), None
         if self.pool == "max":
+            if self.winners is not None:
+                return _take(c, self.winners), self.winners
             return F.max_pool2d(c, k, return_indices=True)
         p, w = soft_pool(c, k, self.soft_temperature)
         return p, (w, c, p)
@@ -140,6 +151,18 @@ class ConvCoupling(Coupling):
         # d p / d c_i = w_i (1 + (c_i - p) / T)
         w, c, p = ctx
         return _up(y, k) * w * (1 + (c - _up(p, k)) / self.soft_temperature)
+
+    def with_winners(self, x: torch.Tensor) -> "ConvCoupling":
+        """A view of this coupling whose max pool selects, for every sample and window, the input
+        that wins at lower state ``x`` (the coupling itself if it does not max-pool). The view
+        shares the parameters (gradients reach them) and lives for one backward."""
+        if self.pool != "max":
+            return self
+        with torch.no_grad():
+            _, idx = self.bottom_up(x)
+        view = copy.copy(self)  # a shallow copy: same parameters, tiles and contexts
+        object.__setattr__(view, "winners", idx)
+        return view
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x):
@@ -158,6 +181,14 @@ class ConvCoupling(Coupling):
             f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
             f"p={self.padding}, pool={self.pool}{self.pool_size if self.pool != 'none' else ''}, in={self.in_size}"
         )
+
+
+def _take(c: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Max pooling with given winners: ``c`` at the flat per-plane indices ``idx``."""
+    if c.shape[:2] != idx.shape[:2]:
+        raise ValueError(f"pool winners were taken for a batch of shape {tuple(idx.shape[:2])}, the pool input has "
+                         f"{tuple(c.shape[:2])}")
+    return c.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
 
 
 def _up(t: torch.Tensor, k: int) -> torch.Tensor:

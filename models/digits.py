@@ -6,8 +6,8 @@ import torch.nn as nn
 import ffebm
 
 
-def _method(method: str, beta: float, variant: str, t2: int):
-    return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2)
+def _method(method: str, beta: float, variant: str, t2: int, pool_winners: str = "live"):
+    return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2, pool_winners=pool_winners)
 
 
 ARCHS = ("dense", "conv")
@@ -16,13 +16,18 @@ ARCHS = ("dense", "conv")
 def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int = 40, t2: int = 12,
                  tol: float = 1e-4, method: str = "ep", variant: str = "centered", num_classes: int = 10,
                  in_features: int = 64, gain: float = 0.5, average_last: int = 0, arch: str = "dense",
-                 init_gain: float = 1.0, dropout: float = 0.0) -> nn.Module:
+                 init_gain: float = 1.0, dropout: float = 0.0, pool: str = "avg",
+                 pool_winners: str = "live") -> nn.Module:
     """The default ff-EBM: energy block -> digital layer -> energy block -> digital readout.
 
         arch="dense":  x[64] -> DenseHopfield(64, hidden, width) -> Linear + ReLU
                              -> DenseHopfield(width, width, width/2) -> Linear(width/2, classes)
         arch="conv":   x[1x8x8] -> ConvHopfield(conv 1->16 + batch norm, 2x2 avg pool, coupling 16->32
                              with 2x2 avg pool) -> Flatten -> Linear(128, width) + ReLU -> (the rest as above)
+
+    ``pool`` ("avg", "max" or "soft", conv only): the two pools of the conv block (the coupling's
+    lies inside the energy); ``pool_winners="free"``: EP keeps the free phase's max-pool winners
+    through the nudged phases (see :class:`ffebm.EP`; no effect without a max pool in an energy).
 
     (``hidden`` is not used by ``arch="conv"``.)  ``dropout`` > 0: dropout on the digital layer's
     output, the input of block 2 (training only; backprop through it, EP inside the blocks).  Weights start ~ N(0, (init_gain / sqrt(fan_in))^2).  ``average_last`` > 0: every relaxation (free and
@@ -32,7 +37,11 @@ def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int
     """
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
-    grad = _method(method, beta, variant, t2)
+    if pool not in ("avg", "max", "soft"):
+        raise ValueError(f"pool={pool!r}: expected one of avg, max, soft")
+    if arch != "conv" and pool != "avg":
+        raise ValueError(f"pool={pool!r} applies to arch='conv' only (the dense blocks do not pool)")
+    grad = _method(method, beta, variant, t2, pool_winners)
     kw = dict(gain=gain, steps=t1, tol=tol, nudge_steps=t2, gradient=grad, init_gain=init_gain)
     if average_last:
         kw.update(relaxation=ffebm.Relaxation(steps=t1, tol=tol, average_last=average_last),
@@ -42,7 +51,7 @@ def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int
             raise ValueError(f"arch='conv' takes 8x8 images (in_features=64), got in_features={in_features}")
         head = [nn.Unflatten(1, (1, 8, 8))]   # flat or image input alike
         b1 = nn.Sequential(nn.Flatten(), *head,
-                           ffebm.ConvHopfield(1, (8, 8), [16, 32], pool="avg", name="block1", **kw),
+                           ffebm.ConvHopfield(1, (8, 8), [16, 32], pool=pool, name="block1", **kw),
                            nn.Flatten(), nn.Linear(128, width), nn.ReLU())
     else:
         b1 = ffebm.DenseHopfield([in_features, hidden, width], name="block1", **kw)

@@ -132,13 +132,15 @@ def goe_init_(weight: torch.Tensor, variance: float, generator: Optional[torch.G
 def published_ffebm(blocks: List[dict], gain: float, t1: int, t2: int, beta: float, variance: float,
                     num_classes: int = 10, in_channels: int = 3, image_size: int = 32, tol: Optional[float] = None,
                     method: str = "ep", variant: str = "centered", mode: str = "async",
-                    pool_override: Optional[str] = None, precision: Optional[str] = None) -> nn.Module:
+                    pool_override: Optional[str] = None, precision: Optional[str] = None,
+                    pool_winners: str = "live") -> nn.Module:
     """Build a published configuration (see the module docstring).  ``pool_override`` replaces
     every max pool ("avg" or "soft": a smooth energy); ``precision="bfloat16"`` relaxes under bf16
-    autocast with full-precision polish and read-out."""
+    autocast with full-precision polish and read-out; ``pool_winners="free"``: EP keeps the free
+    phase's max-pool winners through the nudged phases (see :class:`ffebm.EP`)."""
     if blocks[0]["channels"][0] != in_channels:
         raise ValueError(f"this configuration takes {blocks[0]['channels'][0]}-channel images, got in_channels={in_channels}")
-    ffebm.gradients.method_from_name(method)  # an unknown name fails here, before any layer is built
+    ffebm.gradients.method_from_name(method, pool_winners=pool_winners)  # an unknown name fails here, before any layer is built
     relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode, precision=precision)
     nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode, precision=precision)
     mods: List[nn.Module] = []
@@ -153,7 +155,8 @@ def published_ffebm(blocks: List[dict], gain: float, t1: int, t2: int, beta: flo
         blk = ffebm.ConvHopfield(chans[0], size, chans[1:], pool=pools, dense=b["dense"], input_bn=b["bn"],
                                  bn_affine=True, gain=gain, linear_top=not b["clamp_last"], relaxation=relax,
                                  nudge_relaxation=nudge, name=f"block{k + 1}",
-                                 gradient=ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2))
+                                 gradient=ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2,
+                                                                           pool_winners=pool_winners))
         for m in blk.modules():
             if isinstance(m, (nn.Conv2d, ffebm.couplings.ConvCoupling, ffebm.couplings.DenseCoupling)):
                 goe_init_(m.weight, variance)

@@ -19,7 +19,7 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
               num_classes: int = 10, in_channels: int = 3, image_size: int = 32, beta: float = 0.2, t1: int = 60,
               t2: int = 20, tol: Optional[float] = None, gain: float = 1.0, method: str = "ep",
               variant: str = "centered", mode: str = "async", pool_override: Optional[str] = None,
-              precision: Optional[str] = None) -> nn.Module:
+              precision: Optional[str] = None, pool_winners: str = "live") -> nn.Module:
     """Build the ff-EBM.
 
     channels/pools: one entry per conv layer (pool after that layer's conv: "max", "avg", "soft"
@@ -27,16 +27,18 @@ def vgg_ffebm(channels: Sequence[int], pools: Sequence[str], dense: Sequence[int
     of layers per block (sums to len(channels) + len(dense) + 1). ``pool_override`` replaces
     every "max" (e.g. "avg" for a smooth energy). ``precision="bfloat16"`` relaxes under bf16
     autocast with full-precision polish steps (about twice the conv throughput).
+    ``pool_winners="free"``: EP keeps the free phase's max-pool winners (see :class:`ffebm.EP`).
     """
     pools = [pool_override if (pool_override and p == "max") else p for p in pools]
     layers: List[tuple] = [("conv", c, p) for c, p in zip(channels, pools)]
     layers += [("dense", d, None) for d in dense] + [("dense", num_classes, None)]
     if sum(split) != len(layers):
         raise ValueError(f"split {list(split)} must sum to the number of layers ({len(layers)})")
-    ffebm.gradients.method_from_name(method)  # an unknown name fails here, before any layer is built
+    ffebm.gradients.method_from_name(method, pool_winners=pool_winners)  # an unknown name fails here, before any layer is built
 
     def grad():
-        return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2)
+        return ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2,
+                                                pool_winners=pool_winners)
     relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode, precision=precision)
     nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode, precision=precision)
     blocks: List[nn.Module] = []

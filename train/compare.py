@@ -3,8 +3,10 @@
     python -m train.compare                              # digits ff-EBM, Implicit vs EP variants
     python -m train.compare --model cifar10_l6_3blocks --batch 2 --beta 0.02 --t2 20 --image-size 32
     python -m train.compare --pool avg ...               # smooth pooling instead of max
+    python -m train.compare --pool-winners free ...      # EP keeps the free phase's max-pool winners
     python -m train.compare --model static_gradient_analysis --batch 2 --beta 0.02 --reference unrolled
     python -m train.compare --beta 0.5,0.2,0.05,0.02     # error vs beta per block (beta_sweep.png)
+    python -m train.compare --gdd --beta 0.01 --double   # step by step vs truncated BPTT (gdd.png)
 
 Prints per-parameter cosine similarity and relative error, and writes ``compare.png``: a
 per-layer bar chart of 1 - cosine on a log axis (one bar group per parameter tensor, one colour
@@ -69,13 +71,52 @@ def plot(res, path: str) -> None:
     plt.close(fig)
 
 
-def _candidates(names: List[str], beta: float, t2: int):
+def gdd_plot(res, path: str) -> None:
+    """Per block: the norm of each tensor's estimate against k (EP dashed, truncated backprop
+    solid, one colour per tensor; log axis) above its relative error against k (log axis);
+    legends sit below the panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res.blocks)
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7.5), squeeze=False, sharex=True)
+    for j, b in enumerate(names):
+        top, bot = axes[0][j], axes[1][j]
+        for i, t in enumerate(res.tensors(b)):
+            rows = res.blocks[b][t]
+            ks = [r["k"] for r in rows]
+            col = f"C{i % 10}"
+            label = res.short(t)
+            # a zero estimate (async EP's first step leaves the lower layers alone) is left out, not
+            # drawn at a floor that would stretch the log axis
+            top.plot(ks, [r["bptt_norm"] if r["bptt_norm"] > 0 else math.nan for r in rows], color=col, lw=1.4)
+            top.plot(ks, [r["ep_norm"] if r["ep_norm"] > 0 else math.nan for r in rows], color=col, lw=1.4, ls="--")
+            bot.plot(ks, [max(r["rel_error"], 1e-16) for r in rows], color=col, lw=1.2, marker=".", label=label)
+        top.set_yscale("log")
+        bot.set_yscale("log")
+        top.set_title(f"{b}: |estimate| after k steps", fontsize=9)
+        bot.set_title("|EP - BPTT| / |BPTT|", fontsize=9)
+        bot.set_xlabel("k (nudged steps / backprop steps)")
+        top.grid(alpha=0.3, which="both")
+        bot.grid(alpha=0.3, which="both")
+        bot.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    axes[0][0].set_ylabel("norm (EP dashed, BPTT solid)")
+    axes[1][0].set_ylabel("relative error")
+    fig.suptitle(f"GDD: {res.method} vs truncated BPTT ({res.mode} dynamics)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live"):
     import ffebm
 
     out = []
     for n in names:
         if n in ("centered", "positive", "negative", "random"):
-            out.append(ffebm.EP(beta, variant=n, steps=t2))
+            out.append(ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners))
         elif n == "implicit":
             out.append(ffebm.Implicit(tol=1e-8, max_iter=1000))
         elif n == "unrolled":
@@ -140,6 +181,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--candidates", default="centered,positive,negative",
                     help="comma list of: centered, positive, negative, random (EP variants), implicit, unrolled")
     ap.add_argument("--pool", choices=["max", "avg", "soft"], default=None, help="replace max pooling (presets)")
+    ap.add_argument("--pool-winners", choices=["live", "free"], default="live",
+                    help="EP candidates: max pools inside a block pick their winner at every step (live), or keep "
+                         "the free equilibrium's winners through the nudged phases and the read-out (free)")
+    ap.add_argument("--gdd", action="store_true",
+                    help="step by step: EP's running estimate after k nudged steps against backprop through the last "
+                         "k free steps from the equilibrium, k = 1..T2, per block and layer (gdd.png, gdd.json); uses "
+                         "the first EP variant of --candidates")
+    ap.add_argument("--gdd-mode", choices=["sync", "async"], default=None,
+                    help="dynamics of the --gdd check (default: the model's; the GDD property is exact for sync)")
     ap.add_argument("--image-size", type=positive_int, default=None, help="input size for image presets")
     ap.add_argument("--double", action="store_true", help="compare in float64")
     ap.add_argument("--precision", choices=["bfloat16", "float16"], default=None,
@@ -205,11 +255,28 @@ def main(argv: Optional[List[str]] = None) -> None:
     loss_fn = nn.CrossEntropyLoss()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
+    if args.gdd:
+        variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
+        if len(betas) != 1 or not variants:
+            ap.error("--gdd takes one --beta and an EP variant in --candidates")
+        ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners)
+        res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
+        seconds = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(res.table())
+        png = os.path.join(args.out, "gdd.png")
+        gdd_plot(res, png)
+        with open(os.path.join(args.out, "gdd.json"), "w") as f:
+            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb, model=args.model, batch=args.batch,
+                           beta=betas[0], t2=t2, double=args.double), f, indent=1)
+        print(f"\nwrote {png} and gdd.json")
+        print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
+        return
     sweep: Dict[float, dict] = {}
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
-                                          candidates=_candidates(names, beta, t2), trace=len(betas) == 1)
+                                          candidates=_candidates(names, beta, t2, args.pool_winners), trace=len(betas) == 1)
             per: Dict[str, Dict[str, float]] = {}
             for r in res.rows:
                 if r["comparable"] and r["block"] != "input":

@@ -16,6 +16,7 @@ folding it into the energy.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import List, Optional, Sequence
 
@@ -105,6 +106,22 @@ class EnergyBlock(nn.Module):
         """E(s; u) = sum_i |s_i|^2/(2a) - Phi(s; u), summed over the batch."""
         quad = sum((t * t).sum() for t in s) / (2 * self.gain)
         return quad - self.primitive(s, u)
+
+    def with_pool_winners(self, states: States) -> "EnergyBlock":
+        """A view of this block whose max-pooling couplings keep the winners they have at
+        ``states`` (see :meth:`ConvCoupling.with_winners`): its energy is smooth in the state (a
+        quadratic over the box), the energy of the block *at that winner pattern*. The view
+        shares parameters, settings and method with the block and is meant for one backward (EP
+        with ``pool_winners="free"``); the block itself when nothing max-pools."""
+        fixed = [c.with_winners(states[i]) if hasattr(c, "with_winners") else c for i, c in enumerate(self.couplings)]
+        if all(f is c for f, c in zip(fixed, self.couplings)):
+            return self
+        self.__dict__.setdefault("_convergence_warned", set())  # warnings once per block, view or not
+        view = copy.copy(self)
+        mods = dict(self._modules)
+        mods["couplings"] = nn.ModuleList(fixed)
+        object.__setattr__(view, "_modules", mods)
+        return view
 
     def initial_state(self, u: torch.Tensor) -> States:
         """Neurons start at zero."""

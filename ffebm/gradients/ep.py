@@ -24,6 +24,18 @@ beta 1e-3 has cosine 0.13-0.20 against Implicit without polishing, >= 0.999 with
 recorded in the backward statistics and warned about (once per block) when its budget is not
 enough, e.g. in float32 at small beta, where the residual cannot fall below ~1e-7.
 
+Max pooling inside the block (``pool_winners``): a max pool is piecewise linear, so the energy
+is smooth only at a fixed winner pattern. The exact gradient of the free equilibrium (what
+Implicit computes, differentiating at s*) is the gradient at the free state's winners. With the
+live max (``pool_winners="live"``, the default) a winner that switches between the two nudged
+phases moves the read-out by O(1), and the estimate grows like 1/beta there. With
+``pool_winners="free"`` the nudged phases and the read-out use the winners of the free
+equilibrium (``EnergyBlock.with_pool_winners``): the block's energy at that pattern is smooth,
+EP's estimate keeps its O(beta^2) (centered) bias against that exact gradient, and the forward
+(inference) model is unchanged. In a circuit: the max-pool stage (a winner-take-all) latches its
+decision at the end of the free phase, and the nudged phases route each window through the
+latched input, a switch set once per sample, like the phase control that turns the nudge on.
+
 Scaling: with ``scale="batch"`` (default) the nudge is beta * B * delta, i.e. beta applies to
 each sample's own loss gradient when the loss is a batch mean (so published beta values keep
 their meaning at any batch size); the estimate is divided by the same factor.
@@ -41,6 +53,7 @@ from ..solvers import Relaxation
 from .base import BackwardStats, BlockCall, GradientMethod, GradientResult, primitive_difference_grads
 
 VARIANTS = ("positive", "negative", "centered", "random")
+POOL_WINNERS = ("live", "free")
 SCALES = ("batch", "none")
 
 
@@ -52,7 +65,9 @@ class EP(GradientMethod):
     of the nudged phases; seed: generator seed for the random-sign variant (None: drawn from
     ``torch.initial_seed()`` at the first draw); polish: one-sided variants relax the free state
     further until its residual <= ``polish * beta**2`` (0 disables); polish_steps: budget of that
-    extra relaxation (None: the block's free step budget).
+    extra relaxation (None: the block's free step budget); pool_winners: "live" (max pools select
+    their winner at every step of every phase) or "free" (the nudged phases and the read-out keep
+    the free equilibrium's winners; see the module doc).
     """
 
     beta: float = 0.5
@@ -63,6 +78,7 @@ class EP(GradientMethod):
     seed: Optional[int] = None
     polish: float = 1e-3
     polish_steps: Optional[int] = None
+    pool_winners: str = "live"
     _gen: Optional[torch.Generator] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,9 +96,12 @@ class EP(GradientMethod):
             raise ValueError(f"EP.polish must be a finite number >= 0, got {self.polish!r}")
         if self.polish_steps is not None and (not isinstance(self.polish_steps, int) or self.polish_steps < 1):
             raise ValueError(f"EP.polish_steps must be an integer >= 1 or None, got {self.polish_steps!r}")
+        if self.pool_winners not in POOL_WINNERS:
+            raise ValueError(f"EP.pool_winners must be one of {POOL_WINNERS}, got {self.pool_winners!r}")
 
     def describe(self) -> str:
-        return f"EP(beta={self.beta}, variant={self.variant})"
+        extra = ", pool_winners=free" if self.pool_winners == "free" else ""
+        return f"EP(beta={self.beta}, variant={self.variant}{extra})"
 
     # -- random state -----------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -146,6 +165,13 @@ class EP(GradientMethod):
                                   strict=False, precision=None, average_last=0)
         return call.block.solve(call.u, states=call.states, config=cfg, phase="polish")
 
+    def at_winners(self, call: BlockCall, free) -> BlockCall:
+        """The call whose block keeps the max-pool winners of ``free`` (``pool_winners="free"``)."""
+        if self.pool_winners == "live":
+            return call
+        view = call.block.with_pool_winners(free)
+        return call if view is call.block else dataclasses.replace(call, block=view)
+
     def skip(self, call: BlockCall) -> Sequence[bool]:
         """Parameters whose gradient autograd should not form (AnalogEP: pulsed weights)."""
         return ()
@@ -156,6 +182,7 @@ class EP(GradientMethod):
         cfg = self.nudge_config(call)
         ba, bb = self.nudges()
         free, polish = self._polished(call, ba, bb)
+        call = self.at_winners(call, free)
         sa, st_a = self._phase(call, free, d, ba, cfg)
         sb, st_b = self._phase(call, free, d, bb, cfg)
         scale = 1.0 / ((ba - bb) * c)
@@ -175,23 +202,51 @@ class EP(GradientMethod):
         Both phases are relaxed in lockstep from s*; entry k-1 is the estimate read off the
         states after k steps.
         """
+        tr = self.trajectories(call, delta)
+        out = []
+        for sa, sb in tr.pairs():
+            g_u, g_p = primitive_difference_grads(tr.call, sa, sb, tr.scale)
+            out.append(GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=tr.polish)))
+        return out
+
+    def trajectories(self, call: BlockCall, delta: torch.Tensor) -> "Trajectories":
+        """The states of both nudged phases after each step k = 1..T2 (no early stop), and what
+        reading an estimate off them needs (see :class:`Trajectories`)."""
         c = float(delta.shape[0]) if self.scale == "batch" else 1.0
         d = delta * c
         cfg = self.nudge_config(call)
         cfg = dataclasses.replace(cfg, tol=None)
         ba, bb = self.nudges()
         free, polish = self._polished(call, ba, bb)
+        call = self.at_winners(call, free)
         hist_a: list = []
         hist_b: list = []
         if ba != 0.0:
             self._phase(call, free, d, ba, cfg, callback=lambda k, s: hist_a.append([t.clone() for t in s]))
         if bb != 0.0:
             self._phase(call, free, d, bb, cfg, callback=lambda k, s: hist_b.append([t.clone() for t in s]))
-        n = max(len(hist_a), len(hist_b))
-        out = []
+        return Trajectories(call=call, free=free, a=hist_a, b=hist_b, scale=1.0 / ((ba - bb) * c), polish=polish)
+
+
+@dataclass
+class Trajectories:
+    """Both nudged phases of one EP backward, step by step.
+
+    call: the call the phases ran on (its block keeps the free winners with
+    ``pool_winners="free"``); free: the (polished) free state they started from; a, b: the
+    states after each step of the phases at beta_a and beta_b (empty for a zero nudge: the free
+    state); scale: 1 / ((beta_a - beta_b) * c), the factor of EP's read-out.
+    """
+
+    call: BlockCall
+    free: List[torch.Tensor]
+    a: List[List[torch.Tensor]]
+    b: List[List[torch.Tensor]]
+    scale: float
+    polish: Any = None
+
+    def pairs(self):
+        """(s_a, s_b) after each step k = 1..T2."""
+        n = max(len(self.a), len(self.b))
         for k in range(n):
-            sa = hist_a[k] if hist_a else free
-            sb = hist_b[k] if hist_b else free
-            g_u, g_p = primitive_difference_grads(call, sa, sb, 1.0 / ((ba - bb) * c))
-            out.append(GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=polish)))
-        return out
+            yield (self.a[k] if self.a else self.free), (self.b[k] if self.b else self.free)
