@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from ..errors import NotTwiceDifferentiable
 from .config import InvalidSetting, check_range
 from .drift import ProgrammedWeights
 from .inference import InferenceConfig, clip_tensor, modify_weight
@@ -115,7 +115,8 @@ class _Reader:
 class _InferenceMVM(torch.autograd.Function):
     """``y = read(W_read, x)``; ideal backward: ``dx = f dy W_read``, ``dW = f dy^T x`` (``f``: the
     drift-compensation factor, 1 in training). ``weight`` carries the gradient, ``w_read`` the
-    values read (no gradient). First-order only (``once_differentiable``)."""
+    values read (no gradient). First-order only: a backward with ``create_graph=True`` raises
+    :class:`~ffebm.errors.NotTwiceDifferentiable`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, w_read: Tensor, reader: _Reader) -> Tensor:  # type: ignore[override]
@@ -125,8 +126,12 @@ class _InferenceMVM(torch.autograd.Function):
         return reader(w_read, x)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative would be silently wrong
+            raise NotTwiceDifferentiable(
+                "inference layers give first-order gradients only (the read model is not differentiable): a "
+                "gradient penalty or any create_graph=True use through one would be silently wrong. Compute such "
+                "terms with the digital layer (convert_to_digital) or with create_graph=False")
         x, w_read = ctx.saved_tensors
         f = ctx.factor
         if f is not None:
@@ -260,6 +265,8 @@ class InferenceModule(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
+        if "generator" not in self.__dict__:  # moved while being built
+            return out
         dev = self.weight.device
         if self.generator.device.type != dev.type:
             self.generator = fork_generator(self.generator, dev)
