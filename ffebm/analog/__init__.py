@@ -9,7 +9,7 @@ from .integrate import apply_pulses
 from .pulses import coincidence_counts, pulse_probabilities
 from .device_array import DeviceArray
 from .tile import AnalogTile, find_analog_tiles, is_analog_tile, read_backward, read_forward
-from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor, evaluate_over_time
+from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor
 
 # -- training algorithms, optimizer, layers, conversion
 from .algorithms import (
@@ -29,3 +29,11 @@ from .optimizer import AnalogOptimizer
 # -- energy blocks on tiles (relaxation reads through the read model, EP updates as pulses)
 from .energy import (AnalogConvCoupling, AnalogDenseCoupling, AnalogEP, analog_couplings, analog_energy_block,
                      to_analog_energy)
+
+# -- inference tiles (hardware-aware training, programming, drift, compensation)
+from .inference import InferenceConfig, WeightClip, WeightModifier
+from .inference_layers import (InferenceConv1d, InferenceConv2d, InferenceLinear, ProgrammedWeightChanged,
+                               clip_after_step, clip_weights, inference_modules)
+from .inference_energy import (InferenceConvCoupling, InferenceDenseCoupling, InferenceEP, InferenceImplicit,
+                               ModifierOutsideCall)
+from .deploy import deployed, drift_to, evaluate_over_time, program, unprogram

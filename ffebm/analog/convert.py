@@ -23,6 +23,8 @@ from torch import nn
 from .config import InvalidSetting
 from .conv import AnalogConv1d, AnalogConv2d, AnalogGroupedConv, _AnalogConvNd
 from .devices import PulsedDevice
+from .inference import InferenceConfig
+from .inference_layers import InferenceConv1d, InferenceConv2d, InferenceLinear, InferenceModule, _InferenceConvNd
 from .layers import AnalogConfig, AnalogLinear
 
 __all__ = ["convert_to_analog", "convert_to_digital", "SUPPORTED", "UnsupportedLayers"]
@@ -35,22 +37,25 @@ class UnsupportedLayers(UserWarning):
     """convert_to_analog left layers with weights digital (it cannot map them)."""
 
 
-def _check_config(config: Any, owner: str) -> AnalogConfig:
+def _check_config(config: Any, owner: str) -> Union[AnalogConfig, InferenceConfig]:
     if config is None:
         return AnalogConfig()
+    if isinstance(config, InferenceConfig):
+        return config
     if isinstance(config, PulsedDevice):
         raise InvalidSetting(owner, "config", f"{type(config).__name__}(...)",
                              f"an AnalogConfig; a device model goes inside it: "
                              f"AnalogConfig(device={type(config).__name__}())")
     if not isinstance(config, AnalogConfig):
-        raise InvalidSetting(owner, "config", f"{type(config).__name__}(...)", "an AnalogConfig or None")
+        raise InvalidSetting(owner, "config", f"{type(config).__name__}(...)",
+                             "an AnalogConfig, an InferenceConfig or None")
     return config
 
 
 def _has_weight_layer(mod: nn.Module) -> bool:
     """A layer that holds a weight matrix or kernel a user may expect on a tile."""
     return isinstance(mod, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)) and not isinstance(
-        mod, (AnalogLinear, _AnalogConvNd))
+        mod, (AnalogLinear, _AnalogConvNd, InferenceModule))
 
 
 def _parse_selection(model: nn.Module, items: Any, what: str) -> Tuple[Set[str], Set[type]]:
@@ -90,7 +95,11 @@ def convert_to_analog(model: nn.Module, config: Optional[AnalogConfig] = None,
 
     Args:
         model: the model (a deep copy is converted unless ``inplace``).
-        config: :class:`AnalogConfig` of every converted layer (default ``AnalogConfig()``).
+        config: :class:`AnalogConfig` of every converted layer (default ``AnalogConfig()``), or an
+            :class:`~ffebm.analog.inference.InferenceConfig`: inference layers
+            (:class:`~ffebm.analog.inference_layers.InferenceLinear`, ``InferenceConv1d/2d``,
+            grouped convolutions included) holding the weights as ordinary parameters, read
+            through the inference read model, trained by any torch optimizer.
         layers: which layers: None = every supported layer; otherwise module names (as in
             ``model.named_modules()``; a name selects that module and everything below it)
             and/or layer classes (``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d``).
@@ -135,6 +144,12 @@ def convert_to_analog(model: nn.Module, config: Optional[AnalogConfig] = None,
 
     def make(mod: nn.Module) -> nn.Module:
         s = None if seed is None else int(seed) + counter[0]
+        if isinstance(config, InferenceConfig):  # inference tiles (grouped convolutions: one module)
+            counter[0] += 1
+            if isinstance(mod, nn.Linear):
+                return InferenceLinear.from_linear(mod, config, seed=s)
+            cls = InferenceConv1d if isinstance(mod, nn.Conv1d) else InferenceConv2d
+            return cls.from_conv(mod, config, seed=s)
         if isinstance(mod, nn.Linear):
             counter[0] += 1
             return AnalogLinear.from_linear(mod, config, seed=s)
@@ -163,6 +178,8 @@ def convert_to_analog(model: nn.Module, config: Optional[AnalogConfig] = None,
 
 def _effective(m: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(weight, bias)`` of an analog layer as its reads see them (``effective_weight``)."""
+    if isinstance(m, InferenceModule):  # the trained weights (what the optimizer holds)
+        return m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()
     if isinstance(m, AnalogGroupedConv):
         parts = [_effective(c) for c in m.groups_]
         return torch.cat([w for w, _ in parts]), (None if parts[0][1] is None else torch.cat([b for _, b in parts]))
@@ -172,7 +189,7 @@ def _effective(m: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
 def _digital_conv(m: Any, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
     n = len(m.kernel_size)
     cls = nn.Conv1d if n == 1 else nn.Conv2d
-    groups = m.groups if isinstance(m, AnalogGroupedConv) else 1
+    groups = m.groups if isinstance(m, (AnalogGroupedConv, _InferenceConvNd)) else 1
     out = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, groups,
               b is not None, m.padding_mode, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -185,7 +202,8 @@ def _digital_conv(m: Any, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Modu
 def _is_analog(m: nn.Module) -> bool:
     from .energy import AnalogConvCoupling, AnalogDenseCoupling
 
-    return isinstance(m, (AnalogLinear, _AnalogConvNd, AnalogGroupedConv, AnalogDenseCoupling, AnalogConvCoupling))
+    return isinstance(m, (AnalogLinear, _AnalogConvNd, AnalogGroupedConv, AnalogDenseCoupling, AnalogConvCoupling,
+                          InferenceModule))
 
 
 def _to_digital(m: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
@@ -193,9 +211,17 @@ def _to_digital(m: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.
     from ..couplings import ConvCoupling, DenseCoupling
     from .energy import AnalogConvCoupling, AnalogDenseCoupling
 
-    if isinstance(m, (_AnalogConvNd, AnalogGroupedConv)):
+    from .inference_energy import InferenceConvCoupling, InferenceDenseCoupling
+
+    if isinstance(m, (_AnalogConvNd, AnalogGroupedConv, _InferenceConvNd)):
         return _digital_conv(m, w, b)
-    if isinstance(m, AnalogLinear):
+    if isinstance(m, InferenceDenseCoupling):
+        out = DenseCoupling(m.in_shape, m.out_features, b is not None).to(device=w.device, dtype=w.dtype)
+    elif isinstance(m, InferenceConvCoupling):
+        out = ConvCoupling(m.in_channels, m.out_channels, m.in_size, m.kernel_size, m.stride, m.padding,
+                           m.pool, m.pool_size if m.pool != "none" else 2, m.soft_temperature,
+                           b is not None).to(device=w.device, dtype=w.dtype)
+    elif isinstance(m, (AnalogLinear, InferenceLinear)):
         out = nn.Linear(m.in_features, m.out_features, b is not None, device=w.device, dtype=w.dtype)
     elif isinstance(m, AnalogDenseCoupling):
         out = DenseCoupling(m.in_shape, m.out_features, b is not None).to(device=w.device, dtype=w.dtype)
@@ -218,13 +244,17 @@ def convert_to_digital(model: nn.Module, inplace: bool = False) -> nn.Module:
     fast array's contribution ``extra`` while an optimizer uses one; the read noise of single
     reads is not part of it): ``AnalogLinear`` -> ``nn.Linear``, ``AnalogConv1d/2d`` ->
     ``nn.Conv1d/2d``, ``AnalogGroupedConv`` -> a grouped ``nn.Conv*``, analog energy couplings ->
-    ``DenseCoupling`` / ``ConvCoupling``, and an energy block's ``AnalogEP`` -> ``EP``.
+    ``DenseCoupling`` / ``ConvCoupling``, and an energy block's ``AnalogEP`` -> ``EP``. Inference
+    layers and couplings become their digital layers holding their *trained* weights (``weight``,
+    whatever a deployment reads), ``InferenceEP`` / ``InferenceImplicit`` -> ``EP`` / ``Implicit``.
     The result loads into the digital model the analog one was converted from, strictly:
     ``digital.load_state_dict(convert_to_digital(analog).state_dict())``.
     Returns the converted model (a deep copy unless ``inplace``)."""
     from ..blocks.base import EnergyBlock
     from ..gradients.ep import EP
+    from ..gradients.implicit import Implicit
     from .energy import AnalogEP
+    from .inference_energy import InferenceEP, InferenceImplicit
 
     # effective weights from the model itself: a copy has no optimizer runtime (fast array)
     eff = {name: _effective(m) for name, m in model.named_modules() if _is_analog(m)}
@@ -238,8 +268,11 @@ def convert_to_digital(model: nn.Module, inplace: bool = False) -> nn.Module:
             if full in eff and _is_analog(child):
                 setattr(mod, cname, _to_digital(child, *eff[full]))
     for mod in model.modules():
-        if isinstance(mod, EnergyBlock) and isinstance(getattr(mod, "gradient", None), AnalogEP):
+        if isinstance(mod, EnergyBlock) and isinstance(getattr(mod, "gradient", None), (AnalogEP, InferenceEP)):
             g = mod.gradient
             kw = {f.name: getattr(g, f.name) for f in dataclasses.fields(EP) if f.init}
             mod.gradient = EP(**kw)
+        elif isinstance(mod, EnergyBlock) and isinstance(getattr(mod, "gradient", None), InferenceImplicit):
+            g = mod.gradient
+            mod.gradient = Implicit(**{f.name: getattr(g, f.name) for f in dataclasses.fields(Implicit) if f.init})
     return model

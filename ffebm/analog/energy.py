@@ -229,7 +229,12 @@ def analog_energy_block(block: nn.Module, config: Optional[AnalogConfig] = None,
     ``seed``: tile seeds are ``seed, seed + 1, ...`` in conversion order (None: random).
     """
     from ..blocks.base import EnergyBlock
+    from .inference import InferenceConfig
 
+    if isinstance(config, InferenceConfig):  # inference tiles: reads through the read model, dense gradients
+        from .inference_energy import inference_energy_block
+
+        return inference_energy_block(block, config, input_coupling, seed, inplace)
     if not isinstance(block, EnergyBlock):
         raise InvalidSetting("analog_energy_block", "block", type(block).__name__, "an EnergyBlock")
     if config is None:
@@ -288,7 +293,9 @@ def _convert_input_map(mod: nn.Module, config: AnalogConfig, next_seed) -> None:
 def to_analog_energy(model: nn.Module, config: Optional[AnalogConfig] = None, input_coupling: bool = True,
                      seed: Optional[int] = None, inplace: bool = False) -> nn.Module:
     """Convert every energy block of ``model`` with :func:`analog_energy_block` (digital layers
-    between blocks stay digital)."""
+    between blocks stay digital). With an :class:`~ffebm.analog.inference.InferenceConfig` the
+    blocks go on inference tiles instead (:func:`~ffebm.analog.inference_energy.inference_energy_block`:
+    reads through the inference read model, EP / Implicit gradients dense and digital)."""
     from ..blocks.base import EnergyBlock
 
     if not inplace:

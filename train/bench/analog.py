@@ -15,6 +15,11 @@ relaxation, two nudged relaxations, pulsed c-TTv2 update) of a dense block and o
 convolutional block whose couplings settle on tiles with the default read model, beside the
 same digital block trained by EP and Adam, median seconds side by side.
 
+Inference tiles (hardware-aware training): forward + backward of an ``InferenceLinear`` 512x512
+at batch 64 (x ~ U(0, 1)) beside ``nn.Linear`` of the same shape, median ms measured side by side,
+with perfect reads, the published read model, the read model with an additive Gaussian weight
+modifier, and the PCM preset (read model + PCM-like programming-noise modifier).
+
 Checkpoint size (``--checkpoint-size N``, default 2048): the saved ``state_dict`` of an N x N
 ``AnalogLinear`` on SoftBounds devices and of its c-TTv2 ``AnalogOptimizer`` after one step, in MB
 and as a multiple of the weights' own size (float32).
@@ -205,6 +210,47 @@ def print_table(res: Dict[str, object]) -> None:
           "(layer rows), fast path at the same size (exact rows); ref: AIHWKit 1.2.0 CPU, 2 threads")
 
 
+def inference_rows(repeats: int, dev: torch.device, size: int = 512, batch: int = 64) -> List[Dict[str, object]]:
+    """Forward + backward of an InferenceLinear vs nn.Linear (same weights, same input and output
+    gradient), median ms each, for several inference configurations."""
+    from ffebm.analog import InferenceConfig, InferenceLinear, WeightModifier
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(size, size).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.rand(batch, size, generator=g, device=dev)
+    d = torch.randn(batch, size, generator=g, device=dev)
+    configs = {"perfect reads, no modifier": InferenceConfig.perfect(),
+               "read model (published defaults)": InferenceConfig(),
+               "read model + add_gauss 0.05 modifier": InferenceConfig(modifier=WeightModifier("add_gauss", 0.05)),
+               "read model + pcm_prog modifier (pcm preset)": InferenceConfig.pcm()}
+
+    def step(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            m(x).backward(d)
+        return run
+
+    rows = []
+    for name, cfg in configs.items():
+        m = InferenceLinear.from_linear(lin, cfg, seed=0).train()
+        ms_lin = median_ms(step(lin), repeats, dev)
+        ms_inf = median_ms(step(m), repeats, dev)
+        rows.append({"config": name, "size": size, "batch": batch, "inference_ms": ms_inf, "linear_ms": ms_lin,
+                     "ratio": ms_inf / ms_lin})
+    return rows
+
+
+def print_inference(rows: List[Dict[str, object]]) -> None:
+    r0 = rows[0]
+    print(f"\n# inference tile: InferenceLinear {r0['size']}x{r0['size']} forward + backward, batch {r0['batch']}, "
+          "vs nn.Linear (median ms, side by side)")
+    print(f"| {'config':<44} | {'inference ms':>12} | {'nn.Linear ms':>12} | {'ratio':>6} |")
+    print("|" + "|".join("-" * (w + 2) for w in (44, 12, 12, 6)) + "|")
+    for r in rows:
+        print(f"| {r['config']:<44} | {r['inference_ms']:>12.3f} | {r['linear_ms']:>12.3f} | {r['ratio']:>5.2f}x |")
+
+
 def checkpoint_size(n: int = 2048) -> Dict[str, float]:
     """MB of an n x n AnalogLinear's and its c-TTv2 optimizer's state_dict (after one step)."""
     import io
@@ -243,6 +289,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--no-blocks", action="store_true", help="skip the energy-block step comparison")
+    ap.add_argument("--no-inference", action="store_true", help="skip the inference-tile forward/backward rows")
     ap.add_argument("--checkpoint-size", type=non_negative_int, default=2048, metavar="N",
                     help="size of the checkpoint-size example (0: skip it)")
     a = ap.parse_args(argv)
@@ -257,6 +304,9 @@ def main(argv=None) -> None:
     if not a.no_blocks:
         res["blocks"] = block_rows(max(3, a.repeats // 3), torch.device(a.device))
         print_blocks(res["blocks"])
+    if not a.no_inference:
+        res["inference"] = inference_rows(max(9, a.repeats), torch.device(a.device))
+        print_inference(res["inference"])
     if a.checkpoint_size:
         res["checkpoint"] = checkpoint_size(a.checkpoint_size)
         print_checkpoint(res["checkpoint"])
