@@ -1,4 +1,5 @@
-"""Model registry: the default digits ff-EBM, a plain DHN and the published VGG-style presets.
+"""Model registry: the default digits ff-EBM, a plain DHN, the same-size MLP baseline (``digits_mlp``) and
+the published VGG-style presets.
 
     import models
     model = models.build("digits")                       # default model
@@ -14,12 +15,13 @@ import torch.nn as nn
 
 import ffebm
 
-from .digits import digits_dhn, digits_ffebm
+from .digits import digits_dhn, digits_ffebm, digits_mlp
 from .presets import PRESETS, preset
 from .published import ALIASES, PUBLISHED, published, published_ffebm
 from .vgg import vgg_ffebm
 
-_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn}
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn,
+                                                  "digits_mlp": digits_mlp}
 
 
 def available() -> List[str]:
@@ -88,4 +90,4 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 __all__ = ["available", "build", "options", "check_options", "UnknownModelOption", "PRESETS", "preset", "PUBLISHED", "ALIASES", "published", "published_ffebm",
-           "digits_ffebm", "digits_dhn", "vgg_ffebm"]
+           "digits_ffebm", "digits_dhn", "digits_mlp", "vgg_ffebm"]

@@ -1,5 +1,8 @@
-"""Models for scikit-learn's digits (8x8 grey images, 10 classes): the default ff-EBM and a plain DHN."""
+"""Models for scikit-learn's digits (8x8 grey images, 10 classes): the default ff-EBM, a plain DHN and
+the ff-EBM's same-size MLP baseline."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch.nn as nn
 
@@ -70,3 +73,26 @@ def digits_dhn(hidden: int = 256, beta: float = 0.5, t1: int = 60, t2: int = 15,
     blk = ffebm.DenseHopfield([in_features, hidden, hidden // 2, num_classes], gain=gain, linear_top=True,
                               steps=t1, tol=tol, nudge_steps=t2, gradient=grad, name="dhn")
     return nn.Sequential(blk)
+
+
+def digits_mlp(hidden: int = 512, width: int = 256, num_classes: int = 10, in_features: int = 64,
+               dropout: float = 0.0, beta: Optional[float] = None, t1: Optional[int] = None,
+               t2: Optional[int] = None, method: Optional[str] = None, variant: Optional[str] = None) -> nn.Module:
+    """The digital baseline of :func:`digits_ffebm`: a feedforward MLP with the same weight layers,
+
+        x[64] -> Linear(64, hidden) -> Linear(hidden, width) -> Linear(width, width)
+              -> Linear(width, width) -> Linear(width, width/2) -> Linear(width/2, classes)
+
+    with a ReLU after each hidden layer (64-512-256-256-256-128-10 by default: the ff-EBM's two
+    input maps, two couplings, digital layer and readout, as plain layers; the same number of
+    parameters). Trained by backprop. ``beta``, ``t1``, ``t2``, ``method`` and ``variant`` are
+    accepted and ignored (an MLP has no energy block), so that ``model=digits_mlp`` runs with the
+    digits recipes. ``dropout`` > 0: dropout after each hidden ReLU (training only)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
+    sizes = [in_features, hidden, width, width, width, width // 2]
+    layers: list = [nn.Flatten()]
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+    layers.append(nn.Linear(sizes[-1], num_classes))
+    return nn.Sequential(*layers)

@@ -39,6 +39,7 @@ from .plugin import TrainerPlugin
 # analog_lr and the schedule set the speed of C).
 TT_DEFAULTS: Dict[str, Any] = {"fast_lr": 5.0, "columns_per_transfer": 0, "scale_transfer_lr": True}
 ALL_COLUMNS = 10 ** 6  # columns_per_transfer=0: every column (clipped to the width by the algorithm)
+TRAINING_OMEGA = 0.5  # the tiles' weight scaling when analog_omega is none
 ALGORITHM_NAMES = ("sgd", "mixed-precision", "tiki-taka", "ttv2", "c-ttv2", "agad")
 
 
@@ -124,8 +125,9 @@ def analog_config(cfg: TrainConfig):
     from ffebm.analog import AnalogConfig, IOConfig
 
     io = IOConfig.perfect() if cfg.analog_reads == "perfect" else None
+    omega = TRAINING_OMEGA if cfg.analog_omega is None else cfg.analog_omega
     return AnalogConfig(device=make_device(cfg), io=io, bwd_io=io,
-                        weight_scaling_omega=cfg.analog_omega if cfg.analog_omega > 0 else None)
+                        weight_scaling_omega=omega if omega > 0 else None)
 
 
 def _digital_layer_names(model: nn.Module, block_paths: List[str]) -> List[str]:

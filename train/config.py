@@ -47,7 +47,9 @@ class TrainConfig:
     model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
     freeze_bn_affine: bool = False   # freeze batch-norm weight/bias (the reference recipe does)
 
-    # --- analog tiles (ffebm.analog; see train/analog.py) ---------------------------------
+    # --- analog tiles (ffebm.analog; see train/analog.py and train/inference.py) ------------
+    analog_mode: str = "training"    # training: tiles trained by pulsed updates (with analog=DEVICE) | inference:
+                                     # hardware-aware training for an inference chip (analog empty; train/inference.py)
     analog: str = ""                 # device model of the energy blocks' couplings on simulated tiles
                                      # (soft_bounds, constant_step, ideal, ...; "": digital run)
     analog_algorithm: str = "c-ttv2"  # pulsed updates: sgd | tiki-taka | ttv2 | c-ttv2 | agad | mixed-precision
@@ -55,9 +57,18 @@ class TrainConfig:
                                      # fast_lr=5, columns_per_transfer=0 = all, scale_transfer_lr=true)
     analog_lr: float = 0.01          # AnalogOptimizer lr (follows the same schedule factor as lr)
     analog_reads: str = "default"    # default (published read model: noise, quantisation) | perfect
-    analog_omega: float = 0.5        # weight_scaling_omega: max |w| of a row -> this many tile units (0: off)
+    analog_omega: Optional[float] = None  # weight_scaling_omega: max |w| of a row (training tiles) or layer
+                                     # (inference) -> this many tile units (0: off; none: 0.5 training, 1.0 inference)
     analog_input: bool = True        # also put the nn.Linear layers of the blocks' input maps on tiles
-    analog_layers: bool = False      # also put the digital nn.Linear/nn.Conv2d layers outside the blocks on tiles
+    analog_layers: Optional[bool] = None  # also put the digital nn.Linear/nn.Conv2d layers outside the blocks on
+                                     # tiles (none: false for analog_mode=training, true for inference)
+    inference_modifier: str = "pcm_prog"  # analog_mode=inference: weight noise of each training-time read:
+                                     # pcm_prog (PCM programming noise) | add_gauss | mul_gauss | none
+    inference_modifier_std: Optional[float] = None  # its strength (pcm_prog: none = 1, the published noise;
+                                     # add_gauss: x max|w| of the layer; mul_gauss: relative; required for both)
+    inference_clip: str = "sigma"    # analog_mode=inference: weight clipping after each optimiser step:
+                                     # sigma (+-k std of the layer's weights) | fixed (+-value) | none
+    inference_clip_value: Optional[float] = None  # its bound (sigma: k, none = 2.5; fixed: required)
 
     # --- data ---------------------------------------------------------------------------
     dataset: str = "digits"          # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet32 | fake
@@ -113,6 +124,9 @@ CHOICES: Dict[str, tuple] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "constant", "exponential"),
     "analog_reads": ("default", "perfect"),
+    "analog_mode": ("training", "inference"),
+    "inference_modifier": ("none", "add_gauss", "mul_gauss", "pcm_prog"),
+    "inference_clip": ("none", "fixed", "sigma"),
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
 }
@@ -121,7 +135,7 @@ POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_
             "grad_check_batch", "eval_every")
 NON_NEGATIVE = ("train_subset", "test_subset", "max_steps", "num_threads", "log_every",
                 "ckpt_every", "grad_check_every", "lr", "weight_decay", "momentum", "min_lr", "grad_clip",
-                "analog_lr", "analog_omega", "input_noise")
+                "analog_lr", "input_noise")
 
 
 def field_names():
@@ -243,6 +257,8 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)!r}: must be >= 0")
+    if cfg.analog_omega is not None and cfg.analog_omega < 0:
+        raise ConfigError(f"analog_omega={cfg.analog_omega!r}: must be >= 0 (0: off; none: the mode's default)")
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError(f"beta={cfg.beta!r}: must be > 0")
     for key in ("t1", "t2", "num_classes", "in_channels", "image_size"):

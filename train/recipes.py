@@ -78,6 +78,30 @@ _add("digits-analog-conv",
      "digits ff-EBM with a conv first block, on SoftBounds tiles, pulsed EP with c-TTv2 (CPU, ~5 min)",
      **dict(_ANALOG_DIGITS, model_options="arch=conv,width=128,tol=none,average_last=20"))
 
+# Hardware-aware (HWA) training for an inference chip (analog_mode=inference, train/inference.py): every
+# weight layer of the digits ff-EBM (couplings, input maps, digital layer, readout) on inference tiles
+# read through the published read model (6 % output noise, 7-bit DAC, 9-bit ADC), each training-time
+# read with one draw of the PCM programming noise (pcm_prog, std 1), weights clipped to 2.5 std per
+# layer after every step; the torch optimiser trains every weight (dense gradients: EP inside the
+# blocks).  Relaxation on noisy reads: T1 40 / T2 30 with the state averaged over the last 20 steps and
+# beta 1.0 (as digits-analog); the optimiser is the digits recipe's, 30 epochs.  The digital reference
+# with the same settings: analog_mode=training; the same-size MLP: digits-mlp-hwa / digits-mlp.
+# Deployment curve: python -m train.evaluate RUN --times 0,3600,86400 (python -m train.experiments.inference).
+_HWA_DIGITS = dict(
+    model="digits", dataset="digits", method="ep", variant="centered", beta=1.0, t1=40, t2=30,
+    model_options="tol=none,average_last=20", optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
+    epochs=30, batch_size=64, grad_clip=1.0, freeze_bn_affine=False,
+    analog_mode="inference", analog_reads="default", inference_modifier="pcm_prog", inference_clip="sigma")
+_add("digits-hwa", "digits ff-EBM trained hardware-aware for a PCM inference chip (read noise, programming-noise "
+     "modifier, 2.5-sigma clip; CPU, ~5 min)", **_HWA_DIGITS)
+_MLP_DIGITS = dict(model="digits_mlp", dataset="digits", optimizer="adamw", lr=2e-3, weight_decay=0.05,
+                   schedule="cosine", epochs=30, batch_size=64, grad_clip=1.0, freeze_bn_affine=False)
+_add("digits-mlp", "the digits ff-EBM's same-size MLP (64-512-256-256-256-128-10), backprop (CPU, < 1 min)",
+     **_MLP_DIGITS)
+_add("digits-mlp-hwa", "digits-mlp trained hardware-aware as digits-hwa (CPU, ~1 min)",
+     **dict(_MLP_DIGITS, analog_mode="inference", analog_reads="default", inference_modifier="pcm_prog",
+            inference_clip="sigma"))
+
 # The published configurations (models/published.py), each with its published training recipe:
 # Adam, weight decay 3e-4, cosine schedule, random crop (pad 4) + flip (the CIFAR/ImageNet32
 # default), batch-norm affine parameters frozen; beta, T1, T2 from the model.

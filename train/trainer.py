@@ -4,7 +4,8 @@
 The jobs around the loop live beside it: building (:mod:`train.build`), the run folder
 (:mod:`train.runfolder`, :mod:`train.runlock`), checkpoint state (:mod:`train.state`), what is
 measured and reported (:mod:`train.metrics`), how a run stops (:mod:`train.failures`), and the
-analog parts behind the plug-in interface (:mod:`train.plugin`, :mod:`train.analog`).
+analog parts behind the plug-in interface (:mod:`train.plugin`, :mod:`train.analog`,
+:mod:`train.inference`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as D
 from . import failures, metrics, state
 from .analog import AnalogPlugin
+from .inference import InferencePlugin
 from .build import (block_paths, build_checked, build_model, check_model_took, energy_blocks, freeze_bn_affine, gradient_method,
                     make_optimizer, make_scheduler, resolve_device, seed_everything)
 from .config import ConfigError, TrainConfig, to_dict
@@ -49,7 +51,8 @@ class Trainer:
         self._log = log
         self.tb = TBLogger(None)
         self.analog = AnalogPlugin(cfg)
-        self.plugins: List[TrainerPlugin] = [self.analog]
+        self.inference = InferencePlugin(cfg)
+        self.plugins: List[TrainerPlugin] = [self.analog, self.inference]
         self.history: List[Dict[str, Any]] = []
         self.elapsed_before = self.train_seconds = 0.0
         self.finished = False

@@ -1,0 +1,252 @@
+"""Hardware-aware training runs of the trainer (``analog_mode=inference``): configuration, conversion,
+clipping, exact resume, the deployment curve of ``train.evaluate --times --draws`` and the
+experiment's ``--quick`` path.  A small digits ff-EBM (and the MLP baseline) on a subset of digits."""
+
+import json
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import folder_digest, main_inproc, one_line_error, run_train
+from train import checkpoint as C
+from train.config import ConfigError
+from train.recipes import build_config
+from train.trainer import Trainer
+
+# 8 steps per epoch (256 samples, batch 32); relaxation on noisy reads averaged over the last 2 steps
+SMALL = dict(model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
+             analog_mode="inference", train_subset="256", test_subset="64", batch_size="32", epochs="2",
+             lr="5e-3", weight_decay="0", grad_clip="0", progress="false", tensorboard="false", num_threads="1")
+ARGS = ["digits"] + [f"{k}={v}" for k, v in SMALL.items()]
+
+
+def small_cfg(**kw):
+    over = dict(SMALL)
+    over.update({k: str(v) for k, v in kw.items()})
+    return build_config("digits", over)
+
+
+# ------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("over,words", [
+    ({"analog": "soft_bounds"}, ["analog='soft_bounds'", "analog_mode=inference", "analog="]),
+    ({"analog_mode": "chip"}, ["analog_mode='chip'", "training", "inference"]),
+    ({"inference_modifier": "gauss"}, ["inference_modifier='gauss'", "add_gauss", "pcm_prog"]),
+    ({"inference_modifier": "add_gauss"}, ["inference_modifier=add_gauss", "inference_modifier_std"]),
+    ({"inference_modifier_std": "-0.1"}, ["inference_modifier_std=-0.1", ">= 0"]),
+    ({"inference_clip": "fixed"}, ["inference_clip=fixed", "inference_clip_value"]),
+    ({"inference_clip": "sigma", "inference_clip_value": "0"}, ["inference_clip_value=0", "> 0"]),
+    ({"inference_clip": "box"}, ["inference_clip='box'", "sigma"]),
+    ({"method": "unrolled"}, ["method=unrolled", "analog_mode=inference", "method=ep"]),
+    ({"grad_check_every": "3"}, ["grad_check_every=3", "analog_mode=inference", "grad_check_every=0"]),
+    ({"analog_omega": "-1"}, ["analog_omega=-1", ">= 0"]),
+])
+def test_config_errors(over, words):
+    with pytest.raises(ConfigError) as e:
+        small_cfg(**over)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_config_error_on_the_command_line(tmp_path, capsys, monkeypatch):
+    line = one_line_error(main_inproc(ARGS + ["analog=soft_bounds", "--out", "r"], tmp_path, capsys, monkeypatch))
+    assert line.startswith("error: analog='soft_bounds' with analog_mode=inference")
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_mode_checks_but_ignores_the_inference_keys():
+    cfg = small_cfg(analog_mode="training", inference_modifier="add_gauss", inference_modifier_std="0.05")
+    t = Trainer(cfg, None, log=lambda m: None).setup()
+    from ffebm.analog import inference_modules
+
+    assert not inference_modules(t.core)
+    with pytest.raises(ConfigError, match="inference_modifier_std"):
+        small_cfg(analog_mode="training", inference_modifier="add_gauss")
+
+
+def test_keys_reach_the_inference_config():
+    from ffebm.analog import IOConfig
+    from train.inference import inference_config
+
+    c = inference_config(small_cfg())
+    assert c.modifier.kind == "pcm_prog" and c.modifier.strength == 1.0
+    assert c.clip.kind == "sigma" and c.clip.bound == 2.5 and c.weight_scaling_omega == 1.0
+    assert c.io == IOConfig() and c.drift_compensation
+    c = inference_config(small_cfg(inference_modifier="add_gauss", inference_modifier_std="0.04",
+                                   inference_clip="fixed", inference_clip_value="0.3", analog_reads="perfect",
+                                   analog_omega="0"))
+    assert (c.modifier.kind, c.modifier.strength, c.clip.kind, c.clip.bound) == ("add_gauss", 0.04, "fixed", 0.3)
+    assert c.io.is_perfect and c.weight_scaling_omega is None
+
+
+# ------------------------------------------------------------------------------------------
+# conversion, optimiser, clipping
+# ------------------------------------------------------------------------------------------
+def test_model_on_inference_tiles_trained_by_the_torch_optimizer(tmp_path):
+    from ffebm.analog import (InferenceDenseCoupling, InferenceEP, InferenceLinear, inference_modules)
+
+    t = Trainer(small_cfg(max_steps="3"), tmp_path / "r", log=lambda m: None).setup()
+    for name, blk in t.blocks:
+        assert all(isinstance(c, InferenceDenseCoupling) for c in blk.couplings), name
+        assert isinstance(blk.input_map[1], InferenceLinear) and isinstance(blk.gradient, InferenceEP)
+    assert isinstance(t.core[1], InferenceLinear) and isinstance(t.core[4], InferenceLinear)  # analog_layers: none
+    mods = inference_modules(t.core)
+    assert len(mods) == 6 and t.inference.owned_parameters() == [] and t.analog.optimizer is None
+    opt_ids = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    assert opt_ids == {id(p) for p in t.core.parameters()}           # every weight: the torch optimiser
+    w0 = [m.weight.detach().clone() for m in mods]
+    t.commit(existing=False)
+    assert t.fit()["steps"] == 3
+    assert all(not torch.equal(m.weight, w) for m, w in zip(mods, w0))
+    # analog_layers=false: the digital layers stay digital; analog_input=false: the input maps too
+    t = Trainer(small_cfg(analog_layers="false", analog_input="false"), None, log=lambda m: None).setup()
+    assert type(t.core[1]) is nn.Linear and type(t.blocks[0][1].input_map[1]) is nn.Linear
+    assert len(inference_modules(t.core)) == 2
+
+
+@pytest.mark.parametrize("kind,value", [("sigma", None), ("fixed", 0.05)])
+def test_clip_runs_after_the_optimizer_step(tmp_path, kind, value):
+    """The final weights are exactly the torch optimiser's last step, clipped by the configured clip."""
+    from ffebm.analog import WeightClip, inference_modules
+    from ffebm.analog.inference import clip_tensor
+
+    over = dict(max_steps="2", inference_clip=kind, lr="0.05")
+    if value is not None:
+        over["inference_clip_value"] = str(value)
+    t = Trainer(small_cfg(**over), tmp_path / "r", log=lambda m: None).setup()
+    mods = inference_modules(t.core)
+    stepped = []
+    t.opt.register_step_post_hook(lambda *a: stepped.append([m.weight.detach().clone() for m in mods]))
+    t.commit(existing=False)
+    t.fit()
+    clip = WeightClip(kind, value)
+    changed = 0
+    for m, w in zip(mods, stepped[-1]):
+        want = clip_tensor(w.clone(), clip)
+        assert torch.equal(m.weight.detach(), want)
+        changed += not torch.equal(want, w)
+    assert changed   # the clip did bound some weights
+
+
+def test_mlp_baseline_on_inference_tiles():
+    import models
+    from ffebm.analog import InferenceLinear
+
+    m = models.build("digits_mlp")
+    shapes = [tuple(l.weight.shape) for l in m if isinstance(l, nn.Linear)]
+    assert shapes == [(512, 64), (256, 512), (256, 256), (256, 256), (128, 256), (10, 128)]
+    ff = models.build("digits")
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ff.parameters())
+    t = Trainer(build_config("digits-mlp-hwa", dict(SMALL, model_options="hidden=24,width=16", t1="none",
+                                                    t2="none", beta="none")), None, log=lambda m: None).setup()
+    assert sum(isinstance(l, InferenceLinear) for l in t.core) == 6
+    with pytest.raises(ConfigError, match="nothing to put on inference tiles.*analog_layers=true"):
+        Trainer(build_config("digits-mlp-hwa", dict(SMALL, model_options="hidden=24,width=16", analog_layers="false")),
+                None, log=lambda m: None).setup()
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints, exact resume, deployment curve
+# ------------------------------------------------------------------------------------------
+RESUME = ARGS + ["ckpt_every=3", "seed=5", "max_steps=11"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    import os
+
+    from train.__main__ import main
+
+    d = tmp_path_factory.mktemp("iref")
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(RESUME + ["--out", "ref"]) == 0
+    finally:
+        os.chdir(old)
+    return d / "ref"
+
+
+def _same(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_run(a, b):
+    ca, cb = C.load(a / C.CKPT), C.load(b / C.CKPT)
+    for key in ("model", "optimizer", "scheduler", "position"):
+        _same(ca[key], cb[key], key)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    strip = lambda m: [{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]]
+    assert strip(ma) == strip(mb) and ma["test_accuracy"] == mb["test_accuracy"]
+
+
+def test_checkpoint_holds_the_noise_generators(reference_run):
+    ck = C.load(reference_run / C.CKPT)
+    gens = [k for k, v in ck["model"].items() if k.endswith("_extra_state") and isinstance(v, dict) and "rng" in v]
+    assert len(gens) == 6 and all(isinstance(ck["model"][k]["rng"], torch.Tensor) for k in gens)
+    assert {k.rsplit(".", 1)[0] for k in gens} == {"0.input_map.1", "0.couplings.0", "1", "3.input_map.1",
+                                                   "3.couplings.0", "4"}
+    m = json.loads((reference_run / "metrics.json").read_text())
+    assert m["steps"] == 11 and "InferenceEP" in m["gradient_method"]
+
+
+def test_killed_then_resumed_run_is_bit_exact(tmp_path, reference_run, capsys, monkeypatch):
+    """11 steps straight against a run killed (SIGKILL) right after step 10 and resumed from its
+    checkpoint of step 9 (mid-epoch 2): the noise generators (modifier draws, read noise), the
+    optimiser and the clipped weights continue exactly, to the last bit."""
+    res = run_train(RESUME + ["--out", "run"], tmp_path, FFEBM_FAULT_AT_STEP=10)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / C.SUMMARY).read_text())["global_step"] == 9
+    res = main_inproc(["--resume", "run"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "global step 9" in res.stdout
+    assert_same_run(reference_run, tmp_path / "run")
+
+
+def test_uninterrupted_runs_are_reproducible(tmp_path, reference_run, capsys, monkeypatch):
+    res = main_inproc([a if a != "seed=5" else "seed=6" for a in RESUME] + ["--out", "other"], tmp_path, capsys,
+                      monkeypatch)
+    assert res.returncode == 0, res.stderr
+    with pytest.raises(AssertionError):   # the comparison sees a different seed
+        assert_same_run(reference_run, tmp_path / "other")
+
+
+def test_evaluate_deployment_curve_with_draws(reference_run, tmp_path, capsys, monkeypatch):
+    before = folder_digest(reference_run)
+    out = tmp_path / "eval.json"
+    res = main_inproc([str(reference_run), "--times", "0,3600,86400", "--draws", "3", "--seed", "7",
+                       "--json", str(out)], tmp_path, capsys, monkeypatch, module="train.evaluate")
+    assert res.returncode == 0, res.stderr
+    ev = json.loads(out.read_text())
+    assert list(ev["accuracy_over_time"]) == ["0.0", "3600.0", "86400.0"] and ev["draws"] == 3
+    for t in ev["accuracy_over_time"]:
+        draws = ev["accuracy_draws"][t]
+        assert len(draws) == 3 and all(0.0 <= a <= 1.0 for a in draws)
+        assert abs(ev["accuracy_over_time"][t] - sum(draws) / 3) < 1e-12 and ev["accuracy_std"][t] >= 0
+    assert "t = 86400 s after programming: test accuracy" in res.stdout and "+-" in res.stdout
+    assert "over 3 programming draws" in res.stdout
+    assert folder_digest(reference_run) == before   # the run folder is only read
+    # the same seed gives the same curve; another seed another one
+    again = main_inproc([str(reference_run), "--times", "0,3600,86400", "--draws", "3", "--seed", "7"], tmp_path,
+                        capsys, monkeypatch, module="train.evaluate")
+    assert [l for l in again.stdout.splitlines() if "after programming" in l] == \
+           [l for l in res.stdout.splitlines() if "after programming" in l]
+    bad = main_inproc([str(reference_run), "--times", "0", "--draws", "0"], tmp_path, capsys, monkeypatch,
+                      module="train.evaluate")
+    assert one_line_error(bad).startswith("error: --draws")
