@@ -250,3 +250,49 @@ def test_evaluate_deployment_curve_with_draws(reference_run, tmp_path, capsys, m
     bad = main_inproc([str(reference_run), "--times", "0", "--draws", "0"], tmp_path, capsys, monkeypatch,
                       module="train.evaluate")
     assert one_line_error(bad).startswith("error: --draws")
+
+
+# ------------------------------------------------------------------------------------------
+# the experiment (python -m train.experiments.inference --quick)
+# ------------------------------------------------------------------------------------------
+def test_experiment_quick_writes_table_json_and_png(tmp_path, capsys):
+    from train.experiments import inference as E
+
+    res = E.main(["--quick", "--out", str(tmp_path / "exp"), "--relax", "6:2,6:0"])
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "exp" / "inference.json").read_text())
+    png = (tmp_path / "exp" / "inference.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert data["times"] == [0.0, 3600.0, 86400.0, 2592000.0, 31536000.0] and data["draws"] == 2
+    assert [(r["model"], r["training"]) for r in data["summary"]] == [
+        ("ff-EBM", "digital"), ("ff-EBM", "HWA"), ("MLP", "digital"), ("MLP", "HWA")]
+    for r in data["runs"]:
+        assert all(len(v) == 2 for v in r["curve"]["accuracy_draws"].values())
+    assert {(r["training"], r["steps"], r["average_last"]) for r in data["relaxation"]} == {
+        ("digital", 6, 2), ("digital", 6, 0), ("HWA", 6, 2), ("HWA", 6, 0)}
+    assert "| ff-EBM | HWA |" in out and "| MLP | digital |" in out and "1 year" in out
+    assert res["summary"] == data["summary"]
+    # the results are never overwritten
+    with pytest.raises(SystemExit):
+        E.main(["--quick", "--out", str(tmp_path / "exp")])
+
+
+def test_digital_model_is_deployed_on_the_hwa_chip(tmp_path):
+    """A digitally trained model goes onto the same chip (read model, noise model, compensation,
+    scaling) and the same layers as its HWA twin, keeping its trained weights."""
+    from ffebm.analog import inference_modules
+    from train.experiments import inference as E
+
+    out = tmp_path / "exp"
+    for name in ("ffebm-digital", "ffebm-hwa"):
+        E.train_one(name, 0, out, True, {}, log=lambda m: None)
+    chip = E.chip(True, {})
+    dig = E.deployed_trainer("ffebm-digital", 0, out, True, {}, chip)
+    hwa = E.deployed_trainer("ffebm-hwa", 0, out, True, {}, chip)
+    md, mh = inference_modules(dig.core), inference_modules(hwa.core)
+    assert [type(m) for m in md] == [type(m) for m in mh] and len(md) == 6
+    names = lambda core: [n for n, m in core.named_modules() if m in set(inference_modules(core))]
+    assert names(dig.core) == names(hwa.core)
+    ck = C.load(out / "seed0" / "ffebm-digital" / C.CKPT)
+    for n, p in dig.core.named_parameters():
+        assert torch.equal(p.detach(), ck["model"][n]), n
