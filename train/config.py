@@ -62,11 +62,11 @@ class TrainConfig:
     analog_input: bool = True        # also put the nn.Linear layers of the blocks' input maps on tiles
     analog_layers: Optional[bool] = None  # also put the digital nn.Linear/nn.Conv2d layers outside the blocks on
                                      # tiles (none: false for analog_mode=training, true for inference)
-    inference_modifier: str = "pcm_prog"  # analog_mode=inference: weight noise of each training-time read:
+    inference_modifier: Optional[str] = "pcm_prog"  # analog_mode=inference: weight noise of each training-time read:
                                      # pcm_prog (PCM programming noise) | add_gauss | mul_gauss | none
     inference_modifier_std: Optional[float] = None  # its strength (pcm_prog: none = 1, the published noise;
                                      # add_gauss: x max|w| of the layer; mul_gauss: relative; required for both)
-    inference_clip: str = "sigma"    # analog_mode=inference: weight clipping after each optimiser step:
+    inference_clip: Optional[str] = "sigma"  # analog_mode=inference: weight clipping after each optimiser step:
                                      # sigma (+-k std of the layer's weights) | fixed (+-value) | none
     inference_clip_value: Optional[float] = None  # its bound (sigma: k, none = 2.5; fixed: required)
 
@@ -125,8 +125,8 @@ CHOICES: Dict[str, tuple] = {
     "schedule": ("cosine", "constant", "exponential"),
     "analog_reads": ("default", "perfect"),
     "analog_mode": ("training", "inference"),
-    "inference_modifier": ("none", "add_gauss", "mul_gauss", "pcm_prog"),
-    "inference_clip": ("none", "fixed", "sigma"),
+    "inference_modifier": ("pcm_prog", "add_gauss", "mul_gauss", None),
+    "inference_clip": ("sigma", "fixed", None),
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
 }

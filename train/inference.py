@@ -48,8 +48,8 @@ def inference_config(cfg: TrainConfig):
     if cfg.inference_clip == "fixed" and cfg.inference_clip_value is None:
         raise ConfigError("inference_clip=fixed: set inference_clip_value (the bound on |w|, e.g. 1.0)")
     try:
-        modifier = WeightModifier(cfg.inference_modifier, cfg.inference_modifier_std)
-        clip = WeightClip(cfg.inference_clip, cfg.inference_clip_value)
+        modifier = WeightModifier(cfg.inference_modifier or "none", cfg.inference_modifier_std)
+        clip = WeightClip(cfg.inference_clip or "none", cfg.inference_clip_value)
     except InvalidSetting as e:  # the values were range-checked by check_config; kept as a guard
         raise ConfigError(f"inference keys: {' '.join(str(e).split())}") from None
     omega = INFERENCE_OMEGA if cfg.analog_omega is None else cfg.analog_omega

@@ -34,7 +34,7 @@ def small_cfg(**kw):
 @pytest.mark.parametrize("over,words", [
     ({"analog": "soft_bounds"}, ["analog='soft_bounds'", "analog_mode=inference", "analog="]),
     ({"analog_mode": "chip"}, ["analog_mode='chip'", "training", "inference"]),
-    ({"inference_modifier": "gauss"}, ["inference_modifier='gauss'", "add_gauss", "pcm_prog"]),
+    ({"inference_modifier": "gauss"}, ["inference_modifier='gauss'", "add_gauss", "pcm_prog", "none"]),
     ({"inference_modifier": "add_gauss"}, ["inference_modifier=add_gauss", "inference_modifier_std"]),
     ({"inference_modifier_std": "-0.1"}, ["inference_modifier_std=-0.1", ">= 0"]),
     ({"inference_clip": "fixed"}, ["inference_clip=fixed", "inference_clip_value"]),
@@ -82,6 +82,8 @@ def test_keys_reach_the_inference_config():
                                    analog_omega="0"))
     assert (c.modifier.kind, c.modifier.strength, c.clip.kind, c.clip.bound) == ("add_gauss", 0.04, "fixed", 0.3)
     assert c.io.is_perfect and c.weight_scaling_omega is None
+    c = inference_config(small_cfg(inference_modifier="none", inference_clip="none"))   # as typed on a command line
+    assert c.modifier.kind == "none" and c.clip.kind == "none" and not c.modifier.active
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Inference chips: what hardware-aware (HWA) training buys after deployment.
 
     python -m train.experiments.inference [--seeds 0,1] [--draws 10] [--eval-seed 0]
-        [--relax 40:20,40:0,40:5,80:60] [--out DIR] [--quick] [key=value ...]
+        [--relax 40:20,40:0,40:5,80:60] [--size HIDDEN,WIDTH] [--out DIR] [--quick] [key=value ...]
 
 Trains, through the trainer (:func:`train.train`, one run folder each: ``OUT/seed<S>/<name>``),
 the digits ff-EBM and its same-size MLP (``digits_mlp``, 64-512-256-256-256-128-10, the same
@@ -28,7 +28,8 @@ Prints the tables, writes ``inference.json`` and ``inference.png`` (accuracy aga
 one line per model x training, shaded +- 1 standard deviation over draws and seeds) into
 ``--out``. A run folder that exists is resumed (or, finished, reused), so an interrupted
 experiment continues where it stopped. ``--quick``: a tiny version (small models, 2 steps,
-2 draws) to check the pipeline. Extra ``key=value`` pairs override every run's configuration.
+2 draws) to check the pipeline; ``--size 128,64``: both models narrower (hidden, width). Extra
+``key=value`` pairs override every run's configuration.
 """
 from __future__ import annotations
 
@@ -64,11 +65,20 @@ def _label(t: float) -> str:
     return TIME_LABELS[TIMES.index(t)] if t in TIMES else f"{t:g} s"
 
 
-def run_overrides(name: str, seed: int, quick: bool, extra: Dict[str, str]) -> Dict[str, str]:
+def run_overrides(name: str, seed: int, quick: bool, extra: Dict[str, str],
+                  size: Optional[Tuple[int, int]] = None) -> Dict[str, str]:
+    """The trainer overrides of run ``name``; ``size`` (hidden, width): both models narrower or wider
+    (the MLP keeps the ff-EBM's weight shapes)."""
+    from ..recipes import get
+
     recipe, over, model, _ = RUNS[name]
     o = dict(over, seed=str(seed), progress="false", tensorboard="false", num_threads="1")
     if quick:
         o.update(QUICK, **(QUICK_FFEBM if model == "ff-EBM" else QUICK_MLP))
+    if size is not None:
+        opts = o.get("model_options", get(recipe).get("model_options", ""))
+        kept = [kv for kv in opts.split(",") if kv and kv.split("=")[0] not in ("hidden", "width")]
+        o["model_options"] = ",".join(kept + [f"hidden={size[0]}", f"width={size[1]}"])
     o.update(extra)
     return o
 
@@ -87,7 +97,8 @@ def _deployment_fields(c) -> Dict:
             "max_size": c.max_size}
 
 
-def train_one(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str], log) -> Dict:
+def train_one(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str], log,
+              size: Optional[Tuple[int, int]] = None) -> Dict:
     """Train (or resume, or reuse) run ``name`` with ``seed``; returns its metrics."""
     import warnings
 
@@ -96,7 +107,7 @@ def train_one(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str
     from ..trainer import train
 
     recipe = RUNS[name][0]
-    cfg = build_config(recipe, run_overrides(name, seed, quick, extra))
+    cfg = build_config(recipe, run_overrides(name, seed, quick, extra, size))
     run_dir = out / f"seed{seed}" / name
     t0 = time.time()
     with warnings.catch_warnings():
@@ -107,7 +118,8 @@ def train_one(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str
     return metrics
 
 
-def deployed_trainer(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str], chip_cfg):
+def deployed_trainer(name: str, seed: int, out: Path, quick: bool, extra: Dict[str, str], chip_cfg,
+                     size: Optional[Tuple[int, int]] = None):
     """A :class:`train.trainer.Trainer` holding the trained model of run ``name`` on the chip:
     an HWA run as trained (its layers' configuration is checked to be the chip's), a digital run
     converted onto the chip."""
@@ -118,7 +130,7 @@ def deployed_trainer(name: str, seed: int, out: Path, quick: bool, extra: Dict[s
     from ..trainer import Trainer
     from ffebm.analog import inference_modules
 
-    cfg = build_config(RUNS[name][0], run_overrides(name, seed, quick, extra))
+    cfg = build_config(RUNS[name][0], run_overrides(name, seed, quick, extra, size))
     tr = Trainer(cfg, None, log=lambda m: None)
     tr.setup(resume_from=ckpt_mod.find(out / f"seed{seed}" / name))
     if cfg.analog_mode != "inference":   # digital training: the same conversion as its HWA twin's
@@ -227,21 +239,21 @@ def check_out(out: Path) -> None:
 
 def experiment(seeds: Sequence[int] = (0,), draws: int = 10, eval_seed: int = 0, out: Path = Path("runs/inference"),
                quick: bool = False, relax: Sequence[Tuple[int, int]] = RELAX, extra: Optional[Dict[str, str]] = None,
-               times: Sequence[float] = TIMES, log=print) -> Dict:
+               times: Sequence[float] = TIMES, size: Optional[Tuple[int, int]] = None, log=print) -> Dict:
     """Train, deploy and evaluate (see the module docstring); returns what ``inference.json`` holds."""
     from ..evaluate import deployment_curve
     from ..recipes import build_config
 
     extra = dict(extra or {})
     for name in RUNS:   # a bad override fails here, before any work
-        build_config(RUNS[name][0], run_overrides(name, seeds[0], quick, extra))
+        build_config(RUNS[name][0], run_overrides(name, seeds[0], quick, extra, size))
     chip_cfg = chip(quick, extra)
     t_start = time.time()
     results, relax_rows = [], []
     for seed in seeds:
         for name in RUNS:
-            metrics = train_one(name, seed, out, quick, extra, log)
-            tr = deployed_trainer(name, seed, out, quick, extra, chip_cfg)
+            metrics = train_one(name, seed, out, quick, extra, log, size)
+            tr = deployed_trainer(name, seed, out, quick, extra, chip_cfg, size)
             t0 = time.time()
             curve = deployment_curve(tr, list(times), draws, eval_seed)
             log(f"[{name} seed {seed}] deployed: " + ", ".join(
@@ -268,7 +280,7 @@ def experiment(seeds: Sequence[int] = (0,), draws: int = 10, eval_seed: int = 0,
                 relax_summary.append({"name": name, "training": rs[0]["training"], "steps": steps, "average_last": k,
                                       "times": tt})
     return {"times": list(times), "draws": draws, "eval_seed": eval_seed, "seeds": list(seeds), "quick": quick,
-            "extra": extra, "chip": repr(chip_cfg), "summary": rows, "relaxation": relax_summary,
+            "extra": extra, "size": list(size) if size else None, "chip": repr(chip_cfg), "summary": rows, "relaxation": relax_summary,
             "runs": results, "relaxation_runs": relax_rows, "wall_s": time.time() - t_start}
 
 
@@ -284,6 +296,15 @@ def _relax_arg(text: str) -> List[Tuple[int, int]]:
             raise argparse.ArgumentTypeError(f"{item!r}: expected T1 >= 1 and 0 <= K <= T1")
         out.append((st, kk))
     return out
+
+
+def _size_arg(text: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.split(","))
+        assert h >= 1 and w >= 2
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HIDDEN,WIDTH (e.g. 128,64)") from None
+    return h, w
 
 
 def _seeds_arg(text: str) -> List[int]:
@@ -313,6 +334,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--relax", type=_relax_arg, default=None,
                     help="ff-EBM deployment relaxations T1:K (K: states averaged; 0: last), default "
                          + ",".join(f"{a}:{b}" for a, b in RELAX) + " (--quick: 6:2,6:0)")
+    ap.add_argument("--size", type=_size_arg, default=None,
+                    help="HIDDEN,WIDTH of both models (default: the recipes', 512,256; e.g. 128,64)")
     ap.add_argument("--out", default="runs/inference", help="folder for the run folders, inference.json and .png")
     ap.add_argument("--quick", action="store_true", help="a tiny run of the whole pipeline (seconds)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="trainer settings for every run")
@@ -328,7 +351,7 @@ def main(argv=None) -> Dict:
     out = Path(a.out)
     try:
         check_out(out)
-        res = experiment(a.seeds, draws, a.eval_seed, out, a.quick, relax, extra)
+        res = experiment(a.seeds, draws, a.eval_seed, out, a.quick, relax, extra, size=a.size)
     except UserError as e:
         ap.error(str(e))
     print(f"\ntest accuracy after programming, mean ± std over {draws} draws x {len(a.seeds)} training seed(s) (%):")
