@@ -298,3 +298,21 @@ def test_digital_model_is_deployed_on_the_hwa_chip(tmp_path):
     ck = C.load(out / "seed0" / "ffebm-digital" / C.CKPT)
     for n, p in dig.core.named_parameters():
         assert torch.equal(p.detach(), ck["model"][n]), n
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--draws", "0"], "argument --draws: must be >= 1, got 0"),
+    (["--seeds", "x"], "argument --seeds"),
+    (["--relax", "5:9"], "argument --relax: '5:9': expected T1 >= 1 and 0 <= K <= T1"),
+    (["--size", "64"], "argument --size: '64': expected HIDDEN,WIDTH"),
+    (["inference_modifier=gauss"], "inference_modifier='gauss'"),
+    (["lr"], "'lr': expected key=value"),
+])
+def test_experiment_flags_are_argparse_errors(tmp_path, capsys, argv, expect):
+    from train.experiments import inference as E
+
+    with pytest.raises(SystemExit) as e:
+        E.main(argv + ["--quick", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and expect in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
