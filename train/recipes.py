@@ -93,7 +93,7 @@ _HWA_DIGITS = dict(
     epochs=30, batch_size=64, grad_clip=1.0, freeze_bn_affine=False,
     analog_mode="inference", analog_reads="default", inference_modifier="pcm_prog", inference_clip="sigma")
 _add("digits-hwa", "digits ff-EBM trained hardware-aware for a PCM inference chip (read noise, programming-noise "
-     "modifier, 2.5-sigma clip; CPU, ~5 min)", **_HWA_DIGITS)
+     "modifier, 2.5-sigma clip; CPU, ~8 min)", **_HWA_DIGITS)
 _MLP_DIGITS = dict(model="digits_mlp", dataset="digits", optimizer="adamw", lr=2e-3, weight_decay=0.05,
                    schedule="cosine", epochs=30, batch_size=64, grad_clip=1.0, freeze_bn_affine=False)
 _add("digits-mlp", "the digits ff-EBM's same-size MLP (64-512-256-256-256-128-10), backprop (CPU, < 1 min)",

@@ -226,6 +226,12 @@ def plot(rows: List[Dict], times: Sequence[float], path: Path, title: str) -> No
     plt.close(fig)
 
 
+def plot_title(res: Dict) -> str:
+    size = res.get("size") or (512, 256)
+    return (f"digits, hidden {size[0]} / width {size[1]}, on a simulated PCM chip: {res['draws']} programming "
+            f"draws x {len(res['seeds'])} seed(s)" + (" (quick)" if res.get("quick") else ""))
+
+
 def check_out(out: Path) -> None:
     from ..config import UserError
 
@@ -362,8 +368,7 @@ def main(argv=None) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "inference.json", "w") as f:
         f.write(json.dumps(res, indent=1))
-    title = (f"digits on a simulated PCM chip: {draws} programming draws x {len(a.seeds)} seed(s)"
-             + (" (quick)" if a.quick else ""))
+    title = plot_title(res)
     plot(res["summary"], res["times"], out / "inference.png", title)
     print(f"wrote {out / 'inference.json'} and {out / 'inference.png'} ({res['wall_s'] / 60:.1f} min)")
     return res
