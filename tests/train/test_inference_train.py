@@ -316,3 +316,18 @@ def test_experiment_flags_are_argparse_errors(tmp_path, capsys, argv, expect):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and expect in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_draws_on_a_training_tile_run(tmp_path, capsys, monkeypatch):
+    """Runs on training tiles keep the one-draw drift evaluation; --draws N gives them N draws."""
+    args = [a for a in ARGS if not a.startswith("analog_mode=")] + ["analog=soft_bounds", "max_steps=2"]
+    assert main_inproc(args + ["--out", "tiles"], tmp_path, capsys, monkeypatch).returncode == 0
+    one = main_inproc(["tiles", "--times", "0,3600"], tmp_path, capsys, monkeypatch, module="train.evaluate")
+    assert one.returncode == 0 and "t = 3600.0 s after programming" in one.stdout and "+-" not in one.stdout
+    out = tmp_path / "ev.json"
+    res = main_inproc(["tiles", "--times", "0,3600", "--draws", "2", "--json", str(out)], tmp_path, capsys,
+                      monkeypatch, module="train.evaluate")
+    assert res.returncode == 0, res.stderr
+    ev = json.loads(out.read_text())
+    assert ev["draws"] == 2 and all(len(v) == 2 for v in ev["accuracy_draws"].values())
+    assert "t = 3600 s after programming" in res.stdout and "over 2 draws" in res.stdout
