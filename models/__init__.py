@@ -15,13 +15,13 @@ import torch.nn as nn
 
 import ffebm
 
-from .digits import digits_dhn, digits_ffebm, digits_mlp
+from .digits import digits_conv, digits_dhn, digits_ffebm, digits_mlp
 from .presets import PRESETS, preset
 from .published import ALIASES, PUBLISHED, published, published_ffebm
 from .vgg import vgg_ffebm
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_digits": digits_dhn,
-                                                  "digits_mlp": digits_mlp}
+                                                  "digits_mlp": digits_mlp, "digits_conv": digits_conv}
 
 
 def available() -> List[str]:
@@ -90,4 +90,4 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 __all__ = ["available", "build", "options", "check_options", "UnknownModelOption", "PRESETS", "preset", "PUBLISHED", "ALIASES", "published", "published_ffebm",
-           "digits_ffebm", "digits_dhn", "digits_mlp", "vgg_ffebm"]
+           "digits_ffebm", "digits_conv", "digits_dhn", "digits_mlp", "vgg_ffebm"]

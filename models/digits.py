@@ -2,6 +2,8 @@
 the ff-EBM's same-size MLP baseline."""
 from __future__ import annotations
 
+import inspect
+
 from typing import Optional
 
 import torch.nn as nn
@@ -63,6 +65,19 @@ def digits_ffebm(hidden: int = 512, width: int = 256, beta: float = 0.5, t1: int
         raise ValueError(f"dropout={dropout!r}: expected a probability in [0, 1)")
     drop = [nn.Dropout(dropout)] if dropout > 0 else []  # on the digital layer's output (training only)
     return nn.Sequential(b1, nn.Linear(width, width), nn.ReLU(), *drop, b2, nn.Linear(width // 2, num_classes))
+
+
+def digits_conv(arch: str = "conv", pool: str = "max", **kw) -> nn.Module:
+    """The default recipe's model: :func:`digits_ffebm` with a convolutional first block whose
+    pools (the input map's and the coupling's, inside the energy) are 2x2 max pools.  Takes every
+    option of :func:`digits_ffebm`."""
+    return digits_ffebm(arch=arch, pool=pool, **kw)
+
+
+# its options are digits_ffebm's (model_options are checked against the signature)
+digits_conv.__signature__ = inspect.signature(digits_ffebm).replace(parameters=[
+    p.replace(default={"arch": "conv", "pool": "max"}.get(p.name, p.default))
+    for p in inspect.signature(digits_ffebm).parameters.values()])
 
 
 def digits_dhn(hidden: int = 256, beta: float = 0.5, t1: int = 60, t2: int = 15, tol: float = 1e-4,
