@@ -28,20 +28,23 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 
 class Preprocess:
-    """uint8 batch -> float batch: optional augmentation, scaling to [0,1], normalisation."""
+    """uint8 batch -> float batch: optional augmentation, scaling to [0,1], normalisation, in the
+    model's memory format (see :func:`train.step.prepare_model`)."""
 
-    def __init__(self, info: DataInfo, device, dtype=torch.float32):
+    def __init__(self, info: DataInfo, device, dtype=torch.float32, memory_format=torch.contiguous_format):
         self.scale = info.scale
         self.mean = torch.tensor(info.mean, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.dtype = dtype
         self.device = device
+        self.memory_format = memory_format
 
     def __call__(self, x_u8: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if generator is not None:
             x_u8 = augment_batch(x_u8, generator)
         x = x_u8.to(self.device, non_blocking=True).to(self.dtype) * self.scale
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
