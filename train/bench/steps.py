@@ -5,9 +5,9 @@
     python -m train.bench --only cifar --rounds 3 --json bench.json
     python -m train.bench --formats             # channels_last vs NCHW, fp32 and bf16 (the memory_format rule)
 
-What is timed is ``Trainer.train_step`` (train/step.py), the function ``python -m train`` calls
-for every batch, on a Trainer set up from the model's recipe as ``python -m train RECIPE key=value``
-would be (same model preparation: relaxation ``precision``, ``memory_format``; same optimiser):
+What is timed is ``Trainer.train_step`` (train/step.py), the function the training command calls
+for every batch, on a Trainer set up from the model's recipe and ``key=value`` overrides as a
+training run's is (same model preparation: relaxation ``precision``, ``memory_format``; same optimiser):
 the recipe ``cifar10_l6_3blocks`` with ``dataset=fake`` (CIFAR-shaped random images, no
 augmentation) and ``batch_size=32``, and the default ``digits`` recipe on its own data.  One step
 is preprocessing of the batch, forward (free relaxation of every block), loss, backward (the
@@ -173,8 +173,8 @@ def grad_cosines(spec: dict, against: Dict[str, str]) -> Dict[str, float]:
                       for n, p in t.core.named_parameters() if p.grad is not None})
         del t
     groups: Dict[str, List[str]] = {}
-    for n, (where, _) in grads[0].items():
-        groups.setdefault(where, []).append(n)
+    for n, (where, _) in grads[0].items():   # "energy block 'block1'" -> block1, "a digital layer" -> digital
+        groups.setdefault(where.split("'")[1] if "'" in where else "digital", []).append(n)
     groups["all"] = list(grads[0])
     return {g: float(cosine(torch.cat([grads[0][n][1] for n in names]), torch.cat([grads[1][n][1] for n in names])))
             for g, names in groups.items()}
@@ -336,7 +336,7 @@ def main(argv: List[str] = None) -> None:
     if args.only in (None, "cifar") and not args.formats:
         ov = dict(CIFAR["overrides"], **({"t1": 4, "t2": 2} if q else {}))
         base = dict(CIFAR, overrides=ov, batch=8 if q else 32, repeats=args.repeats or (1 if q else 3),
-                    threads=args.threads, flops=not q)
+                    threads=args.threads, flops=True)
         print(f"\n== L=6 three-block preset (recipe cifar10_l6_3blocks, dataset=fake, batch {base['batch']}) ==\n{HEADER}")
         conv = [run_worker({"kind": "conv", "threads": args.threads})]
         res = run_group(base, {"ep": {"method": "ep"}, "ep-bf16": {"method": "ep", "overrides": {"precision": "bfloat16"}},
@@ -352,13 +352,13 @@ def main(argv: List[str] = None) -> None:
         if "error" not in cos:
             c = cos["cosine"]
             print("bf16 gradient cosine vs the fp32 step (same batch and weights): "
-                  + ", ".join(f"{k.replace('energy block ', '')} {v:.4f}" for k, v in c.items()))
+                  + ", ".join(f"{k} {v:.4f}" for k, v in c.items()))
             summary["bf16_grad_cosine"] = c
         else:
             print(f"bf16 gradient cosine: error: {cos['error']}")
         ep, bf = res["ep"], res["ep-bf16"]
         conv = [c for c in conv if "error" not in c]
-        if not q and conv and "error" not in ep and "error" not in bf:
+        if conv and "error" not in ep and "error" not in bf:
             lim = conv_limits(conv)
             summary.update(conv_gflops=lim, reference_s_per_step=REFERENCE_EP_L6_3BLOCKS_S,
                            bf16_speedup_vs_fp32=ep["s_per_step"] / bf["s_per_step"])
@@ -368,13 +368,16 @@ def main(argv: List[str] = None) -> None:
             for r, prec in ((ep, "float32"), (bf, "bfloat16")):
                 got = r["step_flops"] / r["s_per_step"] / 1e9
                 summary[r["label"]] = dict(s_per_step=r["s_per_step"], tflop_per_step=r["step_flops"] / 1e12,
-                                           achieved_gflops=got, fraction_of_conv_limit=got / lim[prec],
-                                           reference_over_ours=REFERENCE_EP_L6_3BLOCKS_S / r["s_per_step"])
+                                           achieved_gflops=got, fraction_of_conv_limit=got / lim[prec])
+                if not q:
+                    summary[r["label"]]["reference_over_ours"] = REFERENCE_EP_L6_3BLOCKS_S / r["s_per_step"]
+                ref = "" if q else (f"; reference {REFERENCE_EP_L6_3BLOCKS_S} s / this = "
+                                    f"{REFERENCE_EP_L6_3BLOCKS_S / r['s_per_step']:.2f}x")
                 print(f"{r['label']:<8} {r['s_per_step']:.2f} s/step, {r['step_flops'] / 1e12:.2f} TFLOP/step -> "
-                      f"{got:.0f} GFLOP/s = {100 * got / lim[prec]:.0f}% of the {prec} conv limit; reference "
-                      f"{REFERENCE_EP_L6_3BLOCKS_S} s / this = {REFERENCE_EP_L6_3BLOCKS_S / r['s_per_step']:.2f}x")
-            print(f"bf16 relaxation: {summary['bf16_speedup_vs_fp32']:.2f}x the fp32 step. (The reference figure was "
-                  f"measured side by side in another run, reference/ANCHORS.md; not re-measured here.)")
+                      f"{got:.0f} GFLOP/s = {100 * got / lim[prec]:.0f}% of the {prec} conv limit{ref}")
+            print(f"bf16 relaxation: {summary['bf16_speedup_vs_fp32']:.2f}x the fp32 step"
+                  + ("" if q else " (the reference figure was measured side by side in another run, "
+                                  "reference/ANCHORS.md; it is not re-measured here)"))
     if not args.formats:
         # EP's backward memory must not grow with the forward steps; BPTT's does
         mb, hid, t1s = (128, 512, (10, 100)) if q else (512, 2048, (10, 400))
