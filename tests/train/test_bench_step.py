@@ -98,3 +98,17 @@ def test_bf16_gradient_cosine_against_fp32():
                              {"precision": "float32"})
     assert {"block1", "block2", "digital", "all"} <= set(cos)
     assert 0.9 < cos["all"] < 1.0   # close, and not the same gradient (the bf16 path was taken)
+
+
+def test_resume_may_change_the_memory_format_but_not_the_precision(tmp_path, capsys, monkeypatch):
+    from conftest import main_inproc
+
+    args = ["digits", "model_options=arch=conv", "progress=false", "tensorboard=false", "num_threads=1",
+            "batch_size=8", "train_subset=16", "test_subset=8", "epochs=1", "--out", "run"]
+    res = main_inproc(args, tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    res = main_inproc(["--resume", "run", "epochs=2", "memory_format=contiguous"], tmp_path, capsys, monkeypatch)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "final test accuracy" in res.stdout
+    res = main_inproc(["--resume", "run", "epochs=3", "precision=bfloat16"], tmp_path, capsys, monkeypatch)
+    assert res.returncode != 0 and "precision" in res.stderr + res.stdout
