@@ -261,10 +261,11 @@ HEADER = (f"{'step':<12} {'precision':<9} {'format':<13} {'s/step':>8} {'fwd s':
 def run_group(base: dict, variants: Dict[str, dict], rounds: int) -> Dict[str, dict]:
     """Every variant of ``base`` in its own process, ``rounds`` times, alternating; merged per variant."""
     runs: Dict[str, List[dict]] = {k: [] for k in variants}
-    for _ in range(rounds):
+    for i in range(rounds):
         for label, v in variants.items():
             spec = dict(base, **{k: x for k, x in v.items() if k != "overrides"}, label=label,
                         overrides=dict(base.get("overrides", {}), **v.get("overrides", {})))
+            spec["flops"] = spec.get("flops", False) and i == 0   # counted once (merge keeps the first round's)
             runs[label].append(run_worker(spec))
     return {k: merge(v) for k, v in runs.items()}
 
@@ -336,10 +337,11 @@ def main(argv: List[str] = None) -> None:
     if args.only in (None, "cifar") and not args.formats:
         ov = dict(CIFAR["overrides"], **({"t1": 4, "t2": 2} if q else {}))
         base = dict(CIFAR, overrides=ov, batch=8 if q else 32, repeats=args.repeats or (1 if q else 3),
-                    threads=args.threads, flops=True)
+                    threads=args.threads)
         print(f"\n== L=6 three-block preset (recipe cifar10_l6_3blocks, dataset=fake, batch {base['batch']}) ==\n{HEADER}")
         conv = [run_worker({"kind": "conv", "threads": args.threads})]
-        res = run_group(base, {"ep": {"method": "ep"}, "ep-bf16": {"method": "ep", "overrides": {"precision": "bfloat16"}},
+        res = run_group(base, {"ep": {"method": "ep", "flops": True},
+                               "ep-bf16": {"method": "ep", "flops": True, "overrides": {"precision": "bfloat16"}},
                                "implicit": {"method": "implicit", "overrides": {"method": "implicit"}},
                                "unrolled": {"method": "unrolled", "overrides": {"method": "unrolled"}},
                                "feedforward": {"method": "feedforward", "wrap": "feedforward"}}, args.rounds)
