@@ -311,7 +311,8 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--repeats", type=positive_int, default=None, help="timed steps per process")
     ap.add_argument("--rounds", type=positive_int, default=1, help="processes per configuration, alternating")
-    ap.add_argument("--only", choices=["digits", "cifar"], default=None)
+    ap.add_argument("--only", choices=["digits", "cifar"], default=None,
+                    help="digits: the default model and the memory comparison; cifar: the L=6 preset")
     ap.add_argument("--formats", action="store_true", help="only compare memory formats (channels_last vs NCHW)")
     ap.add_argument("--json", default="bench.json", help="where to write the results")
     args = ap.parse_args(argv)
@@ -380,7 +381,7 @@ def main(argv: List[str] = None) -> None:
             print(f"bf16 relaxation: {summary['bf16_speedup_vs_fp32']:.2f}x the fp32 step"
                   + ("" if q else " (the reference figure was measured side by side in another run, "
                                   "reference/ANCHORS.md; it is not re-measured here)"))
-    if not args.formats:
+    if args.only in (None, "digits") and not args.formats:
         # EP's backward memory must not grow with the forward steps; BPTT's does
         mb, hid, t1s = (128, 512, (10, 100)) if q else (512, 2048, (10, 400))
         print(f"\n== backward memory vs forward relaxation steps (digits ff-EBM, hidden {hid}, batch {mb}) ==")
