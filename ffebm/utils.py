@@ -1,8 +1,10 @@
 """Helpers for models that contain energy blocks."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+import dataclasses
+from typing import Iterator, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from .blocks.base import EnergyBlock
@@ -21,6 +23,17 @@ def set_gradient(model: nn.Module, method) -> nn.Module:
     """Give every energy block of ``model`` the same gradient method (shared object)."""
     for _, blk in energy_blocks(model):
         blk.gradient = method
+    return model
+
+
+def set_precision(model: nn.Module, precision: Optional[torch.dtype]) -> nn.Module:
+    """Relax every energy block of ``model`` (free and nudged phases) under autocast to
+    ``precision`` (e.g. ``torch.bfloat16``), with the blocks' full-precision polish steps; ``None``:
+    in the input's precision.  Each block's :class:`~ffebm.Relaxation` settings are replaced, not
+    edited in place (presets share one settings object between blocks)."""
+    for _, blk in energy_blocks(model):
+        blk.relaxation = dataclasses.replace(blk.relaxation, precision=precision)
+        blk.nudge_relaxation = dataclasses.replace(blk.nudge_relaxation, precision=precision)
     return model
 
 

@@ -29,7 +29,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 class Preprocess:
     """uint8 batch -> float batch: optional augmentation, scaling to [0,1], optional input noise,
-    normalisation.
+    normalisation, in the model's memory format (see :func:`train.step.prepare_model`).
 
     Input noise (training batches only, those given a ``generator``): ``x <- clip(x + s xi, 0, 1)``
     with ``xi ~ N(0, 1)`` per pixel, on the [0,1] scale before normalisation, drawn from the
@@ -37,8 +37,8 @@ class Preprocess:
     turning noise on leaves the augmentation unchanged).
     """
 
-    def __init__(self, info: DataInfo, device, dtype=torch.float32, augment: bool = False,
-                 input_noise: float = 0.0):
+    def __init__(self, info: DataInfo, device, dtype=torch.float32, memory_format=torch.contiguous_format,
+                 augment: bool = False, input_noise: float = 0.0):
         self.augment = augment
         self.input_noise = float(input_noise)
         self.scale = info.scale
@@ -46,6 +46,7 @@ class Preprocess:
         self.std = torch.tensor(info.std, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.dtype = dtype
         self.device = device
+        self.memory_format = memory_format
 
     def __call__(self, x_u8: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if generator is not None and self.augment:
@@ -54,7 +55,8 @@ class Preprocess:
         if generator is not None and self.input_noise > 0:
             xi = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
             x = (x + self.input_noise * xi).clamp_(0.0, 1.0)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:

@@ -57,17 +57,23 @@ def model_kwargs(cfg: TrainConfig, info: DataInfo) -> Dict[str, Any]:
             raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
         kw["dtype"] = dt
     extra = parse_model_options(cfg.model_options)
-    clash = sorted(set(extra) & {"beta", "t1", "t2", "method", "variant", "num_classes", "in_channels",
-                                 "image_size", "dtype"})
-    if clash:
-        raise ConfigError(f"model_options: set {', '.join(clash)} with their own keys, not in model_options")
     check_model_options(cfg.model, extra)
     kw.update(extra)
     return kw
 
 
+#: builder keywords that are keys of the configuration (``precision`` is applied to the built model)
+OWN_KEYS = frozenset({"beta", "t1", "t2", "method", "variant", "num_classes", "in_channels", "image_size", "dtype",
+                      "precision"})
+
+
 def check_model_options(model: str, extra: Dict[str, Any]) -> None:
-    """Refuse model_options the builder does not take (a typo would otherwise be swallowed)."""
+    """Refuse model_options the builder does not take (a typo would otherwise be swallowed), and
+    those that have keys of their own."""
+    clash = sorted(set(extra) & OWN_KEYS)
+    if clash:
+        own = "its own key" if len(clash) == 1 else "their own keys"
+        raise ConfigError(f"model_options: set {', '.join(clash)} with {own}, not in model_options")
     if not extra:
         return
     if ":" in model:

@@ -44,6 +44,8 @@ class TrainConfig:
     in_channels: Optional[int] = None  # None: from the data set
     image_size: Optional[int] = None   # None: from the data set
     model_dtype: Optional[str] = None  # passed to the builder as dtype= (e.g. float32, float64)
+    precision: str = "float32"       # energy blocks' relaxation: float32, or bfloat16 (free and nudged steps under
+                                     # bf16 autocast, full-precision polish steps, read-out and digital layers)
     model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
     freeze_bn_affine: bool = False   # freeze batch-norm weight/bias (the reference recipe does)
 
@@ -102,6 +104,8 @@ class TrainConfig:
     # --- runtime (may be changed when resuming) ------------------------------------------
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     num_threads: int = 0             # >0: torch.set_num_threads
+    memory_format: str = "auto"      # of conv models' weights and activations: auto (channels_last where it was
+                                     # measured faster: digital conv models on CPU, see train/step.py)
     progress: bool = True            # tqdm progress bar
     tensorboard: bool = True         # TensorBoard scalars in RUN/tb
     log_every: int = 10              # steps between TensorBoard scalars
@@ -114,7 +118,7 @@ class TrainConfig:
 
 # Keys that do not change what is computed; they may be overridden with --resume.
 RUNTIME_KEYS = frozenset({
-    "device", "num_threads", "progress", "tensorboard", "log_every", "ckpt_every",
+    "device", "num_threads", "memory_format", "progress", "tensorboard", "log_every", "ckpt_every",
     "eval_batch_size", "data_root", "download", "grad_check_every", "grad_check_batch",
     "grad_check_reference",
 })
@@ -129,6 +133,8 @@ CHOICES: Dict[str, tuple] = {
     "inference_clip": ("sigma", "fixed", None),
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
+    "precision": ("float32", "bfloat16"),
+    "memory_format": ("auto", "channels_last", "contiguous"),
 }
 
 POSITIVE = ("epochs", "batch_size", "eval_batch_size", "fake_train_size", "fake_test_size",

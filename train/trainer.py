@@ -1,7 +1,8 @@
 """The training loop.  Entry points: :class:`Trainer` (``setup`` -> ``commit`` -> ``fit``, used by
 ``python -m train``) or :func:`train` for programmatic use.
 
-The jobs around the loop live beside it: building (:mod:`train.build`), the run folder
+The jobs around the loop live beside it: the per-batch step and the model preparation
+(:mod:`train.step`, also what the benchmark times), building (:mod:`train.build`), the run folder
 (:mod:`train.runfolder`, :mod:`train.runlock`), checkpoint state (:mod:`train.state`), what is
 measured and reported (:mod:`train.metrics`), how a run stops (:mod:`train.failures`), and the
 analog parts behind the plug-in interface (:mod:`train.plugin`, :mod:`train.analog`,
@@ -17,9 +18,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from ffebm import RelaxationDiverged
 
 from . import checkpoint as ckpt_mod
 from . import distributed as D
@@ -35,6 +33,7 @@ from .data import DataInfo, load_datasets
 from .failures import TrainingStopped
 from .plugin import TrainerPlugin
 from .runfolder import CONFIG_FILE, METRICS_FILE
+from .step import prepare_model, train_step as step_function
 from .tblog import TBLogger
 
 __all__ = ["Trainer", "TrainingStopped", "train"]
@@ -85,8 +84,6 @@ class Trainer:
         in_dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else torch.float32
         if not isinstance(in_dtype, torch.dtype):
             raise ConfigError(f"model_dtype={cfg.model_dtype!r}: not a torch dtype")
-        self.pre = Preprocess(self.info, self.device, dtype=in_dtype, augment=self.info.augment,
-                              input_noise=cfg.input_noise)
         self.test_local = shard_test_set(self.test_set, ctx.world, ctx.rank)
 
         seed_everything(cfg.seed)
@@ -94,6 +91,9 @@ class Trainer:
         for p in self.plugins:
             core = p.build(core)
         core.to(self.device)
+        self.pre = Preprocess(self.info, self.device, dtype=in_dtype,
+                              memory_format=prepare_model(core, cfg, self.device),
+                              augment=self.info.augment, input_noise=cfg.input_noise)
         if cfg.freeze_bn_affine:
             freeze_bn_affine(core)
         self.core = core
@@ -148,74 +148,16 @@ class Trainer:
         self.tb.flush()
         raise TrainingStopped(f"training stopped: {err}; {failures.last_good(self.last_ckpt)}", 4)
 
-    def _stop_if(self, problem: str):
+    def stop_if(self, problem: str):
         """Stop every process if any of them found a problem (a collective: every rank calls it)."""
         if D.any_flag(1.0 if problem else 0.0, self.ctx, self.device):
             self.stop_diverged(problem or "another process reported divergence")
 
-    def _where(self, pname: str) -> str:
+    def where(self, pname: str) -> str:
         return failures.param_block(self.block_paths, pname)
 
-    # -- one step -----------------------------------------------------------------------------
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Generator]):
-        x, y = self.pre(xb, gen), yb.to(self.device)
-        self.model.train()
-        problem = ""
-        try:
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                problem = f"loss is {loss.item()}{failures.nonfinite_block(self.blocks)}"
-        except RelaxationDiverged as e:
-            problem = f"relaxation diverged in energy block '{e.block}' (relaxation step {e.step})"
-        except (ValueError, RuntimeError, IndexError) as e:
-            if self.global_step or self.last_ckpt is not None:
-                raise
-            # the very first batch: the model and the data do not fit together (a configuration error)
-            raise TrainingStopped(f"error: model {self.cfg.model!r} cannot take the {self.cfg.dataset} batches "
-                                  f"(input {list(x.shape)}, {self.info.num_classes} classes): "
-                                  f"{' '.join(str(e).split())[:200]}", 2) from None
-        self._stop_if(problem)
-        stats = metrics.block_stats(self.blocks)
-        self.opt.zero_grad(set_to_none=True)
-        for p in self.plugins:
-            p.zero_grad()
-        try:
-            loss.backward()
-        except RelaxationDiverged as e:
-            problem = f"relaxation diverged in the nudged phase of energy block '{e.block}' (relaxation step {e.step})"
-        for pname, q in self.core.named_parameters():
-            if not problem and q.grad is not None and not torch.isfinite(q.grad).all():
-                problem = f"non-finite gradient of '{pname}' ({self._where(pname)})"
-        for p in self.plugins:
-            problem = problem or p.check_update(self._where)
-        self._stop_if(problem)
-        if self.cfg.grad_clip > 0:
-            # exact gradients of an energy block spike where its equilibrium is close to a
-            # bifurcation (the adjoint system is nearly singular); clipping keeps one such
-            # batch from wrecking Adam's moment estimates (plug-in parameters are not gradients)
-            torch.nn.utils.clip_grad_norm_(self.digital_params, self.cfg.grad_clip)
-        try:
-            self.opt.step()
-            self.sched.step()
-            for p in self.plugins:
-                p.step(self.ctx)
-        except RuntimeError as e:
-            # an update too large for the parameters' dtype (e.g. lr=1e300): torch refuses to convert it
-            if "overflow" not in str(e).lower():
-                raise
-            problem = (f"non-finite update: the optimiser step overflowed ({' '.join(str(e).split())[:120]}; "
-                       f"lr={self.cfg.lr:g}, weight_decay={self.cfg.weight_decay:g}"
-                       + (f", analog_lr={self.cfg.analog_lr:g}" if self.cfg.analog else "") + ")")
-        # a finite gradient can still make a non-finite weight (a huge lr): stop here, so that no
-        # checkpoint of this state is ever called good
-        bad = "" if problem else ckpt_mod.first_nonfinite(self.core.named_parameters())
-        if bad:
-            problem = f"non-finite parameter '{bad}' ({self._where(bad)}) after the optimiser step"
-        self._stop_if(problem)
-        with torch.no_grad():
-            correct = (logits.argmax(1) == y).sum().item()
-        return loss.item(), correct, y.numel(), stats
+    # -- one step: train/step.py (the benchmark times the same function) ----------------------
+    train_step = step_function
 
     def grad_check(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
         return metrics.grad_check(self.core, self.blocks, self.cfg.grad_check_reference, x, y)

@@ -1,14 +1,31 @@
-"""Speed and memory of one training step: EP vs Implicit vs Unrolled vs a feedforward net.
+"""Speed and memory of the trainer's training step: EP vs Implicit vs Unrolled vs a feedforward net.
 
     python -m train.bench                       # default model + CIFAR-shaped L=6 three-block preset
-    python -m train.bench --quick               # smaller repeats (a smoke run)
-    python -m train.bench --json bench.json
+    python -m train.bench --quick               # smaller settings (a smoke run)
+    python -m train.bench --only cifar --rounds 3 --json bench.json
+    python -m train.bench --formats             # channels_last vs NCHW, fp32 and bf16 (the memory_format rule)
 
-Each configuration runs in its own process so that its peak memory (max RSS) is its own. A
-training step is forward (free relaxation of every block) + loss + backward (the blocks'
-gradient method, autograd elsewhere); no data loading, no optimiser step, as in the reference figure below.
-Figures are medians over repeats after one warm-up step. The feedforward baseline has the
-same layers and parameters, run once bottom-up (s_i = sigma(f(s_{i-1}))), trained by backprop.
+What is timed is ``Trainer.train_step`` (train/step.py), the function the training command calls
+for every batch, on a Trainer set up from the model's recipe and ``key=value`` overrides as a
+training run's is (same model preparation: relaxation ``precision``, ``memory_format``; same optimiser):
+the recipe ``cifar10_l6_3blocks`` with ``dataset=fake`` (CIFAR-shaped random images, no
+augmentation) and ``batch_size=32``, and the default ``digits`` recipe on its own data.  One step
+is preprocessing of the batch, forward (free relaxation of every block), loss, backward (the
+blocks' gradient method, autograd elsewhere), the failure checks and the optimiser step; data
+loading is not timed (the batch is drawn once).  The reference figure (free relaxation +
+gradient, no data loading, no optimiser step) excludes the optimiser step, which ours includes:
+``opt s`` prints its share.  Figures are medians over repeats after one warm-up step; with
+``--rounds R`` each configuration runs in R processes, alternating with the others.
+
+Each configuration runs in its own process, so that its peak memory (max RSS) is its own.  The
+feedforward baseline is the same model with each energy block's layers run once bottom-up
+(s_i = sigma(f(s_{i-1})), the same parameters), trained by backprop through the same step.
+
+Against the machine's limit: the FLOPs of one trainer step are counted by torch's
+``FlopCounterMode`` (convolutions and matrix products; elementwise work and pooling are not
+counted) on one extra step; achieved GFLOP/s = FLOPs / median step time, beside the
+throughput of a large convolution (the preset's largest coupling, 128 -> 256 channels at 16x16,
+batch 32) timed in a loop in the same run, in float32 and bfloat16, the faster memory format.
 """
 from __future__ import annotations
 
@@ -20,15 +37,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
-# reference figure (measured on another CPU, see the README's results): L=6 3-block, EP, batch 32, T1 60, T2 20, 2 threads
-REFERENCE_EP_L6_3BLOCKS_S = 19.6
-# fp32 convolution throughput of the machine that figure was taken on (60-80 GFLOP/s)
-REFERENCE_MACHINE_CONV_GFLOPS = 70.0
+# The reference ff-EBM code's EP step (L=6 three blocks, batch 32, T1 60, T2 20, 2 threads), measured
+# side by side with this code on this kind of machine (reference/ANCHORS.md, torch 2.14.1); not in this run
+REFERENCE_EP_L6_3BLOCKS_S = 11.2
+CIFAR = dict(recipe="cifar10_l6_3blocks", overrides=dict(dataset="fake", image_size=32, in_channels=3, num_classes=10))
+DIGITS = dict(recipe="digits", overrides={})
 
 
 class FeedForwardBlock(nn.Module):
@@ -72,87 +90,136 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def step_flops(model, x) -> float:
-    """FLOPs of one relaxation step of every block (summed), counted by torch's flop counter."""
+def bench_config(spec: dict, **extra):
+    """The TrainConfig of ``spec``: its recipe with the benchmark's overrides (``--list`` keys)."""
+    from ..recipes import build_config
+
+    batch = spec["batch"]
+    ov = dict(progress="false", tensorboard="false", num_threads=str(spec.get("threads", 0)), batch_size=str(batch),
+              fake_train_size=str(batch), fake_test_size=str(batch))
+    ov.update({k: str(v) for k, v in {**spec.get("overrides", {}), **extra}.items()})
+    return build_config(spec["recipe"], ov)
+
+
+def bench_trainer(spec: dict, **extra):
+    """A set-up :class:`train.trainer.Trainer` (no run folder) for ``spec``; ``spec["wrap"]``:
+    ``feedforward`` (the baseline above) or ``bptt`` (full backprop through the free relaxation)."""
     import ffebm
-    from ffebm.solvers import analytic_step
+
+    from ..build import build_model
+    from ..trainer import Trainer
+
+    wrap = {None: None, "feedforward": lambda c, i: feedforward(build_model(c, i)),
+            "bptt": lambda c, i: ffebm.set_gradient(build_model(c, i), ffebm.Unrolled(from_equilibrium=False))}
+    return Trainer(bench_config(spec, **extra), None, model_fn=wrap[spec.get("wrap")], log=lambda m: None).setup()
+
+
+def first_batch(trainer):
+    _, xb, yb = next(iter(trainer.batches.epoch(0)))
+    return xb, yb
+
+
+def time_steps(trainer, xb, yb, repeats: int) -> dict:
+    """``trainer.train_step`` on (xb, yb): one warm-up call, then ``repeats`` timed ones."""
+    times: List[float] = []
+    fwd: List[float] = []
+    opt: List[float] = []
+    marks: Dict[str, float] = {}
+    hooks = [trainer.model.register_forward_pre_hook(lambda *a: marks.update(f0=time.perf_counter())),
+             trainer.model.register_forward_hook(lambda *a: marks.update(f1=time.perf_counter(), rss_f=_rss_mb())),
+             trainer.opt.register_step_pre_hook(lambda *a: marks.update(o0=time.perf_counter(), rss_b=_rss_mb())),
+             trainer.opt.register_step_post_hook(lambda *a: marks.update(o1=time.perf_counter()))]
+    losses, rss = [], {}
+    try:
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            losses.append(trainer.train_step(xb, yb, None)[0])
+            t1 = time.perf_counter()
+            if r == 0:  # memory is read on the first step: max RSS is a high-water mark
+                rss = dict(rss_after_forward_mb=marks["rss_f"], backward_extra_mb=max(marks["rss_b"] - marks["rss_f"], 0.0))
+            else:
+                times.append(t1 - t0)
+                fwd.append(marks["f1"] - marks["f0"])
+                opt.append(marks["o1"] - marks["o0"])
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(all_s=times, fwd_all_s=fwd, opt_all_s=opt, losses=losses, **rss)
+
+
+def step_flops(trainer, xb, yb) -> float:
+    """FLOPs of one ``trainer.train_step`` (convolutions and matrix products, torch's counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    total = {}
-    h = x
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, ffebm.EnergyBlock):
-                u = m.input_map(h)
-                cache: dict = {}
-                s = analytic_step(m, u, m.initial_state(u), None, m.relaxation.mode, cache)
-                with FlopCounterMode(display=False) as fc:  # a steady-state step (warm pooling cache)
-                    analytic_step(m, u, s, None, m.relaxation.mode, cache)
-                total[m.name] = fc.get_total_flops()
-                h = m(h)
-            else:
-                h = m(h)
-    return total
+    with FlopCounterMode(display=False) as fc:
+        trainer.train_step(xb, yb, None)
+    return float(fc.get_total_flops())
+
+
+def grad_cosines(spec: dict, against: Dict[str, str]) -> Dict[str, float]:
+    """Cosine between the gradients of one trainer step of ``spec`` and of the same step with the
+    keys ``against`` (same seed, same initial weights, same batch): per energy block, the digital
+    layers, and all parameters together."""
+    from ffebm.compare import cosine
+
+    from ..failures import param_block
+
+    grads = []
+    for extra in ({}, against):
+        t = bench_trainer(spec, **extra)
+        xb, yb = first_batch(t)
+        t.train_step(xb, yb, None)
+        grads.append({n: (param_block(t.block_paths, n), p.grad.detach().float().flatten())
+                      for n, p in t.core.named_parameters() if p.grad is not None})
+        del t
+    groups: Dict[str, List[str]] = {}
+    for n, (where, _) in grads[0].items():   # "energy block 'block1'" -> block1, "a digital layer" -> digital
+        groups.setdefault(where.split("'")[1] if "'" in where else "digital", []).append(n)
+    groups["all"] = list(grads[0])
+    return {g: float(cosine(torch.cat([grads[0][n][1] for n in names]), torch.cat([grads[1][n][1] for n in names])))
+            for g, names in groups.items()}
+
+
+def conv_rates(batch: int = 32, cin: int = 128, cout: int = 256, size: int = 16, repeats: int = 7) -> dict:
+    """GFLOP/s of one 3x3 convolution (padding 1) in float32 and bfloat16, NCHW and channels_last."""
+    import torch.nn.functional as F
+
+    flops = 2 * batch * cout * cin * 9 * size * size
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.rand(batch, cin, size, size, dtype=dtype).contiguous(memory_format=fmt)
+            w = torch.rand(cout, cin, 3, 3, dtype=dtype).contiguous(memory_format=fmt)
+            ts = []
+            for r in range(repeats + 2):
+                t = time.perf_counter()
+                F.conv2d(x, w, None, 1, 1)
+                ts.append(time.perf_counter() - t)
+            out[f"{str(dtype)[6:]}_{'channels_last' if fmt is torch.channels_last else 'nchw'}"] = \
+                flops / statistics.median(ts[2:]) / 1e9
+    return out
 
 
 def worker(spec: dict) -> dict:
-    import ffebm
-    from ffebm import models
-
     _reset_peak()
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
-    kw = dict(spec.get("overrides", {}))
-    model = models.build(spec["model"], **kw)
-    shape = spec["input_shape"]
-    x = torch.randn(spec["batch"], *shape)
-    y = torch.randint(0, spec["classes"], (spec["batch"],))
-    if spec.get("channels_last") and x.dim() == 4:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    method = spec["method"]
-    if method == "feedforward":
-        net = feedforward(model)
-    else:
-        net = model
-        m = {"ep": lambda: ffebm.EP(beta=spec.get("beta", 0.2), variant="centered"),
-             "implicit": lambda: ffebm.Implicit(tol=1e-4, max_iter=spec.get("implicit_iters", 100)),
-             "unrolled": lambda: ffebm.Unrolled(),
-             "bptt": lambda: ffebm.Unrolled(from_equilibrium=False)}[method]()
-        ffebm.set_gradient(model, m)
-    loss_fn = nn.CrossEntropyLoss()
-    times, fwd, bwd = [], [], []
-    rss_before = _rss_mb()
-    rss_fwd = rss_bwd = 0.0
-    for r in range(spec["repeats"] + 1):
-        net.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        out = net(x)
-        t1 = time.perf_counter()
-        if r == 0:  # memory is read on the first step: max RSS is a high-water mark
-            rss_fwd = _rss_mb()
-        loss_fn(out, y).backward()
-        t2 = time.perf_counter()
-        if r == 0:
-            rss_bwd = _rss_mb()
-        if r > 0:  # first step is warm-up
-            times.append(t2 - t0)
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    res = {k: v for k, v in spec.items() if k != "overrides"}
-    res.update(overrides=spec.get("overrides", {}), s_per_step=statistics.median(times),
-               fwd_s=statistics.median(fwd), bwd_s=statistics.median(bwd), all_s=times,
-               samples_per_s=spec["batch"] / statistics.median(times),
-               peak_rss_mb=_rss_mb(), rss_start_mb=rss_before, rss_after_forward_mb=rss_fwd,
-               backward_extra_mb=max(rss_bwd - rss_fwd, 0.0))
-    if method != "feedforward":
-        res["blocks"] = {name: {"steps": b.stats.steps, "residual": b.stats.residual,
-                                "backward": {k: (v if not isinstance(v, list) else [repr(s) for s in v])
-                                             for k, v in b.backward_stats.to_dict().items()}}
-                         for name, b in ffebm.energy_blocks(model)}
-        if spec.get("flops"):
-            fl = step_flops(model, x)
-            res["flops_per_relaxation_step"] = fl
+    if spec.get("kind") == "conv":
+        return conv_rates()
+    if spec.get("kind") == "cosine":
+        return {**spec, "cosine": grad_cosines(spec, spec["against"])}
+    rss_start = _rss_mb()
+    t = bench_trainer(spec)
+    xb, yb = first_batch(t)
+    res = {**spec, "rss_start_mb": rss_start, **time_steps(t, xb, yb, spec["repeats"]),
+           "peak_rss_mb": _rss_mb(), "memory_format": "channels_last" if t.pre.memory_format is torch.channels_last else "nchw",
+           "precision": t.cfg.precision}
+    res["blocks"] = {name: {"steps": b.stats.steps, "residual": b.stats.residual,
+                            "backward": {k: (v if not isinstance(v, list) else [repr(s) for s in v])
+                                         for k, v in b.backward_stats.to_dict().items()}}
+                     for name, b in t.blocks if b.stats is not None}
+    if spec.get("flops"):
+        res["step_flops"] = step_flops(t, xb, yb)
     return res
 
 
@@ -165,41 +232,72 @@ def run_worker(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def conv_limit(model_name: str, batch: int, threads: int, steps: int) -> dict:
-    """The machine's conv/matmul limit for this model: the time of one relaxation step's
-    convolutions and transposed convolutions (channels-last, as the model runs) measured alone,
-    times the number of steps. The ratio to the measured training step says how much time goes
-    to anything but convolutions (pooling, activations, residuals, Python)."""
-    from ffebm import models
-    import torch.nn.functional as F
-    from ffebm.couplings import ConvCoupling, DenseCoupling
+def merge(runs: List[dict]) -> dict:
+    """One result from the rounds of one configuration: every timed step pooled, medians."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    r = dict(ok[0])
+    for k in ("all_s", "fwd_all_s", "opt_all_s"):
+        r[k] = [v for x in ok for v in x[k]]
+    r.update(s_per_step=statistics.median(r["all_s"]), fwd_s=statistics.median(r["fwd_all_s"]),
+             opt_s=statistics.median(r["opt_all_s"]), peak_rss_mb=max(x["peak_rss_mb"] for x in ok),
+             samples_per_s=r["batch"] / statistics.median(r["all_s"]), processes=len(ok))
+    return r
 
-    torch.set_num_threads(threads)
-    model = models.build(model_name)
-    per_step = 0.0
-    flops = 0.0
-    for blk in model:
-        for i, c in enumerate(blk.couplings):
-            shape = (batch, *blk.layer_shapes[i])
-            x = torch.rand(shape).contiguous(memory_format=torch.channels_last) if len(shape) == 4 else torch.rand(shape)
-            with torch.no_grad():
-                y, ctx = c.bottom_up(x)
-                ts = []
-                for _ in range(7):
-                    t = time.perf_counter()
-                    if isinstance(c, ConvCoupling):
-                        F.conv2d(x, c.weight, None, c.stride, c.padding)
-                        g = c._pool_adjoint(y, ctx) if c.pool == "avg" else torch.rand(batch, c.out_channels, *c.conv_size).contiguous(memory_format=torch.channels_last)
-                        F.conv_transpose2d(g, c.weight, None, c.stride, c.padding, c._out_pad)
-                    else:
-                        c.bottom_up(x)
-                        c.top_down(y, None)
-                    ts.append(time.perf_counter() - t)
-            per_step += statistics.median(ts[2:])
-            if isinstance(c, ConvCoupling):
-                flops += 2 * 2 * batch * c.out_channels * c.in_channels * c.kernel_size ** 2 * c.conv_size[0] * c.conv_size[1]
-    return {"conv_seconds_per_relaxation_step": per_step, "conv_limit_seconds": per_step * steps,
-            "conv_gflops": flops / per_step / 1e9}
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['label']:<12} error: {r['error']}"
+    rel = ", ".join(f"{n}: {b['steps']} steps res {b['residual']:.1e}" for n, b in r.get("blocks", {}).items())
+    return (f"{r['label']:<12} {r['precision']:<9} {r['memory_format']:<13} {r['s_per_step']:8.3f} {r['fwd_s']:7.3f} "
+            f"{r['opt_s']:6.3f} {r['samples_per_s']:10.1f} {r['peak_rss_mb']:8.0f}  {rel}")
+
+
+HEADER = (f"{'step':<12} {'precision':<9} {'format':<13} {'s/step':>8} {'fwd s':>7} {'opt s':>6} {'samples/s':>10} "
+          f"{'peak MB':>8}  relaxation")
+
+
+def run_group(base: dict, variants: Dict[str, dict], rounds: int) -> Dict[str, dict]:
+    """Every variant of ``base`` in its own process, ``rounds`` times, alternating; merged per variant."""
+    runs: Dict[str, List[dict]] = {k: [] for k in variants}
+    for i in range(rounds):
+        for label, v in variants.items():
+            spec = dict(base, **{k: x for k, x in v.items() if k != "overrides"}, label=label,
+                        overrides=dict(base.get("overrides", {}), **v.get("overrides", {})))
+            spec["flops"] = spec.get("flops", False) and i == 0   # counted once (merge keeps the first round's)
+            runs[label].append(run_worker(spec))
+    return {k: merge(v) for k, v in runs.items()}
+
+
+def conv_limits(samples: List[dict]) -> Dict[str, float]:
+    keys = samples[0].keys()
+    med = {k: statistics.median(s[k] for s in samples) for k in keys}
+    return {**med, "float32": max(med["float32_nchw"], med["float32_channels_last"]),
+            "bfloat16": max(med["bfloat16_nchw"], med["bfloat16_channels_last"])}
+
+
+def formats(args, results: list) -> None:
+    """channels_last vs NCHW of the trainer's step, float32 and bfloat16, alternating processes."""
+    q = args.quick
+    models = [("cifar10_l6_3blocks", dict(CIFAR, batch=8 if q else 32, repeats=args.repeats or (1 if q else 2),
+                                          overrides=dict(CIFAR["overrides"], **({"t1": 4, "t2": 2} if q else {})))),
+              ("digits conv", dict(DIGITS, batch=32, repeats=args.repeats or (3 if q else 10),
+                                   overrides={"model_options": "arch=conv"}))]
+    print(f"\n== memory format of the trainer's step ({args.threads} threads, {args.rounds} round(s)) ==")
+    for name, base in models:
+        base = dict(base, threads=args.threads, method="ep")
+        variants = {f"{p}/{f}": {"overrides": {"precision": p, "memory_format": f}}
+                    for p in ("float32", "bfloat16") for f in ("contiguous", "channels_last")}
+        res = run_group(base, variants, args.rounds)
+        results += list(res.values())
+        for p in ("float32", "bfloat16"):
+            a, b = res[f"{p}/contiguous"], res[f"{p}/channels_last"]
+            if "error" in a or "error" in b:
+                print(f"{name:<20} {p:<9} error: {a.get('error') or b.get('error')}")
+                continue
+            print(f"{name:<20} {p:<9} NCHW {a['s_per_step']:.3f} s, channels_last {b['s_per_step']:.3f} s: "
+                  f"channels_last {a['s_per_step'] / b['s_per_step']:.2f}x as fast", flush=True)
 
 
 def main(argv: List[str] = None) -> None:
@@ -211,98 +309,101 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (smoke run)")
     ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--repeats", type=positive_int, default=None)
-    ap.add_argument("--only", choices=["digits", "cifar"], default=None)
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed steps per process")
+    ap.add_argument("--rounds", type=positive_int, default=1, help="processes per configuration, alternating")
+    ap.add_argument("--only", choices=["digits", "cifar"], default=None,
+                    help="digits: the default model and the memory comparison; cifar: the L=6 preset")
+    ap.add_argument("--formats", action="store_true", help="only compare memory formats (channels_last vs NCHW)")
     ap.add_argument("--json", default="bench.json", help="where to write the results")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     q = args.quick
-    results = []
-    groups = []
-    if args.only in (None, "digits"):
-        groups.append(("digits", dict(model="digits", input_shape=[64], classes=10, batch=32,
-                                      repeats=args.repeats or (3 if q else 10), beta=0.5)))
-    if args.only in (None, "cifar"):
-        ov = {"t1": 4, "t2": 2} if q else {}
-        groups.append(("cifar10_l6_3blocks", dict(model="cifar10_l6_3blocks", input_shape=[3, 32, 32], classes=10,
-                                                  batch=8 if q else 32, repeats=args.repeats or (1 if q else 3),
-                                                  beta=0.2, overrides=ov, channels_last=True, flops=True)))
-    for name, base in groups:
-        print(f"\n== {name} (batch {base['batch']}, {args.threads} threads) ==", flush=True)
-        print(f"{'method':<12} {'s/step':>8} {'fwd s':>7} {'bwd s':>7} {'samples/s':>10} {'peak MB':>8}  relaxation")
-        methods = ["ep", "implicit", "unrolled", "feedforward"]
-        if base["model"] != "digits":
-            methods.insert(1, "ep-bf16")
-        for method in methods:
-            spec = dict(base, method=method, threads=args.threads)
-            if method == "ep-bf16":  # relaxation under bf16 autocast, fp32 polish steps and read-out
-                spec = dict(spec, method="ep", label="ep-bf16",
-                            overrides=dict(base.get("overrides", {}), precision="bfloat16"))
-            r = run_worker(spec)
+    load = [os.getloadavg()[0]]
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {load[0]:.1f} before")
+    results: list = []
+    mem: list = []
+    summary: dict = {}
+    if args.formats:
+        formats(args, results)
+    if args.only in (None, "digits") and not args.formats:
+        base = dict(DIGITS, batch=32, repeats=args.repeats or (3 if q else 10), threads=args.threads)
+        print(f"\n== default model (recipe digits, batch 32) ==\n{HEADER}")
+        res = run_group(base, {m: {"method": m, "overrides": {"method": m}} for m in ("ep", "implicit", "unrolled")}
+                        | {"feedforward": {"method": "feedforward", "wrap": "feedforward"}}, args.rounds)
+        for r in res.values():
             results.append(r)
-            if "error" in r:
-                print(f"{method:<12} error: {r['error']}")
-                continue
-            rel = ", ".join(f"{n}: {b['steps']} steps res {b['residual']:.1e}" for n, b in r.get("blocks", {}).items())
-            r["label"] = method
-            print(f"{method:<12} {r['s_per_step']:8.3f} {r['fwd_s']:7.3f} {r['bwd_s']:7.3f} {r['samples_per_s']:10.1f} "
-                  f"{r['peak_rss_mb']:8.0f}  {rel}", flush=True)
-    # EP's backward memory must not grow with the forward steps; BPTT's does
-    mb, hid, t1s = (128, 512, (10, 100)) if q else (512, 2048, (10, 400))
-    print(f"\n== backward memory vs forward relaxation steps (digits ff-EBM, hidden {hid}, batch {mb}) ==")
-    mem = []
-    for method in ("ep", "bptt"):
-        for t1 in t1s:
-            spec = dict(model="digits", input_shape=[64], classes=10, batch=mb, repeats=1, method=method,
-                        threads=args.threads, overrides={"t1": t1, "tol": 1e-30, "hidden": hid, "width": hid // 2})
-            r = run_worker(spec)
-            mem.append(r)
-            if "error" in r:
-                print(f"{method:<6} T1={t1:<4} error: {r['error']}")
-                continue
-            print(f"{method:<6} T1={t1:<4} backward extra peak {r['backward_extra_mb']:8.1f} MB   "
-                  f"(steps {list(r['blocks'].values())[0]['steps']})", flush=True)
-    summary = {}
-    cif = [r for r in results if r.get("model") == "cifar10_l6_3blocks" and "error" not in r]
-    if cif and not q:
-        ep = next(r for r in cif if r["label"] == "ep")
-        bf = next((r for r in cif if r["label"] == "ep-bf16"), None)
-        fl = sum(ep["flops_per_relaxation_step"].values())
-        t1, t2 = 60, 20
-        total = fl * (t1 + 2 * t2)
-        lim = conv_limit("cifar10_l6_3blocks", ep["batch"], args.threads, t1 + 2 * t2)
-        summary = {"ep_s_per_step": ep["s_per_step"], "reference_s_per_step": REFERENCE_EP_L6_3BLOCKS_S,
-                   "speedup_vs_reference": REFERENCE_EP_L6_3BLOCKS_S / ep["s_per_step"],
-                   "relaxation_tflop_per_step": total / 1e12, "achieved_gflops": total / ep["s_per_step"] / 1e9,
-                   **lim, "fraction_of_conv_limit": lim["conv_limit_seconds"] / ep["s_per_step"]}
-        # the reference figure was taken on a CPU with a different conv throughput: scale it to
-        # this machine by the ratio of fp32 conv rates (same shapes, same thread count)
-        ref_here = REFERENCE_EP_L6_3BLOCKS_S * REFERENCE_MACHINE_CONV_GFLOPS / lim["conv_gflops"]
-        summary["reference_scaled_to_this_machine_s"] = ref_here
-        summary["speedup_vs_reference_hw_normalised"] = ref_here / ep["s_per_step"]
-        if bf is not None:
-            summary["speedup_bf16_vs_reference_hw_normalised"] = ref_here / bf["s_per_step"]
-            summary["ep_bf16_s_per_step"] = bf["s_per_step"]
-            summary["bf16_speedup_vs_fp32"] = ep["s_per_step"] / bf["s_per_step"]
-        print(f"\nL=6 3-block EP: {ep['s_per_step']:.2f} s/step vs reference figure {REFERENCE_EP_L6_3BLOCKS_S} s "
-              f"-> {summary['speedup_vs_reference']:.2f}x (different CPU: compare conv rates below)\n"
-              f"relaxation work {total / 1e12:.2f} TFLOP/step -> {summary['achieved_gflops']:.0f} GFLOP/s achieved; "
-              f"the same convolutions alone run at {lim['conv_gflops']:.0f} GFLOP/s and take "
-              f"{lim['conv_limit_seconds']:.2f} s: the step runs at {100 * summary['fraction_of_conv_limit']:.0f}% "
-              f"of the conv limit")
-        print(f"reference figure scaled to this machine's conv rate ({lim['conv_gflops']:.0f} vs "
-              f"{REFERENCE_MACHINE_CONV_GFLOPS:.0f} GFLOP/s): {ref_here:.2f} s -> fp32 EP "
-              f"{summary['speedup_vs_reference_hw_normalised']:.2f}x"
-              + (f", bf16 EP {summary['speedup_bf16_vs_reference_hw_normalised']:.2f}x" if bf is not None else ""))
-        if bf is not None:
-            print(f"with bf16 relaxation (fp32 polish and read-out): {bf['s_per_step']:.2f} s/step, "
-                  f"{summary['bf16_speedup_vs_fp32']:.2f}x the fp32 step")
+            print(_row(r), flush=True)
+    if args.only in (None, "cifar") and not args.formats:
+        ov = dict(CIFAR["overrides"], **({"t1": 4, "t2": 2} if q else {}))
+        base = dict(CIFAR, overrides=ov, batch=8 if q else 32, repeats=args.repeats or (1 if q else 3),
+                    threads=args.threads)
+        print(f"\n== L=6 three-block preset (recipe cifar10_l6_3blocks, dataset=fake, batch {base['batch']}) ==\n{HEADER}")
+        conv = [run_worker({"kind": "conv", "threads": args.threads})]
+        res = run_group(base, {"ep": {"method": "ep", "flops": True},
+                               "ep-bf16": {"method": "ep", "flops": True, "overrides": {"precision": "bfloat16"}},
+                               "implicit": {"method": "implicit", "overrides": {"method": "implicit"}},
+                               "unrolled": {"method": "unrolled", "overrides": {"method": "unrolled"}},
+                               "feedforward": {"method": "feedforward", "wrap": "feedforward"}}, args.rounds)
+        cos = run_worker(dict(base, kind="cosine", label="cosine", against={"precision": "float32"},
+                              overrides=dict(ov, precision="bfloat16")))
+        conv.append(run_worker({"kind": "conv", "threads": args.threads}))
+        for r in res.values():
+            results.append(r)
+            print(_row(r), flush=True)
+        if "error" not in cos:
+            c = cos["cosine"]
+            print("bf16 gradient cosine vs the fp32 step (same batch and weights): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in c.items()))
+            summary["bf16_grad_cosine"] = c
+        else:
+            print(f"bf16 gradient cosine: error: {cos['error']}")
+        ep, bf = res["ep"], res["ep-bf16"]
+        conv = [c for c in conv if "error" not in c]
+        if conv and "error" not in ep and "error" not in bf:
+            lim = conv_limits(conv)
+            summary.update(conv_gflops=lim, reference_s_per_step=REFERENCE_EP_L6_3BLOCKS_S,
+                           bf16_speedup_vs_fp32=ep["s_per_step"] / bf["s_per_step"])
+            print(f"\nmachine limit: a 3x3 conv 128->256 at 16x16, batch 32: float32 {lim['float32']:.0f} GFLOP/s, "
+                  f"bfloat16 {lim['bfloat16']:.0f} GFLOP/s (NCHW / channels_last: {lim['float32_nchw']:.0f} / "
+                  f"{lim['float32_channels_last']:.0f}, {lim['bfloat16_nchw']:.0f} / {lim['bfloat16_channels_last']:.0f})")
+            for r, prec in ((ep, "float32"), (bf, "bfloat16")):
+                got = r["step_flops"] / r["s_per_step"] / 1e9
+                summary[r["label"]] = dict(s_per_step=r["s_per_step"], tflop_per_step=r["step_flops"] / 1e12,
+                                           achieved_gflops=got, fraction_of_conv_limit=got / lim[prec])
+                if not q:
+                    summary[r["label"]]["reference_over_ours"] = REFERENCE_EP_L6_3BLOCKS_S / r["s_per_step"]
+                ref = "" if q else (f"; reference {REFERENCE_EP_L6_3BLOCKS_S} s / this = "
+                                    f"{REFERENCE_EP_L6_3BLOCKS_S / r['s_per_step']:.2f}x")
+                print(f"{r['label']:<8} {r['s_per_step']:.2f} s/step, {r['step_flops'] / 1e12:.2f} TFLOP/step -> "
+                      f"{got:.0f} GFLOP/s = {100 * got / lim[prec]:.0f}% of the {prec} conv limit{ref}")
+            print(f"bf16 relaxation: {summary['bf16_speedup_vs_fp32']:.2f}x the fp32 step"
+                  + ("" if q else " (the reference figure was measured side by side in another run, "
+                                  "reference/ANCHORS.md; it is not re-measured here)"))
+    if args.only in (None, "digits") and not args.formats:
+        # EP's backward memory must not grow with the forward steps; BPTT's does
+        mb, hid, t1s = (128, 512, (10, 100)) if q else (512, 2048, (10, 400))
+        print(f"\n== backward memory vs forward relaxation steps (digits ff-EBM, hidden {hid}, batch {mb}) ==")
+        for method in ("ep", "bptt"):
+            for t1 in t1s:
+                spec = dict(DIGITS, batch=mb, repeats=1, method=method, label=method, threads=args.threads,
+                            wrap="bptt" if method == "bptt" else None,
+                            overrides={"t1": t1, "model_options": f"tol=1e-30,hidden={hid},width={hid // 2}",
+                                       "method": "none" if method == "bptt" else method})
+                r = run_worker(spec)
+                mem.append(r)
+                if "error" in r:
+                    print(f"{method:<6} T1={t1:<4} error: {r['error']}")
+                    continue
+                print(f"{method:<6} T1={t1:<4} backward extra peak {r['backward_extra_mb']:8.1f} MB   "
+                      f"(steps {list(r['blocks'].values())[0]['steps']})", flush=True)
+    load.append(os.getloadavg()[0])
+    print(f"\nload average {load[1]:.1f} after")
     with open(args.json, "w") as f:
-        json.dump({"results": results, "memory": mem, "summary": summary,
+        json.dump({"results": results, "memory": mem, "summary": summary, "load_average": load,
                    "torch": torch.__version__, "threads": args.threads}, f, indent=1)
-    print(f"\nwrote {args.json}")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
