@@ -23,6 +23,15 @@ class RelaxationDiverged(RuntimeError):
         return (type(self), (self.block, self.step, self.phase, self.detail))
 
 
+class NonFiniteInput(ValueError):
+    """An energy block was given an input holding NaN or inf (a relaxation would clip it to the
+    box and hide it); ``block`` names the block."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__(f"block '{block}': input holds NaN or inf")
+        self.block = block
+
+
 class NotConverged(RuntimeError):
     """A strict solve hit its step budget with a residual above its tolerance."""
 

@@ -32,7 +32,8 @@ ALIASES = set(PUBLISHED_ALIASES)
 @pytest.mark.parametrize("name", [n for n in models.available() if n not in ALIASES])
 def test_every_model_builds_and_trains_one_step(name):
     torch.manual_seed(0)
-    if name in ("digits", "dhn_digits"):
+    digits = name in ("digits", "digits_conv", "digits_mlp", "dhn_digits")
+    if digits:
         m = models.build(name)
         x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
     else:
@@ -40,12 +41,15 @@ def test_every_model_builds_and_trains_one_step(name):
         m = models.build(name, t1=2, t2=2, image_size=16)
         x, y = torch.rand(2, 3, 16, 16), torch.randint(0, cfg["num_classes"], (2,))
     out = m(x)
-    assert out.shape == (x.shape[0], 10 if name in ("digits", "dhn_digits") else cfg["num_classes"])
+    assert out.shape == (x.shape[0], 10 if digits else cfg["num_classes"])
     nn.functional.cross_entropy(out, y).backward()
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     blocks = list(ffebm.energy_blocks(m))
+    if name == "digits_mlp":   # the feedforward baseline: no energy block
+        assert not blocks
+        return
     assert blocks and all(b.stats is not None for _, b in blocks)
 
 

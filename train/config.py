@@ -77,7 +77,7 @@ class TrainConfig:
     data_root: str = "data"          # folder holding the data sets (MNIST/, cifar-10-batches-py/, imagenet32/)
     download: bool = False           # let torchvision download MNIST/Fashion-MNIST/CIFAR into data_root
     augment: Optional[bool] = None   # None: the data set's default (crop+flip for CIFAR/ImageNet32)
-    input_noise: float = 0.0         # >0: training inputs + N(0, s^2) per pixel in [0,1] units, clipped to [0,1]
+    input_noise: float = 0.0         # >0: training inputs + N(0, s^2) per pixel in [0,1] units, clipped to [0,1] (drawn per process)
     normalize: bool = True           # per-data-set mean/std normalisation
     train_subset: int = 0            # >0: use only the first N training samples
     test_subset: int = 0             # >0: use only the first N test samples

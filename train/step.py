@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import ffebm
 from ffebm import RelaxationDiverged
+from ffebm.errors import NonFiniteInput
 from ffebm.couplings import ConvCoupling
 
 from . import checkpoint as ckpt_mod
@@ -79,6 +80,9 @@ def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Genera
             problem = f"loss is {loss.item()}{failures.nonfinite_block(t.blocks)}"
     except RelaxationDiverged as e:
         problem = f"relaxation diverged in energy block '{e.block}' (relaxation step {e.step})"
+    except NonFiniteInput as e:
+        # the layers before the block overflowed (a diverging run): stop in words, keep the last good checkpoint
+        problem = f"non-finite input to energy block '{e.block}'{failures.nonfinite_block(t.blocks)}"
     except (ValueError, RuntimeError, IndexError) as e:
         if t.global_step or t.last_ckpt is not None:
             raise

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..activations import hard_sigmoid, linear
-from ..errors import FunctorchUnsupported
+from ..errors import FunctorchUnsupported, NonFiniteInput
 from ..couplings import Coupling
 from ..solvers import Relaxation, SolveStats, relax
 
@@ -138,7 +138,7 @@ class EnergyBlock(nn.Module):
     def check_finite(self, x: torch.Tensor) -> None:
         # a relaxation would clip inf to the box and hide it, leaving non-finite gradients
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"block '{self.name}': input holds NaN or inf")
+            raise NonFiniteInput(self.name)
 
     def solve(self, u: torch.Tensor, states: Optional[States] = None, nudge: Optional[torch.Tensor] = None,
               config: Optional[Relaxation] = None, phase: str = "free", callback=None):

@@ -16,7 +16,7 @@ from train.recipes import build_config
 from train.trainer import Trainer
 
 # 8 steps per epoch (256 samples, batch 32); relaxation on noisy reads averaged over the last 2 steps
-SMALL = dict(model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
+SMALL = dict(model="digits", model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
              analog_mode="inference", train_subset="256", test_subset="64", batch_size="32", epochs="2",
              lr="5e-3", weight_decay="0", grad_clip="0", progress="false", tensorboard="false", num_threads="1")
 ARGS = ["digits"] + [f"{k}={v}" for k, v in SMALL.items()]
@@ -144,11 +144,12 @@ def test_mlp_baseline_on_inference_tiles():
     assert shapes == [(512, 64), (256, 512), (256, 256), (256, 256), (128, 256), (10, 128)]
     ff = models.build("digits")
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ff.parameters())
-    t = Trainer(build_config("digits-mlp-hwa", dict(SMALL, model_options="hidden=24,width=16", t1="none",
+    t = Trainer(build_config("digits-mlp-hwa", dict(SMALL, model="digits_mlp", model_options="hidden=24,width=16", t1="none",
                                                     t2="none", beta="none")), None, log=lambda m: None).setup()
     assert sum(isinstance(l, InferenceLinear) for l in t.core) == 6
     with pytest.raises(ConfigError, match="nothing to put on inference tiles.*analog_layers=true"):
-        Trainer(build_config("digits-mlp-hwa", dict(SMALL, model_options="hidden=24,width=16", analog_layers="false")),
+        Trainer(build_config("digits-mlp-hwa", dict(SMALL, model="digits_mlp", model_options="hidden=24,width=16",
+                                                   analog_layers="false")),
                 None, log=lambda m: None).setup()
 
 

@@ -20,7 +20,7 @@ from train.recipes import build_config
 from train.trainer import Trainer
 
 # a small analog digits ff-EBM: 8 steps per epoch (256 samples, batch 32)
-SMALL = dict(model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
+SMALL = dict(model="digits", model_options="hidden=24,width=16,tol=none,average_last=2", t1="6", t2="4", beta="1.0",
              analog="soft_bounds", train_subset="256", test_subset="64", batch_size="32", epochs="2",
              lr="5e-3", weight_decay="0", grad_clip="0", progress="false", tensorboard="false", num_threads="1")
 ARGS = ["digits"] + [f"{k}={v}" for k, v in SMALL.items()]

@@ -17,7 +17,7 @@ from conftest import TINY, folder_digest, main_inproc, one_line_error, run_train
 from train import checkpoint as C
 from train.runlock import RunFolderLock
 
-DIGITS_SMALL = ["digits", "progress=false", "num_threads=1", "tensorboard=false", "model_options=hidden=32,width=16"]
+DIGITS_SMALL = ["digits", "model=digits", "progress=false", "num_threads=1", "tensorboard=false", "model_options=hidden=32,width=16"]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,22 @@ def test_last_good_checkpoint_is_finite(tmp_path):
     for p in (tmp_path / "run").glob("checkpoint*.pt"):  # no checkpoint on disk is non-finite
         m = C.load(p)["model"]
         assert all(torch.isfinite(v).all() for v in m.values() if isinstance(v, torch.Tensor)), p
+
+
+def test_overflow_before_an_energy_block_stops_in_words(tmp_path):
+    # the default recipe's conv model: a huge step overflows the conv/batch-norm/linear layers
+    # before block 2, whose input check then fires mid-run (it used to end in a traceback)
+    res = run_train(["digits", "progress=false", "num_threads=1", "tensorboard=false", "model_options=hidden=32,width=16",
+                     "epochs=2", "ckpt_every=5", "lr=1e6", "optimizer=sgd", "grad_clip=0", "weight_decay=3e-4",
+                     "--out", "run"], tmp_path)
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "training stopped: non-finite input to energy block 'block2'" in res.stderr, res.stderr
+    failure = json.loads((tmp_path / "run" / "failure.json").read_text())
+    for p in (tmp_path / "run").glob("checkpoint*.pt"):  # no checkpoint on disk is non-finite
+        m = C.load(p)["model"]
+        assert all(torch.isfinite(v).all() for v in m.values() if isinstance(v, torch.Tensor)), p
+    assert failure["last_good_checkpoint"] is None or (tmp_path / failure["last_good_checkpoint"]).exists()
 
 
 # ------------------------------------------------------------------------------------------
