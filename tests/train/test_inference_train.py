@@ -267,6 +267,7 @@ def test_experiment_quick_writes_table_json_and_png(tmp_path, capsys):
     png = (tmp_path / "exp" / "inference.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert data["times"] == [0.0, 3600.0, 86400.0, 2592000.0, 31536000.0] and data["draws"] == 2
+    assert data["size"] == [24, 16] and "hidden 24 / width 16" in E.plot_title(data)   # the models it trained
     assert [(r["model"], r["training"]) for r in data["summary"]] == [
         ("ff-EBM", "digital"), ("ff-EBM", "HWA"), ("MLP", "digital"), ("MLP", "HWA")]
     for r in data["runs"]:

@@ -226,6 +226,18 @@ def plot(rows: List[Dict], times: Sequence[float], path: Path, title: str) -> No
     plt.close(fig)
 
 
+def get_recipe(name: str) -> Dict:
+    from ..recipes import get
+
+    return get(name)
+
+
+def model_size(overrides: Dict[str, str], recipe_options: str = "") -> Tuple[int, int]:
+    """(hidden, width) that a run's ``model_options`` give the digits models (512, 256 by default)."""
+    opts = dict(kv.split("=", 1) for kv in (overrides.get("model_options", recipe_options) or "").split(",") if "=" in kv)
+    return int(opts.get("hidden", 512)), int(opts.get("width", 256))
+
+
 def plot_title(res: Dict) -> str:
     size = res.get("size") or (512, 256)
     return (f"digits, hidden {size[0]} / width {size[1]}, on a simulated PCM chip: {res['draws']} programming "
@@ -286,7 +298,8 @@ def experiment(seeds: Sequence[int] = (0,), draws: int = 10, eval_seed: int = 0,
                 relax_summary.append({"name": name, "training": rs[0]["training"], "steps": steps, "average_last": k,
                                       "times": tt})
     return {"times": list(times), "draws": draws, "eval_seed": eval_seed, "seeds": list(seeds), "quick": quick,
-            "extra": extra, "size": list(size) if size else None, "chip": repr(chip_cfg), "summary": rows, "relaxation": relax_summary,
+            "extra": extra, "size": list(model_size(run_overrides("ffebm-hwa", seeds[0], quick, extra, size),
+                                     get_recipe("digits-hwa").get("model_options") or "")), "chip": repr(chip_cfg), "summary": rows, "relaxation": relax_summary,
             "runs": results, "relaxation_runs": relax_rows, "wall_s": time.time() - t_start}
 
 
