@@ -71,6 +71,8 @@ def digits_conv(arch: str = "conv", pool: str = "max", **kw) -> nn.Module:
     """The default recipe's model: :func:`digits_ffebm` with a convolutional first block whose
     pools (the input map's and the coupling's, inside the energy) are 2x2 max pools.  Takes every
     option of :func:`digits_ffebm`."""
+    if arch != "conv":
+        raise ValueError(f"arch={arch!r}: digits_conv is the conv model (for the dense one use model=digits)")
     return digits_ffebm(arch=arch, pool=pool, **kw)
 
 
