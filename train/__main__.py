@@ -144,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: List[str], held: "_Held") -> int:
     from . import distributed as D
-    from .config import UserError, describe_keys, format_config, unknown_key_error
+    from .config import UserError, unknown_key_error
+    from .keys import describe_keys, format_config
     from .recipes import build_config, describe
 
     try:
