@@ -105,7 +105,7 @@ class TrainConfig:
     num_threads: int = 0             # >0: torch.set_num_threads
     memory_format: str = "auto"      # of conv models' weights and activations: auto (channels_last where it was
                                      # measured faster: digital conv models on CPU, see train/step.py)
-    progress: bool = True            # tqdm progress bar
+    progress: bool = True            # tqdm progress bar (shown on a terminal only: redirected logs stay clean)
     tensorboard: bool = True         # TensorBoard scalars in RUN/tb
     log_every: int = 10              # steps between TensorBoard scalars
     ckpt_every: int = 0              # steps between checkpoints (0: only at epoch ends)

@@ -187,7 +187,8 @@ class Trainer:
         done = False
         while self.epoch < cfg.epochs and not done:
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True, leave=False, file=sys.stderr)
+                       disable=True if not (cfg.progress and ctx.is_main) else None,  # None: off when stderr is no terminal
+                       dynamic_ncols=True, leave=False, file=sys.stderr)
             for step, xb, yb in self.batches.epoch(self.epoch, self.step_in_epoch):
                 if cfg.grad_check_every and self.global_step % cfg.grad_check_every == 0 and ctx.is_main:
                     n = min(cfg.grad_check_batch, xb.shape[0])

@@ -156,3 +156,12 @@ def test_evaluate_over_time(finished_run, tmp_path, capsys, monkeypatch):
     # drift is really applied: a year after programming the (compensated) weights have spread
     # apart, and the test loss is clearly worse than right after programming
     assert loss[f"{float(year)}"] > loss["0.0"] + 0.05, loss  # read noise alone moves it by ~0.005
+
+
+def test_progress_bar_stays_out_of_redirected_logs(tmp_path):
+    # stderr is a pipe here, as in `python -m train > log 2>&1`: no carriage-return bar lines
+    res = run_train(["digits", "model=digits", "progress=true", "num_threads=1", "tensorboard=false",
+                     "train_subset=128", "test_subset=32", "epochs=1", "--out", "run"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "it/s" not in res.stderr, res.stderr[-500:]
+    assert "final test accuracy" in res.stdout
