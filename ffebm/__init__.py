@@ -23,7 +23,7 @@ from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupport
                      RelaxationDiverged, UnsupportedGradient)
 from .gradients import EP, BackwardStats, BlockCall, GradientMethod, GradientResult, Implicit, Unrolled
 from .solvers import STEPPERS, Relaxation, SolveStats, relax
-from .utils import block_stats, energy_blocks, set_gradient, set_precision
+from .utils import block_stats, energy_blocks, set_acceleration, set_gradient, set_precision
 
 __version__ = "0.1.0"
 
@@ -35,5 +35,5 @@ __all__ = [
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
     "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient",
     "compare_gradients", "GradientComparison", "CURRENT", "compare_gdd", "GDDComparison",
-    "energy_blocks", "set_gradient", "set_precision", "block_stats",
+    "energy_blocks", "set_gradient", "set_precision", "set_acceleration", "block_stats",
 ]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
+from .acceleration import check_settings, initial_states, mixer_for, overrelaxed
 from .errors import ConvergenceWarning, NotConverged, RelaxationDiverged
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +54,10 @@ class Relaxation:
     average_last: return the mean state over the last k steps instead of the last state
            (0: off). With noisy reads (analog tiles) the settled state fluctuates around the
            equilibrium; averaging k steps divides that noise's variance by about k.
+    overrelax: omega of projected over-relaxation, s <- P_box(s + omega (a drive - s)), in
+           (0, 2); 1 = the plain update (see :mod:`ffebm.acceleration`).
+    anderson: Anderson mixing over the last m sweeps (0: off; m >= 2).
+    init:  where a solve given no states starts: "zeros" or "feedforward" (one bottom-up pass).
     """
 
     steps: int = 50
@@ -64,6 +69,9 @@ class Relaxation:
     precision: Optional[torch.dtype] = None
     polish_steps: int = 2
     average_last: int = 0
+    overrelax: float = 1.0
+    anderson: int = 0
+    init: str = "zeros"
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -85,6 +93,7 @@ class Relaxation:
             raise ValueError(f"Relaxation.average_last must be an integer >= 0, got {self.average_last!r}")
         if not isinstance(self.polish_steps, int) or self.polish_steps < 0:
             raise ValueError(f"Relaxation.polish_steps must be an integer >= 0, got {self.polish_steps!r}")
+        check_settings(self.overrelax, self.anderson, self.init)
 
 
 @dataclass
@@ -106,7 +115,7 @@ class SolveStats:
 # steppers: one relaxation step s -> s'
 # --------------------------------------------------------------------------------------------
 def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optional[torch.Tensor],
-                  mode: str, cache: Dict[int, object]) -> States:
+                  mode: str, cache: Dict[int, object], omega: float = 1.0) -> States:
     """One step with hand-written drives.
 
     drive_i = [i == 0] u + [i > 0] f_{i-1}(s_{i-1}) + [i < L-1] J_{f_i}(s_i)^T s_{i+1} - [top] nudge
@@ -114,6 +123,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
     ``cache[i]`` holds coupling i's adjoint context (max-pool indices...) computed at the
     current s_i; it is refreshed whenever coupling i runs bottom-up and dropped when s_i moves.
     Functional (no in-place update) so autograd can differentiate through it (``Unrolled``).
+    ``omega`` != 1: over-relaxed updates (see :func:`update`).
     """
     L = len(s)
     cps = block.couplings
@@ -129,7 +139,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 v = v + td if i == 0 else v.add_(td)  # bottom[i > 0] is a fresh tensor
             if i == L - 1 and nudge is not None:
                 v = v - nudge
-            new.append(block.activate(i, v))
+            new.append(update(block, i, s[i], v, omega))
         for i in range(L - 1):
             cache[i] = None
         return new
@@ -150,14 +160,14 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 v = v + td if i == 0 else v.add_(td)
             if i == L - 1 and nudge is not None:
                 v = v - nudge
-            new[i] = block.activate(i, v)
+            new[i] = update(block, i, s[i], v, omega)
             if i < L - 1:
                 cache[i] = None
     return new
 
 
 def autograd_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optional[torch.Tensor],
-                  mode: str, cache: Dict[int, object]) -> States:
+                  mode: str, cache: Dict[int, object], omega: float = 1.0) -> States:
     """One step whose drives are d/ds of the nudged primitive  Phi(s; u) - <nudge, s_top>.
 
     Independent of the analytic drives (including the nudge's sign), used to check them.
@@ -174,16 +184,25 @@ def autograd_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
     L = len(s)
     if mode == "sync":
         g = drives(s)
-        return [block.activate(i, g[i]) for i in range(L)]
+        return [update(block, i, s[i], g[i], omega) for i in range(L)]
     new = [t.detach() for t in s]
     for start in (0, 1):
         g = drives(new)
         for i in range(start, L, 2):
-            new[i] = block.activate(i, g[i])
+            new[i] = update(block, i, new[i], g[i], omega)
     return new
 
 
-Stepper = Callable[["EnergyBlock", torch.Tensor, States, Optional[torch.Tensor], str, Dict[int, object]], States]
+def update(block: "EnergyBlock", i: int, s_i: torch.Tensor, v: torch.Tensor, omega: float) -> torch.Tensor:
+    """Layer i's new state from its drive v: sigma_i(v), or with omega != 1 the projected
+    over-relaxed P_box(s_i + omega (a v - s_i)) (the block's own ``activate`` when omega = 1, so
+    blocks with other state maps keep them)."""
+    if omega == 1.0:
+        return block.activate(i, v)
+    return overrelaxed(s_i, v, block.gain, omega, block.bounded(i))
+
+
+Stepper = Callable[..., States]  # (block, u, states, nudge, mode, cache, omega=1.0) -> new states
 STEPPERS: Dict[str, Stepper] = {"analytic": analytic_step, "autograd": autograd_step}
 
 
@@ -207,7 +226,8 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
     """
     cfg = config or block.relaxation
     step_fn = STEPPERS[cfg.stepper]
-    s = list(states) if states is not None else block.initial_state(u)
+    s = list(states) if states is not None else initial_states(block, u, cfg.init)
+    mixer = mixer_for(block, cfg.anderson)
     cache: Dict[int, object] = {}
     trace: List[float] = []
     converged = cfg.tol is None
@@ -226,18 +246,22 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
         check = k % cfg.check_every == 0 or k == cfg.steps
         if k <= low_until:
             with torch.autocast(device_type=u.device.type, dtype=cfg.precision):
-                new = step_fn(block, u_low, s, nudge_low, cfg.mode, cache)
+                new = step_fn(block, u_low, s, nudge_low, cfg.mode, cache, cfg.overrelax)
             if k == low_until:  # back to full precision for the polish steps
                 new = [t.to(u.dtype) for t in new]
                 cache.clear()
         else:
-            new = step_fn(block, u, s, nudge, cfg.mode, cache)
+            new = step_fn(block, u, s, nudge, cfg.mode, cache, cfg.overrelax)
         if check:
-            # the residual is only formed at check points: it costs as much as a small layer
-            residual = float(_residual(new, s))
+            # the residual is only formed at check points: it costs as much as a small layer;
+            # an over-relaxed change is omega times the plain one, so the tolerance keeps its meaning
+            residual = float(_residual(new, s)) / cfg.overrelax
             trace.append(residual)
             if not math.isfinite(residual):
                 raise RelaxationDiverged(block.name, k, phase)
+        if mixer is not None:
+            new = mixer(s, new)
+            cache.clear()  # the mixed state is not the one the couplings' contexts were computed at
         s = new
         if cfg.average_last:
             window.append(s)

@@ -37,6 +37,17 @@ def set_precision(model: nn.Module, precision: Optional[torch.dtype]) -> nn.Modu
     return model
 
 
+def set_acceleration(model: nn.Module, init: str = "zeros", overrelax: float = 1.0, anderson: int = 0) -> nn.Module:
+    """Start and accelerate every energy block's *free* relaxation (see :mod:`ffebm.acceleration`):
+    ``init`` "zeros" | "feedforward", over-relaxation ``overrelax`` in (0, 2), Anderson mixing over
+    ``anderson`` sweeps (0: off). The nudged phases keep their settings: they start from the free
+    equilibrium and run EP's fixed T2 schedule, whose trajectory the estimate is read off.
+    Settings are replaced, not edited in place (presets share one settings object)."""
+    for _, blk in energy_blocks(model):
+        blk.relaxation = dataclasses.replace(blk.relaxation, init=init, overrelax=float(overrelax), anderson=int(anderson))
+    return model
+
+
 def block_stats(model: nn.Module) -> dict:
     """{block name: last free-solve SolveStats} for logging."""
     return {name: blk.stats for name, blk in energy_blocks(model) if blk.stats is not None}

@@ -45,6 +45,9 @@ class TrainConfig:
     model_dtype: Optional[str] = None  # passed to the builder as dtype= (e.g. float32, float64)
     precision: str = "float32"       # energy blocks' relaxation: float32, or bfloat16 (free and nudged steps under
                                      # bf16 autocast, full-precision polish steps, read-out and digital layers)
+    relax_start: str = "zeros"       # where free relaxations start: zeros | feedforward (one bottom-up pass)
+    overrelax: float = 1.0           # free relaxations: projected over-relaxation omega in (0, 2) (1: plain steps)
+    anderson: int = 0                # free relaxations: Anderson mixing over this many sweeps (0: off; >= 2)
     model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
     freeze_bn_affine: bool = False   # freeze batch-norm weight/bias (the reference recipe does)
 
@@ -133,6 +136,7 @@ CHOICES: Dict[str, tuple] = {
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
     "precision": ("float32", "bfloat16"),
+    "relax_start": ("zeros", "feedforward"),
     "memory_format": ("auto", "channels_last", "contiguous"),
 }
 
@@ -266,6 +270,10 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"analog_omega={cfg.analog_omega!r}: must be >= 0 (0: off; none: the mode's default)")
     if cfg.beta is not None and cfg.beta <= 0:
         raise ConfigError(f"beta={cfg.beta!r}: must be > 0")
+    if not 0 < cfg.overrelax < 2:
+        raise ConfigError(f"overrelax={cfg.overrelax!r}: must be in (0, 2) (1: plain relaxation steps)")
+    if cfg.anderson < 0 or cfg.anderson == 1:
+        raise ConfigError(f"anderson={cfg.anderson!r}: must be 0 (off) or a memory >= 2")
     for key in ("t1", "t2", "num_classes", "in_channels", "image_size"):
         v = getattr(cfg, key)
         if v is not None and v <= 0:

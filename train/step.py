@@ -53,6 +53,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
     """Relaxation precision and memory format of a built model (on ``device``); returns the memory
     format its input batches take (see :class:`train.batches.Preprocess`)."""
     ffebm.set_precision(model, PRECISIONS[cfg.precision])
+    if (cfg.relax_start, cfg.overrelax, cfg.anderson) != ("zeros", 1.0, 0):
+        ffebm.set_acceleration(model, init=cfg.relax_start, overrelax=cfg.overrelax, anderson=cfg.anderson)
     if channels_last_wanted(model, cfg, device):
         model.to(memory_format=torch.channels_last)
         return torch.channels_last
