@@ -7,7 +7,8 @@
 
 For each energy block (its input taken from one forward pass of the model on a test batch) and
 each variant (``plain``; ``ff``: feedforward start; ``sorW``: over-relaxation omega = W;
-``andersonM``: Anderson mixing over M sweeps; joined with ``+``): the free steps to residual
+``andersonM``: Anderson mixing over M sweeps; joined with ``+``; ``preset``: the block's own
+settings, e.g. the published fixed T1 schedule): the free steps to residual
 ``--tol`` (checked every step), the true residual of the result (one plain step from it), its
 distance to the equilibrium solved to 1e-9, and the median solve time. Then, for the whole model
 with every block's free phase set to the variant: the worst per-tensor cosine of the model's own
@@ -35,7 +36,7 @@ def parse_variant(text: str) -> Dict[str, object]:
     """``"ff+sor1.4"`` -> {"init": "feedforward", "overrelax": 1.4}; ``"plain"`` -> {}."""
     out: Dict[str, object] = {}
     for tok in filter(None, text.split("+")):
-        if tok == "plain":
+        if tok in ("plain", "preset"):
             continue
         if tok == "ff":
             out["init"] = "feedforward"
@@ -103,6 +104,14 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
+def _config(base: ffebm.Relaxation, variant: str, args) -> ffebm.Relaxation:
+    """``preset``: the block's own free-phase settings (e.g. the published fixed T1 schedule);
+    otherwise the variant's settings with tolerance ``--tol`` checked every step."""
+    if variant == "preset":
+        return base
+    return dataclasses.replace(base, steps=args.budget, tol=args.tol, check_every=1, strict=False, **parse_variant(variant))
+
+
 def _tight(cfg: ffebm.Relaxation, budget: int) -> ffebm.Relaxation:
     """The reference equilibrium: plain steps to 3e-7 (near float32's floor for the residual)."""
     return dataclasses.replace(cfg, steps=budget, tol=3e-7, check_every=10, precision=None)
@@ -133,8 +142,7 @@ def run(args) -> Dict[str, object]:
         u = us[name]
         s_ref, _ = blk.solve(u, config=_tight(base[name], args.reference_budget))
         for v in variants:
-            cfg = dataclasses.replace(base[name], steps=args.budget, tol=args.tol, check_every=1, strict=False,
-                                      **parse_variant(v))
+            cfg = _config(base[name], v, args)
             s, st = blk.solve(u, config=cfg)
             with torch.no_grad():
                 true = float(_residual(analytic_step(blk, u, s, None, cfg.mode, {}), s))
@@ -155,8 +163,7 @@ def run(args) -> Dict[str, object]:
     grad_rows: List[Dict[str, object]] = []
     for v in variants:
         for n, b in blocks.items():
-            b.relaxation = dataclasses.replace(base[n], steps=args.budget, tol=args.tol, check_every=1, strict=False,
-                                               **parse_variant(v))
+            b.relaxation = _config(base[n], v, args)
         g = _grads(model, x, y)
         cos = {k: ffebm.compare.cosine(g[k], ref[k]) for k in ref if k in g and k in energy}
         t = _median_s(lambda: _grads(model, x, y), args.repeats)

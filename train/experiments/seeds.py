@@ -49,10 +49,13 @@ def run_seeds(recipe: str, overrides: Dict[str, str], seeds: Sequence[int], log=
             m = train(cfg, Path(tmp) / "run", log=lambda msg: None)
             wall = time.perf_counter() - t0
         shown = sorted({f"{w.category.__name__}: {str(w.message)[:120]}" for w in caught})
+        steps = {b: r["train_steps_mean"] for b, r in m.get("relaxation", {}).items() if "train_steps_mean" in r}
         runs.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
-                     "wall_seconds": wall, "warnings": shown})
+                     "wall_seconds": wall, "warnings": shown, "free_steps_mean": steps})
+        shown_steps = ", ".join(f"{b} {s:.1f}" for b, s in steps.items())
         log(f"seed {seed}: test accuracy {100 * m['test_accuracy']:.2f}% ({m['train_seconds']:.1f} s training, "
-            f"{wall:.1f} s wall{', ' + str(len(shown)) + ' warning(s)' if shown else ''})")
+            f"{wall:.1f} s wall{', free steps ' + shown_steps if steps else ''}"
+            f"{', ' + str(len(shown)) + ' warning(s)' if shown else ''})")
     acc = [r["test_accuracy"] for r in runs]
     secs = [r["train_seconds"] for r in runs]
     summary = {"recipe": recipe, "overrides": overrides, "seeds": list(seeds), "runs": runs,
