@@ -138,36 +138,49 @@ def _digital_layer_names(model: nn.Module, block_paths: List[str]) -> List[str]:
             if type(m) in (nn.Linear, nn.Conv2d) and n and not inside(n)]
 
 
+def put_on_tiles(model: nn.Module, conf, cfg: TrainConfig, layers: bool, what: str, layers_what: str,
+                 tiles: str) -> nn.Module:
+    """The energy blocks of ``model`` on tiles of ``conf`` (an AnalogConfig or InferenceConfig;
+    their input maps too with ``analog_input``), then, with ``layers``, the digital Linear /
+    Conv2d layers outside them; seeded by ``cfg.seed`` so a saved run is rebuilt identically.
+    A model that cannot be converted is a ConfigError naming ``what`` / ``layers_what``."""
+    import ffebm
+    from ffebm.analog import InvalidSetting, convert_to_analog, to_analog_energy
+
+    ids = {id(b) for _, b in ffebm.energy_blocks(model)}
+    paths = [n for n, m in model.named_modules() if id(m) in ids]
+    try:
+        model = to_analog_energy(model, conf, input_coupling=cfg.analog_input, seed=cfg.seed, inplace=True)
+    except InvalidSetting as e:
+        raise ConfigError(f"{what}: model {cfg.model!r} cannot be put on {tiles} "
+                          f"({str(e).splitlines()[0]})") from None
+    names = _digital_layer_names(model, paths) if layers else []
+    if names:
+        try:
+            model = convert_to_analog(model, conf, layers=names, inplace=True, seed=cfg.seed + 999_000)
+        except InvalidSetting as e:
+            raise ConfigError(f"{layers_what}: model {cfg.model!r} has a layer that cannot be put on "
+                              f"{tiles} ({str(e).splitlines()[0]})") from None
+    return model
+
+
 def make_analog(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Put ``model`` on tiles as ``cfg`` says (in place; returns the converted model).  A digital
     run (``analog=""``) returns ``model`` unchanged."""
     if not cfg.analog:
         return model
     import ffebm
-    from ffebm.analog import AnalogEP, InvalidSetting, analog_parameters, convert_to_analog, to_analog_energy
+    from ffebm.analog import AnalogEP, analog_parameters
 
     acfg = analog_config(cfg)
     blocks = list(ffebm.energy_blocks(model))
-    ids = {id(b) for _, b in blocks}
-    paths = [n for n, m in model.named_modules() if id(m) in ids]
-    try:
-        model = to_analog_energy(model, acfg, input_coupling=cfg.analog_input, seed=cfg.seed, inplace=True)
-    except InvalidSetting as e:
-        raise ConfigError(f"analog={cfg.analog!r}: model {cfg.model!r} cannot be put on tiles "
-                          f"({str(e).splitlines()[0]})") from None
+    model = put_on_tiles(model, acfg, cfg, layers=cfg.analog_layers, what=f"analog={cfg.analog!r}",
+                         layers_what="analog_layers=true", tiles="tiles")
     for name, blk in blocks:
         g = getattr(blk, "gradient", None)
         if not isinstance(g, AnalogEP):
             raise ConfigError(f"analog={cfg.analog!r}: energy block '{name}' is trained with {g!r}; analog "
                               f"energy blocks are trained with EP's pulsed updates (method=ep)")
-    if cfg.analog_layers:
-        names = _digital_layer_names(model, paths)
-        if names:
-            try:
-                model = convert_to_analog(model, acfg, layers=names, inplace=True, seed=cfg.seed + 999_000)
-            except InvalidSetting as e:
-                raise ConfigError(f"analog_layers=true: model {cfg.model!r} has a layer that cannot be put on "
-                                  f"tiles ({str(e).splitlines()[0]})") from None
     if not analog_parameters(model):
         hint = "" if cfg.analog_layers else "; analog_layers=true also converts its Linear/Conv2d layers"
         raise ConfigError(f"analog={cfg.analog!r}: model {cfg.model!r} has nothing to put on tiles "

@@ -85,29 +85,14 @@ def make_inference(model: nn.Module, cfg: TrainConfig, icfg=None) -> nn.Module:
     :class:`~ffebm.analog.InferenceConfig` (default :func:`inference_config` of ``cfg``); seeded
     by ``cfg.seed`` as the training-tile conversion is, so a saved run is rebuilt identically.
     Also used to deploy a digitally trained model on the same chip."""
-    import ffebm
-    from ffebm.analog import InvalidSetting, convert_to_analog, inference_modules, to_analog_energy
+    from ffebm.analog import inference_modules
 
-    from .analog import _digital_layer_names
+    from .analog import put_on_tiles
 
     icfg = inference_config(cfg) if icfg is None else icfg
-    blocks = list(ffebm.energy_blocks(model))
-    ids = {id(b) for _, b in blocks}
-    paths = [n for n, m in model.named_modules() if id(m) in ids]
-    try:
-        model = to_analog_energy(model, icfg, input_coupling=cfg.analog_input, seed=cfg.seed, inplace=True)
-    except InvalidSetting as e:
-        raise ConfigError(f"analog_mode=inference: model {cfg.model!r} cannot be put on inference tiles "
-                          f"({str(e).splitlines()[0]})") from None
     layers = True if cfg.analog_layers is None else cfg.analog_layers
-    if layers:
-        names = _digital_layer_names(model, paths)
-        if names:
-            try:
-                model = convert_to_analog(model, icfg, layers=names, inplace=True, seed=cfg.seed + 999_000)
-            except InvalidSetting as e:
-                raise ConfigError(f"analog_mode=inference: model {cfg.model!r} has a layer that cannot be put on "
-                                  f"inference tiles ({str(e).splitlines()[0]})") from None
+    model = put_on_tiles(model, icfg, cfg, layers=layers, what="analog_mode=inference",
+                         layers_what="analog_mode=inference", tiles="inference tiles")
     if not inference_modules(model):
         hint = "" if layers else "; analog_layers=true also converts its Linear/Conv2d layers"
         raise ConfigError(f"analog_mode=inference: model {cfg.model!r} has nothing to put on inference tiles "

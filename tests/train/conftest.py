@@ -38,6 +38,39 @@ def folder_digest(path: Path):
     return out
 
 
+def run_in_folder(tmp_path_factory, prefix: str, argv) -> Path:
+    """Run ``python -m train argv --out ref`` in-process in a fresh folder; returns the run folder
+    (module-scoped reference runs of the resume tests)."""
+    from train.__main__ import main
+
+    d = tmp_path_factory.mktemp(prefix)
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(list(argv) + ["--out", "ref"]) == 0
+    finally:
+        os.chdir(old)
+    return d / "ref"
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Recursive exact equality of checkpoint values (tensors bit for bit)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
 class InProc:
     """Result of running a command's main() in this process (same code path, no interpreter start-up)."""
 

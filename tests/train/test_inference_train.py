@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import folder_digest, main_inproc, one_line_error, run_train
+from conftest import assert_same, folder_digest, main_inproc, one_line_error, run_in_folder, run_train
 from train import checkpoint as C
 from train.config import ConfigError
 from train.recipes import build_config
@@ -161,39 +161,13 @@ RESUME = ARGS + ["ckpt_every=3", "seed=5", "max_steps=11"]
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    import os
-
-    from train.__main__ import main
-
-    d = tmp_path_factory.mktemp("iref")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        assert main(RESUME + ["--out", "ref"]) == 0
-    finally:
-        os.chdir(old)
-    return d / "ref"
-
-
-def _same(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, sorted(set(a) ^ set(b)))
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
+    return run_in_folder(tmp_path_factory, "iref", RESUME)
 
 
 def assert_same_run(a, b):
     ca, cb = C.load(a / C.CKPT), C.load(b / C.CKPT)
     for key in ("model", "optimizer", "scheduler", "position"):
-        _same(ca[key], cb[key], key)
+        assert_same(ca[key], cb[key], key)
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     strip = lambda m: [{k: v for k, v in h.items() if k != "seconds"} for h in m["history"]]
     assert strip(ma) == strip(mb) and ma["test_accuracy"] == mb["test_accuracy"]

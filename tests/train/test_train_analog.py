@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import HERE, folder_digest, main_inproc, run_train, subprocess_env
+from conftest import HERE, assert_same, folder_digest, main_inproc, run_in_folder, run_train, subprocess_env
 from train import checkpoint as C
 from ffebm.analog import is_analog_parameter
-from train import distributed as D
-from train.config import ConfigError, UserError
+from train.config import ConfigError
 from train.recipes import build_config
 from train.trainer import Trainer
 
@@ -38,22 +37,6 @@ def one_line_error(res, code=2):
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     return lines[0]
-
-
-def assert_same(a, b, where="checkpoint"):
-    """Recursive exact equality of checkpoint values (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,18 +182,7 @@ RESUME = ARGS + ["ckpt_every=3", "seed=5", "max_steps=11"]
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    import os
-
-    from train.__main__ import main
-
-    d = tmp_path_factory.mktemp("aref")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        assert main(RESUME + ["--out", "ref"]) == 0
-    finally:
-        os.chdir(old)
-    return d / "ref"
+    return run_in_folder(tmp_path_factory, "aref", RESUME)
 
 
 def _final(run):
