@@ -57,14 +57,24 @@ def inference_config(cfg: TrainConfig):
     return InferenceConfig(io=io, modifier=modifier, clip=clip, weight_scaling_omega=omega if omega > 0 else None)
 
 
+#: the keys only an inference-chip run reads
+INFERENCE_KEYS = ("inference_modifier", "inference_modifier_std", "inference_clip", "inference_clip_value")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Validation of ``analog_mode`` and the inference keys (called by :func:`train.validate.validate`)."""
     if cfg.inference_modifier_std is not None and cfg.inference_modifier_std < 0:
         raise ConfigError(f"inference_modifier_std={cfg.inference_modifier_std!r}: must be >= 0")
     if cfg.inference_clip_value is not None and cfg.inference_clip_value <= 0:
         raise ConfigError(f"inference_clip_value={cfg.inference_clip_value!r}: must be > 0")
-    inference_config(cfg)  # a digital or training-tile run checks (and ignores) the inference keys
+    inference_config(cfg)
     if not inference_mode(cfg):
+        defaults = TrainConfig()
+        set_keys = [k for k in INFERENCE_KEYS if getattr(cfg, k) != getattr(defaults, k)]
+        if set_keys:  # they would be ignored: say so rather than train something else than asked
+            shown = " ".join(f"{k}={getattr(cfg, k)}" for k in set_keys)
+            raise ConfigError(f"{shown}: inference keys apply to analog_mode=inference only "
+                              f"(this run has analog_mode={cfg.analog_mode})")
         return
     if cfg.analog:
         raise ConfigError(f"analog={cfg.analog!r} with analog_mode=inference: an inference chip is not trained by "

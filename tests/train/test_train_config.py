@@ -102,3 +102,39 @@ def test_label_smoothing_is_the_training_loss(tmp_path):
     loss = t.train_step(xb, yb, None)[0]
     assert abs(loss - want.item()) < 1e-5
     assert abs(loss - torch.nn.functional.nll_loss(logp, yb).item()) > 1e-3   # not the plain loss
+
+
+@pytest.mark.parametrize("over", [{"inference_clip": "fixed", "inference_clip_value": "1.0"},
+                                  {"inference_modifier": "add_gauss", "inference_modifier_std": "0.05"},
+                                  {"inference_clip": "none"}])
+def test_inference_keys_on_a_run_that_is_no_inference_chip_are_refused(over):
+    with pytest.raises(ConfigError, match="apply to analog_mode=inference only") as e:
+        validate(apply_overrides(TrainConfig(), over))
+    assert next(iter(over)) in str(e.value)
+    validate(apply_overrides(TrainConfig(), dict(over, analog_mode="inference")))  # the same keys on a chip
+
+
+def test_the_hardware_aware_recipe_trains_digitally_with_analog_mode_training():
+    validate(build_config("digits-hwa", {"analog_mode": "training"}))
+
+
+@pytest.mark.parametrize("over, key", [({"overrelax": "2"}, "overrelax"), ({"overrelax": "0"}, "overrelax"),
+                                       ({"anderson": "1"}, "anderson"), ({"relax_start": "ones"}, "relax_start")])
+def test_relaxation_acceleration_keys_are_checked(over, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(apply_overrides(TrainConfig(), over))
+
+
+def test_acceleration_keys_reach_every_free_relaxation():
+    import torch
+
+    import ffebm
+    import models
+    from train.step import prepare_model
+
+    model = models.build("digits")
+    cfg = validate(apply_overrides(TrainConfig(), {"relax_start": "feedforward", "anderson": "4", "overrelax": "1.2"}))
+    prepare_model(model, cfg, torch.device("cpu"))
+    blocks = list(ffebm.energy_blocks(model))
+    assert blocks and all((b.relaxation.init, b.relaxation.anderson, b.relaxation.overrelax) == ("feedforward", 4, 1.2)
+                          and b.nudge_relaxation.anderson == 0 for _, b in blocks)

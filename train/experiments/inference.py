@@ -79,6 +79,8 @@ def run_overrides(name: str, seed: int, quick: bool, extra: Dict[str, str],
         opts = o.get("model_options", get(recipe).get("model_options", ""))
         kept = [kv for kv in opts.split(",") if kv and kv.split("=")[0] not in ("hidden", "width")]
         o["model_options"] = ",".join(kept + [f"hidden={size[0]}", f"width={size[1]}"])
+    if RUNS[name][3] == "digital":  # the chip's keys shape the deployment (chip()), not digital training
+        extra = {k: v for k, v in extra.items() if not k.startswith("inference_")}
     o.update(extra)
     return o
 
