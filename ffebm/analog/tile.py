@@ -31,22 +31,27 @@ __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "fin
 # ----------------------------------------------------------------------------------------------
 
 
-def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Optional[torch.Generator]):
+def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Optional[torch.Generator],
+                 want_clipped: bool):
     """One pass for the rows ``x`` [N, in] scaled by ``inv`` [N, 1] (``1 / alpha`` of noise
-    management, divided by bound management's factor). Returns ``(y, clipped[N])``, ``y`` the
-    ADC's output before multiplying back.
+    management, divided by bound management's factor). Returns ``(y, unit, clipped[N])``: the
+    ADC's output before multiplying back is ``y * unit`` (``clipped``: rows that reached the ADC
+    bound, None unless ``want_clipped``).
 
     The DAC input ``x inv`` is clipped to ``+-inp_bound`` and quantised with step
     ``inp_res * 2 * inp_bound``; the MVM, noise, clipping to ``+-out_bound`` and the ADC's
     quantisation (step ``out_res * 2 * out_bound``) follow. Computed in units of the DAC step
-    (integers ``round(x inv / step)``: the step is factored out of the MVM, and the noise and
-    bounds are scaled by ``1 / step`` instead), in place on two temporaries of the input's and
-    output's size: the same numbers up to rounding, about half the element-wise passes."""
+    (integers ``round(x inv / step)``: the step is factored out of the MVM, the noise and bounds
+    are scaled by ``1 / step`` instead) and returned in units of the ADC step (``unit``, folded
+    by the caller into its multiplication by ``alpha``), in place on one temporary of the
+    input's and one of the output's size: the same numbers up to rounding, about half the
+    element-wise passes of the plain sequence."""
     ib = io.inp_bound
     quant_in = io.inp_res > 0 and math.isfinite(ib)
     step = io.inp_res * 2.0 * ib if quant_in else 1.0
     xq = x * (inv / step) if step != 1.0 else x * inv
-    if math.isfinite(ib):
+    # |x inv| <= 1 already when inv holds 1 / max|x| (noise management) and the bound is >= 1
+    if math.isfinite(ib) and not (io.noise_management == "abs_max" and ib >= 1.0):
         xq.clamp_(-ib / step, ib / step)
     if quant_in:
         xq.round_()
@@ -62,18 +67,17 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
     if io.out_noise > 0:
         y.add_(randn(y.shape, generator, y), alpha=io.out_noise / step)
     ob = io.out_bound
+    clipped = None
     if math.isfinite(ob):
-        # max and min per row (no |y| temporary; aminmax is several times slower on CPU)
-        clipped = (y.amax(dim=1) >= ob / step) | (y.amin(dim=1) <= -ob / step)
+        if want_clipped:
+            clipped = y.abs().amax(dim=1) >= ob / step
         y.clamp_(-ob / step, ob / step)
-    else:
+    elif want_clipped:
         clipped = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
     if io.out_res > 0 and math.isfinite(ob):
         so = io.out_res * 2.0 * ob
-        y.mul_(step / so).round_().mul_(so)
-    elif step != 1.0:
-        y.mul_(step)
-    return y, clipped
+        return y.mul_(step / so).round_(), so, clipped
+    return y, step, clipped
 
 
 def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
@@ -86,14 +90,15 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
         return x @ W.t()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if io.noise_management == "abs_max" and x2.shape[0] > 0:
-        alpha = torch.maximum(x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True).neg_())  # max |x|
-        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    if io.noise_management == "abs_max":
+        alpha = x2.abs().amax(dim=1, keepdim=True) if x2.shape[0] > 0 else x2.new_ones(0, 1)
+        alpha = torch.where(alpha > 0, alpha, 1.0)
     else:
         alpha = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
     inv = 1.0 / alpha
-    y, clipped = _single_read(W, x2, inv, io, generator)
-    if allow_bm and io.bound_management and math.isfinite(io.out_bound):
+    bm = allow_bm and io.bound_management and math.isfinite(io.out_bound)
+    y, unit, clipped = _single_read(W, x2, inv, io, generator, bm)
+    if bm:
         max_iter = int(math.floor(math.log2(io.max_bm_factor)))
         scale = torch.ones_like(alpha)
         for _ in range(max_iter):
@@ -101,11 +106,11 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
             if idx.numel() == 0:
                 break
             scale[idx] = scale[idx] * 2.0
-            ys, cl = _single_read(W, x2[idx], inv[idx] / scale[idx], io, generator)
+            ys, _, cl = _single_read(W, x2[idx], inv[idx] / scale[idx], io, generator, True)
             y[idx] = ys * scale[idx]
             clipped = torch.zeros_like(clipped)
             clipped[idx] = cl
-    y.mul_(alpha)
+    y.mul_(alpha.mul_(unit))
     return y.reshape(*lead, W.shape[0])
 
 
@@ -303,7 +308,7 @@ class AnalogTile(nn.Module):
                 acc = part if acc is None else acc + part
             outs.append(acc)
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return y * self.out_scale.to(y.dtype)
+        return y.mul_(self.out_scale.to(y.dtype))  # a fresh tensor of the reads
 
     def backward(self, d: Tensor) -> Tensor:
         """``z = W^T d`` for d [..., out] (network units)."""
