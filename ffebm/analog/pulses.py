@@ -83,7 +83,7 @@ def _probability(scale: Tensor, mag: Tensor) -> Tensor:
     """``min(scale_b |v_j|, 1)`` per sample b, element j; 0 where the product is NaN (``inf * 0``
     for ``|v_j| = 0`` with an infinite scale, or a NaN scale from a degenerate ``dw_min`` /
     ratio: no pulse), 1 where it is infinite."""
-    return torch.nan_to_num(scale.unsqueeze(1) * mag, nan=0.0).clamp(max=1.0)
+    return (scale.unsqueeze(1) * mag).nan_to_num_(nan=0.0).clamp_(max=1.0)
 
 
 def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator],
@@ -96,10 +96,9 @@ def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generat
         slot_ok = (torch.arange(L, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)
         p3 = p3 * slot_ok.unsqueeze(2)  # zero probability beyond each sample's BL
     u = rand((B, L, n), generator, p)
-    bits = u < p3
     if sign is None:
-        return bits
-    return bits * sign.unsqueeze(1)
+        return u < p3
+    return u.lt_(p3).mul_(sign.unsqueeze(1))  # in place: bits as 0/1 in u's dtype, then signed
 
 
 def _count_matmul(a: Tensor, b: Tensor) -> Tensor:

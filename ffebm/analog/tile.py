@@ -31,12 +31,19 @@ __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "fin
 # ----------------------------------------------------------------------------------------------
 
 
+def _mvm(W: Tensor, x: Tensor) -> Tensor:
+    """``W`` times each input vector of ``x``: rows of [N, in] (-> [N, out]) or columns of
+    [B, in, L] (-> [B, out, L])."""
+    return x @ W.t() if x.dim() == 2 else torch.matmul(W, x)
+
+
 def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Optional[torch.Generator],
                  want_clipped: bool):
-    """One pass for the rows ``x`` [N, in] scaled by ``inv`` [N, 1] (``1 / alpha`` of noise
-    management, divided by bound management's factor). Returns ``(y, unit, clipped[N])``: the
-    ADC's output before multiplying back is ``y * unit`` (``clipped``: rows that reached the ADC
-    bound, None unless ``want_clipped``).
+    """One pass for the input vectors of ``x``, rows of [N, in] or columns of [B, in, L],
+    scaled by ``inv`` ([N, 1] / [B, 1, L]: ``1 / alpha`` of noise management, divided by bound
+    management's factor). Returns ``(y, unit, clipped)``: the ADC's output before multiplying
+    back is ``y * unit`` ([N, out] / [B, out, L]); ``clipped`` ([N] / [B, L]) marks the vectors
+    that reached the ADC bound (None unless ``want_clipped``).
 
     The DAC input ``x inv`` is clipped to ``+-inp_bound`` and quantised with step
     ``inp_res * 2 * inp_bound``; the MVM, noise, clipping to ``+-out_bound`` and the ADC's
@@ -57,12 +64,12 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
         xq.round_()
     if io.inp_noise > 0:
         xq.add_(randn(xq.shape, generator, xq), alpha=io.inp_noise / step)
-    y = xq @ W.t()
+    y = _mvm(W, xq)
     if io.w_noise > 0:
         if io.w_noise_type == "additive":
             s = xq.norm(dim=1, keepdim=True)
         else:  # pcm
-            s = torch.sqrt((xq * xq) @ W.abs().t())
+            s = torch.sqrt(_mvm(W.abs(), xq * xq))
         y.addcmul_(s, randn(y.shape, generator, y), value=io.w_noise)
     if io.out_noise > 0:
         y.add_(randn(y.shape, generator, y), alpha=io.out_noise / step)
@@ -81,50 +88,62 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
 
 
 def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
-          allow_bm: bool) -> Tensor:
-    if x.shape[-1] != W.shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features, the matrix expects {W.shape[1]}")
+          allow_bm: bool, columns: bool = False) -> Tensor:
+    """Reads of ``W`` for the input vectors of ``x``: ``[..., in]`` (-> ``[..., out]``) or, with
+    ``columns``, the columns of ``[B, in, L]`` (-> ``[B, out, L]``; the im2col layout of a
+    convolution, read without transposing it)."""
+    fdim = 1 if columns else -1
+    if columns and x.dim() != 3:
+        raise ValueError(f"a read of columns expects [batch, {W.shape[1]}, positions], got {list(x.shape)}")
+    if x.shape[fdim] != W.shape[1]:
+        raise ValueError(f"input has {x.shape[fdim]} features, the matrix expects {W.shape[1]}")
     if W.dtype != x.dtype or W.device != x.device:  # the read follows its input
         W = W.to(device=x.device, dtype=x.dtype)
     if io.is_perfect:
-        return x @ W.t()
+        return _mvm(W, x) if columns else x @ W.t()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if columns else x.reshape(-1, x.shape[-1])
     if io.noise_management == "abs_max":
-        alpha = x2.abs().amax(dim=1, keepdim=True) if x2.shape[0] > 0 else x2.new_ones(0, 1)
+        alpha = x2.abs().amax(dim=1, keepdim=True) if x2.numel() > 0 else x2.sum(dim=1, keepdim=True)
         alpha = torch.where(alpha > 0, alpha, 1.0)
     else:
-        alpha = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
+        alpha = torch.ones_like(x2.sum(dim=1, keepdim=True))
     inv = 1.0 / alpha
     bm = allow_bm and io.bound_management and math.isfinite(io.out_bound)
     y, unit, clipped = _single_read(W, x2, inv, io, generator, bm)
     if bm:
+        # re-read the clipped vectors with the input halved (as rows: a view [B, L, .] of columns)
+        def vectors(t: Tensor) -> Tensor:
+            return t.transpose(1, 2) if columns else t
+
         max_iter = int(math.floor(math.log2(io.max_bm_factor)))
         scale = torch.ones_like(alpha)
+        xv, invv, yv, sv = vectors(x2), vectors(inv), vectors(y), vectors(scale)
         for _ in range(max_iter):
-            idx = clipped.nonzero().squeeze(1)
-            if idx.numel() == 0:
+            idx = clipped.nonzero(as_tuple=True)
+            if idx[0].numel() == 0:
                 break
-            scale[idx] = scale[idx] * 2.0
-            ys, _, cl = _single_read(W, x2[idx], inv[idx] / scale[idx], io, generator, True)
-            y[idx] = ys * scale[idx]
+            sv[idx] = sv[idx] * 2.0
+            ys, _, cl = _single_read(W, xv[idx], invv[idx] / sv[idx], io, generator, True)
+            yv[idx] = ys * sv[idx]
             clipped = torch.zeros_like(clipped)
             clipped[idx] = cl
     y.mul_(alpha.mul_(unit))
-    return y.reshape(*lead, W.shape[0])
+    return y if columns else y.reshape(*lead, W.shape[0])
 
 
 def read_forward(W: Tensor, x: Tensor, io: Optional[IOConfig] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``."""
-    return _read(W, x, io if io is not None else IOConfig(), generator, allow_bm=True)
+                 generator: Optional[torch.Generator] = None, columns: bool = False) -> Tensor:
+    """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``. ``columns``: x is
+    [B, in, L], one input vector per column (-> [B, out, L])."""
+    return _read(W, x, io if io is not None else IOConfig(), generator, allow_bm=True, columns=columns)
 
 
 def read_backward(W: Tensor, d: Tensor, io: Optional[IOConfig] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: Optional[torch.Generator] = None, columns: bool = False) -> Tensor:
     """``z = W^T d`` (d: [..., out]) through the read model ``io`` (no bound management, as
-    published for the backward pass)."""
-    return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False)
+    published for the backward pass). ``columns``: d is [B, out, L] (-> [B, in, L])."""
+    return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,33 +315,44 @@ class AnalogTile(nn.Module):
         return torch.cat(rows, dim=0)
 
     # -- passes ----------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """``y = W x`` for x [..., in] (network units)."""
+    def forward(self, x: Tensor, columns: bool = False) -> Tensor:  # type: ignore[override]
+        """``y = W x`` for x [..., in] (network units); ``columns``: x is [B, in, L], one input
+        vector per column (the im2col layout), y is [B, out, L]."""
         self._follow(x)
         self.n_forward_reads += x.numel() // max(self.in_size, 1)
+        fdim = 1 if columns else -1
         outs = []
         for row in self.arrays:
             acc = None
             for a, cs in zip(row, self._col_slices()):
-                part = read_forward(a.w_read, x[..., cs], self.io, self.generator)
+                part = read_forward(a.w_read, x.narrow(fdim, cs.start, cs.stop - cs.start), self.io,
+                                    self.generator, columns)
                 acc = part if acc is None else acc + part
             outs.append(acc)
-        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return y.mul_(self.out_scale.to(y.dtype))  # a fresh tensor of the reads
+        y = torch.cat(outs, dim=fdim) if len(outs) > 1 else outs[0]
+        return y.mul_(self._scale_for(y, columns))  # a fresh tensor of the reads
 
-    def backward(self, d: Tensor) -> Tensor:
-        """``z = W^T d`` for d [..., out] (network units)."""
+    def backward(self, d: Tensor, columns: bool = False) -> Tensor:
+        """``z = W^T d`` for d [..., out] (network units); ``columns``: d is [B, out, L], z is
+        [B, in, L]."""
         self._follow(d)
         self.n_backward_reads += d.numel() // max(self.out_size, 1)
-        ds = d * self.out_scale.to(d.dtype)
+        fdim = 1 if columns else -1
+        ds = d * self._scale_for(d, columns)
         outs = []
         for j, cs in enumerate(self._col_slices()):
             acc = None
             for row, rs in zip(self.arrays, self._row_slices()):
-                part = read_backward(row[j].w_read, ds[..., rs], self.bwd_io, self.generator)
+                part = read_backward(row[j].w_read, ds.narrow(fdim, rs.start, rs.stop - rs.start), self.bwd_io,
+                                     self.generator, columns)
                 acc = part if acc is None else acc + part
             outs.append(acc)
-        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return torch.cat(outs, dim=fdim) if len(outs) > 1 else outs[0]
+
+    def _scale_for(self, t: Tensor, columns: bool) -> Tensor:
+        """``out_scale`` shaped to multiply outputs of ``t``'s layout."""
+        s = self.out_scale.to(t.dtype)
+        return s.unsqueeze(1) if columns else s
 
     @torch.no_grad()
     def update(self, x: Tensor, d: Tensor, lr: float, cfg: Optional[UpdateConfig] = None,
