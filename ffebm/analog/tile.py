@@ -43,7 +43,7 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
     scaled by ``inv`` ([N, 1] / [B, 1, L]: ``1 / alpha`` of noise management, divided by bound
     management's factor). Returns ``(y, unit, clipped)``: the ADC's output before multiplying
     back is ``y * unit`` ([N, out] / [B, out, L]); ``clipped`` ([N] / [B, L]) marks the vectors
-    that reached the ADC bound (None unless ``want_clipped``).
+    that reached the ADC bound (None when none did or ``want_clipped`` is False).
 
     The DAC input ``x inv`` is clipped to ``+-inp_bound`` and quantised with step
     ``inp_res * 2 * inp_bound``; the MVM, noise, clipping to ``+-out_bound`` and the ADC's
@@ -77,10 +77,14 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
     clipped = None
     if math.isfinite(ob):
         if want_clipped:
-            clipped = y.abs().amax(dim=1) >= ob / step
-        y.clamp_(-ob / step, ob / step)
-    elif want_clipped:
-        clipped = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+            # one check of the whole block first: usually nothing reaches the bound, and then
+            # neither the per-vector flags nor the clamp are needed
+            mag = y.abs()
+            if float(mag.max()) >= ob / step if mag.numel() else False:
+                clipped = mag.amax(dim=1) >= ob / step
+                y.clamp_(-ob / step, ob / step)
+        else:
+            y.clamp_(-ob / step, ob / step)
     if io.out_res > 0 and math.isfinite(ob):
         so = io.out_res * 2.0 * ob
         return y.mul_(step / so).round_(), so, clipped
@@ -120,14 +124,17 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
         scale = torch.ones_like(alpha)
         xv, invv, yv, sv = vectors(x2), vectors(inv), vectors(y), vectors(scale)
         for _ in range(max_iter):
-            idx = clipped.nonzero(as_tuple=True)
-            if idx[0].numel() == 0:
+            if clipped is None:
                 break
+            idx = clipped.nonzero(as_tuple=True)
             sv[idx] = sv[idx] * 2.0
             ys, _, cl = _single_read(W, xv[idx], invv[idx] / sv[idx], io, generator, True)
             yv[idx] = ys * sv[idx]
-            clipped = torch.zeros_like(clipped)
-            clipped[idx] = cl
+            if cl is not None:
+                clipped = torch.zeros_like(clipped)
+                clipped[idx] = cl
+            else:
+                clipped = None
     y.mul_(alpha.mul_(unit))
     return y if columns else y.reshape(*lead, W.shape[0])
 
@@ -321,6 +328,9 @@ class AnalogTile(nn.Module):
         self._follow(x)
         self.n_forward_reads += x.numel() // max(self.in_size, 1)
         fdim = 1 if columns else -1
+        if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
+            y = read_forward(self.arrays[0][0].w_read, x, self.io, self.generator, columns)
+            return y.mul_(self._scale_for(y, columns))
         outs = []
         for row in self.arrays:
             acc = None
@@ -339,6 +349,8 @@ class AnalogTile(nn.Module):
         self.n_backward_reads += d.numel() // max(self.out_size, 1)
         fdim = 1 if columns else -1
         ds = d * self._scale_for(d, columns)
+        if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
+            return read_backward(self.arrays[0][0].w_read, ds, self.bwd_io, self.generator, columns)
         outs = []
         for j, cs in enumerate(self._col_slices()):
             acc = None
