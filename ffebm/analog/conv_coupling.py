@@ -27,6 +27,7 @@ from torch import Tensor
 from ..couplings import ConvCoupling
 from .config import InvalidSetting
 from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
+from .tile import count_reads
 
 __all__ = ["AnalogConvCoupling"]
 
@@ -86,7 +87,7 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x: Tensor):
-        self.n_forward_reads += 1
+        count_reads(self, "n_forward_reads", 1)
         b = x.shape[0]
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [B, Ckk, L]
         c = self._read_forward(cols, columns=True)  # one read per column: [B, C_out, L]
@@ -96,7 +97,7 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
         return y, ctx
 
     def top_down(self, y: Tensor, ctx: Any) -> Tensor:
-        self.n_backward_reads += 1
+        count_reads(self, "n_backward_reads", 1)
         g = self._pool_adjoint(y, ctx)  # [B, C_out, Hc, Wc]
         b = g.shape[0]
         z = self._read_backward(g.reshape(b, self.out_channels, -1), columns=True)  # one transposed read per position

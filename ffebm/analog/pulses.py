@@ -11,8 +11,10 @@ For each sample b of a batch, with bit length ``BL_b`` (``bl``, shortened by BL 
 
 Two paths:
 
-* exact (:func:`exact_update`): bits drawn and pulses applied one coincidence slot at a time,
-  sample after sample (the reference semantics; ``B * BL`` vectorised device steps);
+* exact (:func:`exact_update`): pulses applied one coincidence slot at a time, sample after
+  sample (the reference semantics); each slot pulses the rectangle of devices whose x and d
+  bits both fire, gathered and written back, so the cost follows the number of pulses
+  (512x512, batch 64, d ~ N(0, 0.1): ~6.8 million pulses in about 0.2 s on one core);
 * fast (:func:`coincidence_counts` + :func:`~ffebm.analog.integrate.apply_pulses`): the signed
   bit trains of the whole batch are stacked into ``[B*BL, in]`` / ``[B*BL, out]`` matrices and
   the per-device numbers of up and down coincidences come out of two matrix products (exact

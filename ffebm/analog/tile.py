@@ -153,6 +153,13 @@ def read_backward(W: Tensor, d: Tensor, io: Optional[IOConfig] = None,
     return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False, columns=columns)
 
 
+def count_reads(module: nn.Module, name: str, k: int) -> None:
+    """Add ``k`` to the plain int counter ``name`` of ``module`` (a read counter), bypassing
+    ``nn.Module.__setattr__``: its checks for parameters, buffers and submodules cost a few
+    microseconds, paid on every read of every relaxation step."""
+    module.__dict__[name] = module.__dict__.get(name, 0) + k
+
+
 # ----------------------------------------------------------------------------------------------
 # tile
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +333,7 @@ class AnalogTile(nn.Module):
         """``y = W x`` for x [..., in] (network units); ``columns``: x is [B, in, L], one input
         vector per column (the im2col layout), y is [B, out, L]."""
         self._follow(x)
-        self.n_forward_reads += x.numel() // max(self.in_size, 1)
+        count_reads(self, "n_forward_reads", x.numel() // max(self.in_size, 1))
         fdim = 1 if columns else -1
         if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
             y = read_forward(self.arrays[0][0].w_read, x, self.io, self.generator, columns)
@@ -346,7 +353,7 @@ class AnalogTile(nn.Module):
         """``z = W^T d`` for d [..., out] (network units); ``columns``: d is [B, out, L], z is
         [B, in, L]."""
         self._follow(d)
-        self.n_backward_reads += d.numel() // max(self.out_size, 1)
+        count_reads(self, "n_backward_reads", d.numel() // max(self.out_size, 1))
         fdim = 1 if columns else -1
         ds = d * self._scale_for(d, columns)
         if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
