@@ -171,17 +171,19 @@ class DeviceParams:
     def derived(self, name: str, compute: Callable[[], Any], *extra: Any) -> Any:
         """A constant derived from the parameters (``compute()``), computed once and kept under
         ``name`` until a parameter tensor is replaced or modified in place (each tensor's
-        identity and ``_version`` are checked on every use) or ``extra`` (e.g. the device
-        model's settings) changes. Not carried by :meth:`map` (recomputed for the new tensors)."""
+        identity and ``_version`` are checked on every use), another parameter (a flag such as
+        ``affine_ok``) or ``extra`` (e.g. the device model's settings) changes. Not carried by
+        :meth:`map` (recomputed for the new tensors)."""
         srcs = [v for _, v in self.items() if isinstance(v, Tensor)]
+        key = (extra, [(k, v) for k, v in self.items() if not isinstance(v, Tensor)])
         hit = self.__dict__.get(name)
         if hit is not None:
-            tensors, versions, ex, value = hit
-            if (len(tensors) == len(srcs) and ex == extra
+            tensors, versions, k0, value = hit
+            if (len(tensors) == len(srcs) and k0 == key
                     and all(a is b and a._version == v for a, b, v in zip(tensors, srcs, versions))):
                 return value
         value = compute()
-        self.__dict__[name] = (srcs, [t._version for t in srcs], extra, value)
+        self.__dict__[name] = (srcs, [t._version for t in srcs], key, value)
         return value
 
     def to(self, *args: Any, **kw: Any) -> "DeviceParams":
