@@ -27,6 +27,7 @@ from torch import Tensor
 from ..couplings import ConvCoupling
 from .config import InvalidSetting
 from .layers import AnalogConfig, _AnalogLayer, _post_load_hook
+from .tile import count_reads
 
 __all__ = ["AnalogConvCoupling"]
 
@@ -86,21 +87,20 @@ class AnalogConvCoupling(_AnalogLayer, ConvCoupling):
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x: Tensor):
-        self.n_forward_reads += 1
+        count_reads(self, "n_forward_reads", 1)
         b = x.shape[0]
-        c = self._read_forward(self._patches(x))  # [B*L, C_out]
-        c = rearrange(c, "(b h w) c -> b c h w", b=b, h=self.conv_size[0], w=self.conv_size[1])
-        y, ctx = self._pool(c)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [B, Ckk, L]
+        c = self._read_forward(cols, columns=True)  # one read per column: [B, C_out, L]
+        y, ctx = self._pool(c.view(b, self.out_channels, *self.conv_size))
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y, ctx
 
     def top_down(self, y: Tensor, ctx: Any) -> Tensor:
-        self.n_backward_reads += 1
+        count_reads(self, "n_backward_reads", 1)
         g = self._pool_adjoint(y, ctx)  # [B, C_out, Hc, Wc]
         b = g.shape[0]
-        z = self._read_backward(rearrange(g, "b c h w -> (b h w) c"))  # one transposed read per position
-        z = rearrange(z, "(b l) ckk -> b ckk l", b=b)
+        z = self._read_backward(g.reshape(b, self.out_channels, -1), columns=True)  # one transposed read per position
         return F.fold(z, self.in_size, self.kernel_size, padding=self.padding, stride=self.stride)
 
     def phi(self, x: Tensor, y: Tensor) -> Tensor:

@@ -168,6 +168,24 @@ class DeviceParams:
             out["_bounded"] = self.__dict__["_bounded"]
         return DeviceParams(**out)
 
+    def derived(self, name: str, compute: Callable[[], Any], *extra: Any) -> Any:
+        """A constant derived from the parameters (``compute()``), computed once and kept under
+        ``name`` until a parameter tensor is replaced or modified in place (each tensor's
+        identity and ``_version`` are checked on every use), another parameter (a flag such as
+        ``affine_ok``) or ``extra`` (e.g. the device model's settings) changes. Not carried by
+        :meth:`map` (recomputed for the new tensors)."""
+        srcs = [v for _, v in self.items() if isinstance(v, Tensor)]
+        key = (extra, [(k, v) for k, v in self.items() if not isinstance(v, Tensor)])
+        hit = self.__dict__.get(name)
+        if hit is not None:
+            tensors, versions, k0, value = hit
+            if (len(tensors) == len(srcs) and k0 == key
+                    and all(a is b and a._version == v for a, b, v in zip(tensors, srcs, versions))):
+                return value
+        value = compute()
+        self.__dict__[name] = (srcs, [t._version for t in srcs], key, value)
+        return value
+
     def to(self, *args: Any, **kw: Any) -> "DeviceParams":
         return self.map(lambda t: t.to(*args, **kw))
 
@@ -388,18 +406,20 @@ class PulsedDevice(Validated):
         """State where up and down steps are equal (None if the model has none)."""
         return None
 
-    def clip(self, w: Tensor, p: DeviceParams) -> Tensor:
+    def clip(self, w: Tensor, p: DeviceParams, inplace: bool = False) -> Tensor:
         """``w`` clipped to each device's bounds and to the dtype's finite range: a state of an
         unbounded device (``w_min = -inf`` / ``w_max = inf``) whose steps overflow saturates at
-        ``+-max`` instead of becoming inf (and then NaN as inf - inf in the next pulse)."""
-        out = torch.clamp(w, p.w_min, p.w_max)
+        ``+-max`` instead of becoming inf (and then NaN as inf - inf in the next pulse).
+        ``inplace``: clip ``w`` itself (a temporary of the caller: saves allocating the
+        array's size again) and return it."""
+        out = w.clamp_(p.w_min, p.w_max) if inplace else torch.clamp(w, p.w_min, p.w_max)
         bounded = p.__dict__.get("_bounded")  # finite bounds everywhere: one clamp is enough
         if bounded is None:
             bounded = p.__dict__["_bounded"] = bool(torch.isfinite(p.w_min).all() and torch.isfinite(p.w_max).all())
         if bounded:
             return out
         fmax = torch.finfo(w.dtype).max
-        return out.clamp(-fmax, fmax)
+        return out.clamp_(-fmax, fmax)
 
     def pulse_once(self, w: Tensor, direction: Tensor, p: DeviceParams,
                    generator: Optional[torch.Generator] = None) -> Tensor:
@@ -421,7 +441,7 @@ class PulsedDevice(Validated):
             else:
                 sc = torch.where(up, p.scale_up, p.scale_down) * (up | down)
                 step = step + self.dw_min_std * sc * xi
-        return self.clip(w + step, p)
+        return self.clip(w + step, p, inplace=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +477,7 @@ class ConstantStep(PulsedDevice):
             var = p.scale_up * p.scale_up * n_up + p.scale_down * p.scale_down * n_down
             noise = self.dw_min_std * var.sqrt() * rng.randn(w.shape, generator, w)
             new = new + torch.nan_to_num(noise, nan=0.0, posinf=math.inf, neginf=-math.inf)
-        return self.clip(new, p)
+        return self.clip(new, p, inplace=True)
 
 
 @register_device("ideal", "floating_point", "fp")

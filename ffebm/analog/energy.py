@@ -43,6 +43,7 @@ from .config import InvalidSetting
 from .conv_coupling import AnalogConvCoupling
 from .conv import AnalogConv2d
 from .layers import AnalogConfig, AnalogLinear, _AnalogLayer, _post_load_hook
+from .tile import count_reads
 
 __all__ = ["AnalogDenseCoupling", "AnalogConvCoupling", "AnalogEP", "analog_energy_block", "to_analog_energy",
            "analog_couplings", "reset_read_counts"]
@@ -93,14 +94,14 @@ class AnalogDenseCoupling(_AnalogLayer, Coupling):
 
     # -- coupling interface ------------------------------------------------------------------
     def bottom_up(self, x: Tensor):
-        self.n_forward_reads += 1
+        count_reads(self, "n_forward_reads", 1)
         y = self._read_forward(x.reshape(x.shape[0], -1))
         if self.bias is not None:
             y = y + self.bias
         return y, None
 
     def top_down(self, y: Tensor, ctx: Any) -> Tensor:
-        self.n_backward_reads += 1
+        count_reads(self, "n_backward_reads", 1)
         return self._read_backward(y).reshape(y.shape[0], *self.in_shape)
 
     def phi(self, x: Tensor, y: Tensor) -> Tensor:

@@ -36,10 +36,6 @@ __all__ = ["apply_pulses", "per_pulse_loop", "affine_closed_form", "MAX_LOOP_PUL
 #: form); larger counts are scaled down to it, keeping the up/down ratio, with a warning
 MAX_LOOP_PULSES = 100_000
 
-#: ``(k, beta)`` of one noiseless pulse ``w -> (1 - k) w + beta`` (per-device tensors)
-Affine = Tuple[Tensor, Tensor]
-
-
 def apply_pulses(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Optional[Tensor] = None,
                  p: Optional[DeviceParams] = None, generator: Optional[torch.Generator] = None,
                  exact: bool = False) -> Tensor:
@@ -66,9 +62,9 @@ def apply_pulses(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Optional
         new = device.closed_form(w, n_up, n_down, p, generator)
         if new is not None:
             return new
-        au, ad = device.affine_up(p), device.affine_down(p)
-        if au is not None and ad is not None:
-            return affine_closed_form(device, w, n_up, n_down, p, au, ad, generator)
+        c = _affine_constants(device, p)
+        if c is not None:
+            return affine_closed_form(device, w, n_up, n_down, p, generator, c)
     return per_pulse_loop(device, w, n_up, n_down, p, generator)
 
 
@@ -141,48 +137,67 @@ def per_pulse_loop(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor
     return flat.reshape(shape)
 
 
-def _affine_constants(device: PulsedDevice, p: DeviceParams, au: Affine, ad: Affine) -> Dict[str, Any]:
-    """Per-device constants of :func:`affine_closed_form` (cached on ``p`` as ``p._affine``,
-    dropped by ``p.map``): logs ``l = log(1 - k)`` of the up, down and pair contractions,
-    inverses of ``k``, the pair constant and the noise-variance coefficients.
+def _affine_constants(device: PulsedDevice, p: DeviceParams) -> Optional[Dict[str, Any]]:
+    """Per-device constants of :func:`affine_closed_form`, or None when the model has no affine
+    pulse maps (``affine_up`` / ``affine_down``). Derived from the parameters alone, so computed
+    once per parameter set (:meth:`~ffebm.analog.devices.DeviceParams.derived`: recomputed when
+    a parameter tensor or the model's settings change), not on every call.
+
+    With ``l = log(1 - k)`` of an up / down pulse and of a pair (``lp = lu + ld``,
+    ``rho = exp(lp)``), every geometric sum ``sum_{i<n} (1-k)^i`` is written
+    ``(1 - (1-k)^n) ik + n z``: ``ik = 1/k`` and ``z = 0``, or ``ik = 0`` and ``z = 1`` where
+    ``k`` is below 1e-9 (the limit ``n`` as ``k -> 0``); the constants below are those sums'
+    coefficients times the offsets, so a call needs no selection (``where``) per element.
 
     Finite for every device: ``k`` is capped below 1 (at ``1 - 1e-12``, or at the largest
     value below 1 where the dtype cannot hold that, float32: a ``k`` that rounds to 1, e.g.
     after a change of dtype, would make ``l = -inf``, then ``0 * l = NaN`` for a device without
-    pulses and ``exp(-2 l) = inf`` in the run variance), so ``l >= log(6e-8)`` in float32 and
-    ``exp(-2 l)`` stays finite."""
-    c = p.__dict__.get("_affine")
-    if c is not None:
-        return c
-    ku, bu = au
-    kd, bd = ad
-    ku, kd = ku.expand_as(p.w_max), kd.expand_as(p.w_max)
-    bu, bd = bu.expand_as(p.w_max), bd.expand_as(p.w_max)
-    kcap = _k_cap(ku.dtype)
-    lu = torch.log1p(-ku.clamp(max=kcap))
-    ld = torch.log1p(-kd.clamp(max=kcap))
-    lp = lu + ld
-    kp = -torch.expm1(lp)  # 1 - rho, rho = (1-ku)(1-kd)
-    kp2 = -torch.expm1(2 * lp)  # 1 - rho^2
+    pulses and ``1 / (1 - k) = inf`` in the run variance), so ``l >= log(6e-8)`` in float32."""
 
-    def inv(k: Tensor, eps: float = 1e-9) -> Tensor:
-        return torch.where(k < eps, torch.zeros_like(k), 1.0 / k.clamp(min=eps))
+    def compute() -> Optional[Dict[str, Any]]:
+        au, ad = device.affine_up(p), device.affine_down(p)
+        if au is None or ad is None:
+            return None
+        like = p.w_max
+        ku, bu = (t.expand_as(like) for t in au)
+        kd, bd = (t.expand_as(like) for t in ad)
+        kcap = _k_cap(ku.dtype)
+        lu = torch.log1p(-ku.clamp(max=kcap))
+        ld = torch.log1p(-kd.clamp(max=kcap))
+        lp = lu + ld
+        kp = -torch.expm1(lp)  # 1 - rho, rho = (1-ku)(1-kd)
 
-    kmin = float(torch.minimum(ku.min(), kd.min())) if ku.numel() else 1.0
-    mult = device.mult_noise
-    c = {"ku": ku, "kd": kd, "bu": bu, "bd": bd, "lu": lu, "ld": ld, "lp": lp,
-         "iku": inv(ku), "ikd": inv(kd), "ikp": inv(kp), "ikp2": inv(kp2, 1e-12),
-         # order-averaged constant of one up/down pair
-         "cp": bu + bd - 0.5 * (kd * bu + ku * bd),
-         # squared step of one pulse of the excess run, / (1-k)^2 (for the run variance)
-         "e2u": torch.exp(-2 * lu), "e2d": torch.exp(-2 * ld),
-         # su(w)^2 + sd(w)^2 = q0 + q1 w + q2 w^2 (multiplicative noise; constant otherwise)
-         "q0": bu.square() + bd.square(),
-         "q1h": -(bu * ku + bd * kd) if mult else torch.zeros_like(bu),
-         "q2h": 0.5 * (ku.square() + kd.square()) if mult else torch.zeros_like(bu),
-         "any_small": kmin < 1e-9}
-    p.__dict__["_affine"] = c
-    return c
+        def inv(k: Tensor, eps: float = 1e-9) -> Tuple[Tensor, Tensor]:  # (ik, z)
+            small = k < eps
+            return torch.where(small, torch.zeros_like(k), 1.0 / k.clamp(min=eps)), small.to(k.dtype)
+
+        (iku, zu), (ikd, zd), (ikp, zp) = inv(ku), inv(kd), inv(kp)
+        ikp2, zp2 = inv(-torch.expm1(2 * lp), 1e-12)  # 1 - rho^2
+        ik2u, z2u = inv(-torch.expm1(2 * lu), 1e-12)  # 1 - (1-k)^2, additive run noise
+        ik2d, z2d = inv(-torch.expm1(2 * ld), 1e-12)
+        cp = bu + bd - 0.5 * (kd * bu + ku * bd)  # order-averaged constant of one up/down pair
+        eu, ed = torch.exp(-lu), torch.exp(-ld)  # 1 / (1 - k)
+        mult = device.mult_noise
+        z = torch.zeros_like(bu)
+        return {
+            "lu": lu, "ld": ld, "lp": lp, "kp": kp, "cp": cp,
+            # run offsets: b (1 - (1-k)^n) ik + b n z
+            "biu": bu * iku, "bid": bd * ikd, "bzu": bu * zu, "bzd": bd * zd,
+            # pairs: cp (1 - rho^m) ikp + cp m zp
+            "cpi": cp * ikp, "cpz": cp * zp, "ikp2": ikp2, "zp2": zp2,
+            # step of one pulse at w, over (1 - k): s0 + s1 w (multiplicative run noise)
+            "s0u": bu * eu, "s1u": -ku * eu, "s0d": bd * ed, "s1d": -kd * ed,
+            # squared step times the geometric sums of (1-k)^2 (additive run noise)
+            "qiu": bu * bu * ik2u, "qid": bd * bd * ik2d, "qzu": bu * bu * z2u, "qzd": bd * bd * z2d,
+            # s_up(w)^2 + s_down(w)^2 = q0 + 2 q1h w + 2 q2h w^2 (constant for additive noise)
+            "q0": bu.square() + bd.square(),
+            "q1h": -(bu * ku + bd * kd) if mult else z,
+            "q2h": 0.5 * (ku.square() + kd.square()) if mult else z,
+            "any_small": bool((torch.maximum(zu, zd).amax() > 0).item()) if zu.numel() else False,
+            "any_small_pair": bool((zp.amax() > 0).item()) if zp.numel() else False,
+        }
+
+    return p.derived("_affine", compute, device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,17 +211,19 @@ def _k_cap(dtype: torch.dtype) -> float:
 
 
 def affine_closed_form(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Tensor, p: DeviceParams,
-                       au: Affine, ad: Affine, generator: Optional[torch.Generator]) -> Tensor:
-    """Closed form for pulses acting as ``w -> (1-k) w + beta`` (``au``, ``ad``: ``(k, beta)``
-    of one up / one down pulse, from the device's ``affine_up`` / ``affine_down``).
+                       generator: Optional[torch.Generator], c: Optional[Dict[str, Any]] = None) -> Tensor:
+    """Closed form for pulses acting as ``w -> (1-k) w + beta`` (``(k, beta)`` of one up / one
+    down pulse from the device's ``affine_up`` / ``affine_down``; ``c``: their constants,
+    :func:`_affine_constants`, computed here when not given).
 
     n pulses of one sign: ``w_n = (1-k)^n w + beta (1 - (1-k)^n) / k`` (``beta n`` as k -> 0).
     One order-averaged up/down pair: ``w -> rho w + c`` with ``rho = (1-k_up)(1-k_down)``,
     ``c = beta_up + beta_down - (k_down beta_up + k_up beta_down) / 2``.
     Mean: of ``m = min(n_up, n_down)`` order-averaged up/down pairs (``w -> rho w + c``)
-    half are applied, then the ``|n_up - n_down|`` pulses of one sign, then the other half
-    (Strang splitting: the excess is spread through the sequence in reality); each phase is
-    affine-geometric, so single-sign runs are exact.
+    ``m1 = floor(m/2)`` are applied, then the ``|n_up - n_down|`` pulses of one sign, then the
+    other ``m2 = m - m1`` (Strang splitting: the excess is spread through the sequence in
+    reality); each phase is affine-geometric, so single-sign runs are exact. ``m2 - m1`` is 0
+    or 1, so the second half reuses the first: ``rho^m2 = rho^m1 (1 - (m2 - m1)(1 - rho))``.
     Noise (cycle-to-cycle, one draw per device): variance of the excess run exact along its
     noiseless trajectory, ``s(w_1)^2 n (1-k)^(2(n-1))``; of the pairs
     ``qbar (1 - rho^(2m)) / (1 - rho^2)`` with ``qbar`` the mean of
@@ -214,67 +231,82 @@ def affine_closed_form(device: PulsedDevice, w: Tensor, n_up: Tensor, n_down: Te
     at the symmetry point); cross-contraction between phases to first order. Clipping at
     the end (exact for noiseless single-sign runs; otherwise the closed form ignores a bound
     reached in the middle of the batch).
+
+    Cost: two ``exp`` and a few dozen element-wise passes (mostly in place); up and down
+    constants are picked per element by ``lerp`` with a 0/1 weight (exactly one of them), not
+    by ``where``.
     Finite for degenerate devices: the constants are finite (:func:`_affine_constants`); a
     noise term that is NaN (0 * inf or inf - inf once squared steps overflow the dtype) adds
     nothing, an infinite one saturates the state at a bound (or at the dtype's largest value,
     :meth:`~ffebm.analog.devices.PulsedDevice.clip`).
     """
-    c = _affine_constants(device, p, au, ad)
-    exact_fp = w.dtype == torch.float64
-    any_small = c["any_small"]
+    if c is None:
+        c = _affine_constants(device, p)
+        if c is None:
+            raise ValueError(f"{type(device).__name__} has no affine pulse maps (affine_up / affine_down) "
+                             "for these parameters")
+    exact_fp = w.dtype == torch.float64  # 1 - exp(t) by expm1 (slow on CPU) only in float64
 
-    def om_exp(t: Tensor, a: Tensor) -> Tensor:  # 1 - exp(t), a = exp(t)
-        return -torch.expm1(t) if exact_fp else 1.0 - a
+    def exp_om(t: Tensor) -> Tuple[Tensor, Tensor]:  # (exp(t), 1 - exp(t)), t overwritten
+        om = torch.expm1(t).neg_() if exact_fp else None
+        a = t.exp_()
+        return a, (om if om is not None else torch.sub(1.0, a))
 
-    def geom(n: Tensor, om: Tensor, ik: Tensor) -> Tensor:
-        # sum_{i<n} (1-k)^i = (1 - (1-k)^n)/k, limit n as k -> 0 (ik = 0 there)
-        g = om * ik
-        return torch.where(ik == 0, n, g) if any_small else g
-
-    m = torch.minimum(n_up, n_down)
+    # Temporaries of the array's size are reused in place where they are dead: a fresh one
+    # costs about as much as three element-wise passes on CPU (page faults of a new buffer).
+    # excess run: n = |n_up - n_down| pulses of one sign; up = 1 where it is up, else 0
     r = n_up - n_down
-    up_r = r > 0
-    n_r = r.abs()
-    l_r = torch.where(up_r, c["lu"], c["ld"])
-    b_r = torch.where(up_r, c["bu"], c["bd"])
-    ik_r = torch.where(up_r, c["iku"], c["ikd"])
-    any_pairs = bool((m > 0).any())
+    up = torch.sign(r).clamp_(min=0.0)
+    n = r.abs_()
+    m = torch.minimum(n_up, n_down)
+    m1 = torch.mul(m, 0.5).floor_()
+    odd = torch.add(m, m1, alpha=-2.0)  # m2 - m1, 0 or 1
 
-    def pairs(w0: Tensor, mm: Tensor) -> Tuple[Tensor, Tensor]:
-        t = mm * c["lp"]
-        a = torch.exp(t)
-        return a * w0 + c["cp"] * geom(mm, om_exp(t, a), c["ikp"]), a
-
-    if any_pairs:
-        m1 = torch.floor(m * 0.5)
-        w1, _ = pairs(w, m1)
-    else:
-        w1 = w
-    t2 = n_r * l_r
-    a2 = torch.exp(t2)
-    new = a2 * w1 + b_r * geom(n_r, om_exp(t2, a2), ik_r)
-    if any_pairs:
-        new, a3 = pairs(new, m - m1)
+    # first m1 pairs: w1 = rho^m1 w + cp geom_rho(m1)
+    A1, om1 = exp_om(torch.mul(m1, c["lp"]))
+    G = torch.mul(om1, c["cpi"])
+    if c["any_small_pair"]:
+        G.addcmul_(m1, c["cpz"])
+    w1 = torch.addcmul(G, A1, w)
+    # run: w2 = (1-k)^n w1 + b geom_k(n)
+    a2, om2 = exp_om(torch.lerp(c["ld"], c["lu"], up).mul_(n))
+    w2 = torch.lerp(c["bid"], c["biu"], up).mul_(om2).addcmul_(a2, w1)
+    if c["any_small"]:
+        w2.addcmul_(n, torch.lerp(c["bzd"], c["bzu"], up))
+    # last m2 pairs: rho^m2 = rho^m1 (1 - odd kp), geom_rho(m2) = geom_rho(m1) + odd rho^m1
+    A1odd = torch.mul(A1, odd)
+    A3 = torch.addcmul(A1, A1odd, c["kp"], value=-1.0)
+    new = G.addcmul_(A1odd, c["cp"]).addcmul_(A3, w2)
     sig = device.dw_min_std
     if sig > 0:
+        tmp = A1odd  # dead from here on: a scratch buffer
         if device.mult_noise:
-            s_r = b_r - torch.where(up_r, c["ku"], c["kd"]) * w1  # step at the run's start
-            var = (s_r * s_r) * n_r * (a2 * a2) * torch.where(up_r, c["e2u"], c["e2d"])
+            # (s(w1) (1-k)^(n-1))^2 n: s(w1) / (1-k) = s0 + s1 w1
+            var = torch.lerp(c["s0d"], c["s0u"], up, out=w2)
+            var.addcmul_(torch.lerp(c["s1d"], c["s1u"], up, out=tmp), w1).mul_(a2)
+            var.mul_(var).mul_(n)
         else:
-            k2 = -torch.expm1(2 * l_r)
-            g2 = (-torch.expm1(2 * t2) if exact_fp else 1.0 - (a2 * a2))
-            var = (b_r * b_r) * torch.where(k2 < 1e-12, n_r, g2 / k2.clamp(min=1e-12))
-        if any_pairs:
-            qbar = c["q0"] + c["q1h"] * (w + new) + c["q2h"] * ((w * w + new * new))
-            t = 2 * m * c["lp"]
-            g2 = geom(m, om_exp(t, torch.exp(t)), c["ikp2"])
-            # the run's noise is contracted by the later pairs, half of the pairs' noise by
-            # the run
-            var = var * (a3 * a3) + qbar * g2 * (0.5 + 0.5 * (a2 * a2))
-        noise = sig * var.clamp(min=0).sqrt() * rng.randn(w.shape, generator, w)
+            # b^2 (1 - (1-k)^(2n)) / (1 - (1-k)^2), 1 - a^2 = om (2 - om)
+            var = torch.lerp(c["qid"], c["qiu"], up, out=w2).mul_(om2).mul_(torch.sub(2.0, om2, out=tmp))
+            if c["any_small"]:
+                var.addcmul_(n, torch.lerp(c["qzd"], c["qzu"], up, out=tmp))
+        # pairs: 1 - rho^m = om1 (2 - om1) + odd kp A1^2, 1 - rho^(2m) = that (2 - that)
+        omm = torch.sub(2.0, om1, out=tmp).mul_(om1).addcmul_(odd.mul_(c["kp"]), A1.mul_(A1))
+        g2 = torch.sub(2.0, omm, out=om1).mul_(omm).mul_(c["ikp2"])
+        if c["any_small_pair"]:
+            g2.addcmul_(m, c["zp2"])
+        if device.mult_noise:
+            qbar = torch.add(w, new, out=tmp).mul_(c["q1h"]).add_(c["q0"])
+            qbar.addcmul_(c["q2h"], torch.mul(w, w, out=m1).addcmul_(new, new))
+            g2.mul_(qbar)
+        else:
+            g2.mul_(c["q0"])
+        # the run's noise is contracted by the later pairs, half of the pairs' noise by the run
+        half = a2.mul_(a2).mul_(0.5).add_(0.5)
+        var.mul_(A3.mul_(A3)).addcmul_(g2, half)
+        noise = var.clamp_(min=0).sqrt_().mul_(sig).mul_(rng.randn(w.shape, generator, w))
         # NaN only from 0 * inf or inf - inf once squared steps overflow (a phase without
         # pulses times an infinite squared step, a sig that rounds to 0 times an infinite
         # variance): no noise there rather than a NaN state
-        new = new + torch.nan_to_num(noise, nan=0.0, posinf=math.inf, neginf=-math.inf)
-    return device.clip(new, p)
-
+        new.add_(torch.nan_to_num_(noise, nan=0.0, posinf=math.inf, neginf=-math.inf))
+    return device.clip(new, p, inplace=True)

@@ -264,21 +264,25 @@ class _AnalogLayer(nn.Module):
     def _extra(self) -> Optional[Tensor]:
         return self.analog_ctx.read_extra()
 
-    def _read_forward(self, x: Tensor) -> Tensor:
-        y = self.tile.forward(x)
+    def _read_forward(self, x: Tensor, columns: bool = False) -> Tensor:
+        """Forward read of the tile (plus the algorithm's extra matrix); ``columns``: x is
+        [B, in, L], one input vector per column (see :meth:`AnalogTile.forward`)."""
+        y = self.tile.forward(x, columns)
         extra = self._extra()
         if extra is not None:
             from .tile import read_forward
-            y = y + read_forward(extra, x, self.tile.io, self.tile.generator) * self.tile.out_scale.to(y.dtype)
+            y = y + read_forward(extra, x, self.tile.io, self.tile.generator, columns) * self.tile._scale_for(y, columns)
         return y
 
-    def _read_backward(self, d: Tensor) -> Tensor:
-        z = self.tile.backward(d)
+    def _read_backward(self, d: Tensor, columns: bool = False) -> Tensor:
+        """Transposed read of the tile (plus the algorithm's extra matrix); ``columns``: d is
+        [B, out, L]."""
+        z = self.tile.backward(d, columns)
         extra = self._extra()
         if extra is not None:
             from .tile import read_backward
-            z = z + read_backward(extra, d * self.tile.out_scale.to(d.dtype), self.tile.bwd_io,
-                                  self.tile.generator)
+            z = z + read_backward(extra, d * self.tile._scale_for(d, columns), self.tile.bwd_io,
+                                  self.tile.generator, columns)
         return z
 
     def _mvm(self, x: Tensor) -> Tensor:

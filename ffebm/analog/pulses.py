@@ -11,8 +11,10 @@ For each sample b of a batch, with bit length ``BL_b`` (``bl``, shortened by BL 
 
 Two paths:
 
-* exact (:func:`exact_update`): bits drawn and pulses applied one coincidence slot at a time,
-  sample after sample (the reference semantics; ``B * BL`` vectorised device steps);
+* exact (:func:`exact_update`): pulses applied one coincidence slot at a time, sample after
+  sample (the reference semantics); each slot pulses the rectangle of devices whose x and d
+  bits both fire, gathered and written back, so the cost follows the number of pulses
+  (512x512, batch 64, d ~ N(0, 0.1): ~6.8 million pulses in about 0.2 s on one core);
 * fast (:func:`coincidence_counts` + :func:`~ffebm.analog.integrate.apply_pulses`): the signed
   bit trains of the whole batch are stacked into ``[B*BL, in]`` / ``[B*BL, out]`` matrices and
   the per-device numbers of up and down coincidences come out of two matrix products (exact
@@ -83,7 +85,7 @@ def _probability(scale: Tensor, mag: Tensor) -> Tensor:
     """``min(scale_b |v_j|, 1)`` per sample b, element j; 0 where the product is NaN (``inf * 0``
     for ``|v_j| = 0`` with an infinite scale, or a NaN scale from a degenerate ``dw_min`` /
     ratio: no pulse), 1 where it is infinite."""
-    return torch.nan_to_num(scale.unsqueeze(1) * mag, nan=0.0).clamp(max=1.0)
+    return (scale.unsqueeze(1) * mag).nan_to_num_(nan=0.0).clamp_(max=1.0)
 
 
 def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator],
@@ -96,10 +98,9 @@ def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generat
         slot_ok = (torch.arange(L, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)
         p3 = p3 * slot_ok.unsqueeze(2)  # zero probability beyond each sample's BL
     u = rand((B, L, n), generator, p)
-    bits = u < p3
     if sign is None:
-        return bits
-    return bits * sign.unsqueeze(1)
+        return u < p3
+    return u.lt_(p3).mul_(sign.unsqueeze(1))  # in place: bits as 0/1 in u's dtype, then signed
 
 
 def _count_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -142,23 +143,75 @@ def coincidence_counts(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig, dw_mi
 def exact_update(device_cfg: PulsedDevice, params: DeviceParams, w: Tensor, x: Tensor,
                  d: Tensor, lr: float, cfg: UpdateConfig, dw_min: float,
                  generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reference path: one coincidence slot at a time, sample after sample."""
+    """Reference path: one coincidence slot at a time, sample after sample.
+
+    In slot t of sample b the x bits that fire (columns C) and the d bits that fire (rows R)
+    pulse exactly the devices of the rectangle R x C, each once, in the direction
+    ``-sign(x_j d_i)``: :meth:`~ffebm.analog.devices.PulsedDevice.pulse_once` (noise and
+    clipping at every pulse) is applied to those devices only (gathered, pulsed, written
+    back), so the cost follows the number of pulses, not slots times devices. The bits of all
+    slots are drawn up front (independent Bernoulli draws, the same distribution as drawing
+    them slot by slot); cycle-to-cycle noise is drawn for the pulsed devices only.
+    Returns ``(w, n_up, n_down, bl)``.
+    """
     px, pd, bl = pulse_probabilities(x.to(w.dtype), d.to(w.dtype), lr, cfg, dw_min)
-    sx, sd = torch.sign(x).to(w.dtype), torch.sign(d).to(w.dtype)
-    n_up = torch.zeros((), dtype=w.dtype, device=w.device)
-    n_down = torch.zeros((), dtype=w.dtype, device=w.device)
-    bls = bl.tolist()
-    for b in range(x.shape[0]):
-        for _ in range(bls[b]):
-            xbit = rand(px[b].shape, generator, px) < px[b]
-            dbit = rand(pd[b].shape, generator, pd) < pd[b]
-            if not (bool(xbit.any()) and bool(dbit.any())):
-                continue
-            direction = -(torch.outer(sd[b] * dbit, sx[b] * xbit))
-            n_up = n_up + (direction > 0).sum()
-            n_down = n_down + (direction < 0).sum()
-            w = device_cfg.pulse_once(w, direction, params, generator)
+    B = x.shape[0]
+    out_n, in_n = w.shape
+    L = int(bl.max().item()) if B > 0 else 0
+    w = w.clone()
+    z = torch.zeros((), dtype=w.dtype, device=w.device)
+    if L == 0:
+        return w, z, z.clone(), bl
+    xs = sample_bits(px, bl, L, generator, torch.sign(x).to(w.dtype)).reshape(B * L, in_n)
+    ds = sample_bits(pd, bl, L, generator, torch.sign(d).to(w.dtype)).reshape(B * L, out_n)
+    # totals: n_down counts coincidences with x_j d_i > 0 (as coincidence_counts)
+    prod = (ds.sum(1) * xs.sum(1)).sum()
+    both = (ds.abs().sum(1) * xs.abs().sum(1)).sum()
+    n_up, n_down = 0.5 * (both - prod), 0.5 * (both + prod)
+    # firing rows / columns of every slot (slot order = sample after sample, slot after slot)
+    kc, cols = xs.nonzero(as_tuple=True)
+    kr, rows = ds.nonzero(as_tuple=True)
+    n_c = torch.bincount(kc, minlength=B * L).tolist()
+    n_r = torch.bincount(kr, minlength=B * L).tolist()
+    sx_all, sd_all = xs[kc, cols], ds[kr, rows]
+    cols_s, sx_s = cols.split(n_c), sx_all.split(n_c)
+    rows_s, sd_s = rows.split(n_r), sd_all.split(n_r)
+    gather = _ParamGather(params, w.shape)
+    flat = w.view(-1)
+    for k in range(B * L):
+        if n_c[k] == 0 or n_r[k] == 0:
+            continue
+        idx = (rows_s[k].unsqueeze(1) * in_n + cols_s[k]).reshape(-1)
+        direction = torch.outer(sd_s[k], sx_s[k]).reshape(-1).neg_()
+        sub = device_cfg.pulse_once(flat.index_select(0, idx), direction, gather(idx), generator)
+        flat.index_copy_(0, idx, sub)
     return w, n_up, n_down, bl
+
+
+class _ParamGather:
+    """The per-device parameters of a subset of an array's devices (flat indices), as a
+    :class:`DeviceParams` of 1-d tensors: every tensor (cached derived ones included) stacked
+    once into ``[P, devices]`` so that a subset costs one ``index_select``."""
+
+    def __init__(self, params: DeviceParams, shape: Tuple[int, ...]) -> None:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        self.keys = [k for k, v in params.__dict__.items() if isinstance(v, Tensor)]
+        self.other = {k: v for k, v in params.__dict__.items() if not isinstance(v, Tensor)
+                      and (not k.startswith("_") or k == "_bounded")}
+        dtypes = {params.__dict__[k].dtype for k in self.keys}
+        self.stack = (torch.stack([params.__dict__[k].expand(shape).reshape(n) for k in self.keys])
+                      if len(dtypes) == 1 else None)
+        self.params, self.shape, self.n = params, shape, n
+
+    def __call__(self, idx: Tensor) -> DeviceParams:
+        if self.stack is None:  # mixed dtypes: one gather per tensor
+            sub = {k: self.params.__dict__[k].expand(self.shape).reshape(self.n).index_select(0, idx)
+                   for k in self.keys}
+        else:
+            sub = dict(zip(self.keys, self.stack.index_select(1, idx).unbind(0)))
+        return DeviceParams(**sub, **self.other)
 
 
 def pulsed_update(device_cfg: PulsedDevice, params: DeviceParams, w: Tensor, x: Tensor,

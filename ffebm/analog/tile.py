@@ -31,83 +31,133 @@ __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "fin
 # ----------------------------------------------------------------------------------------------
 
 
-def _quantise(v: Tensor, res: float, bound: float) -> Tensor:
-    if res <= 0 or not math.isfinite(bound):
-        return v
-    step = res * 2.0 * bound
-    return torch.round(v / step) * step
+def _mvm(W: Tensor, x: Tensor) -> Tensor:
+    """``W`` times each input vector of ``x``: rows of [N, in] (-> [N, out]) or columns of
+    [B, in, L] (-> [B, out, L])."""
+    return x @ W.t() if x.dim() == 2 else torch.matmul(W, x)
 
 
-def _single_read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator]):
-    """One pass for a [N, in] block of (already noise-managed) inputs. Returns (y, clipped[N])."""
+def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Optional[torch.Generator],
+                 want_clipped: bool):
+    """One pass for the input vectors of ``x``, rows of [N, in] or columns of [B, in, L],
+    scaled by ``inv`` ([N, 1] / [B, 1, L]: ``1 / alpha`` of noise management, divided by bound
+    management's factor). Returns ``(y, unit, clipped)``: the ADC's output before multiplying
+    back is ``y * unit`` ([N, out] / [B, out, L]); ``clipped`` ([N] / [B, L]) marks the vectors
+    that reached the ADC bound (None when none did or ``want_clipped`` is False).
+
+    The DAC input ``x inv`` is clipped to ``+-inp_bound`` and quantised with step
+    ``inp_res * 2 * inp_bound``; the MVM, noise, clipping to ``+-out_bound`` and the ADC's
+    quantisation (step ``out_res * 2 * out_bound``) follow. Computed in units of the DAC step
+    (integers ``round(x inv / step)``: the step is factored out of the MVM, the noise and bounds
+    are scaled by ``1 / step`` instead) and returned in units of the ADC step (``unit``, folded
+    by the caller into its multiplication by ``alpha``), in place on one temporary of the
+    input's and one of the output's size: the same numbers up to rounding, about half the
+    element-wise passes of the plain sequence."""
     ib = io.inp_bound
-    xq = x.clamp(-ib, ib) if math.isfinite(ib) else x
-    xq = _quantise(xq, io.inp_res, ib)
+    quant_in = io.inp_res > 0 and math.isfinite(ib)
+    step = io.inp_res * 2.0 * ib if quant_in else 1.0
+    xq = x * (inv / step) if step != 1.0 else x * inv
+    # |x inv| <= 1 already when inv holds 1 / max|x| (noise management) and the bound is >= 1
+    if math.isfinite(ib) and not (io.noise_management == "abs_max" and ib >= 1.0):
+        xq.clamp_(-ib / step, ib / step)
+    if quant_in:
+        xq.round_()
     if io.inp_noise > 0:
-        xq = xq + io.inp_noise * randn(xq.shape, generator, xq)
-    y = xq @ W.t()
+        xq.add_(randn(xq.shape, generator, xq), alpha=io.inp_noise / step)
+    y = _mvm(W, xq)
     if io.w_noise > 0:
         if io.w_noise_type == "additive":
             s = xq.norm(dim=1, keepdim=True)
         else:  # pcm
-            s = torch.sqrt((xq * xq) @ W.abs().t())
-        y = y + io.w_noise * s * randn(y.shape, generator, y)
+            s = torch.sqrt(_mvm(W.abs(), xq * xq))
+        y.addcmul_(s, randn(y.shape, generator, y), value=io.w_noise)
     if io.out_noise > 0:
-        y = y + io.out_noise * randn(y.shape, generator, y)
+        y.add_(randn(y.shape, generator, y), alpha=io.out_noise / step)
     ob = io.out_bound
+    clipped = None
     if math.isfinite(ob):
-        clipped = (y.abs() >= ob).any(dim=1)
-        y = y.clamp(-ob, ob)
-    else:
-        clipped = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-    y = _quantise(y, io.out_res, ob)
-    return y, clipped
+        if want_clipped:
+            # one check of the whole block first: usually nothing reaches the bound, and then
+            # neither the per-vector flags nor the clamp are needed
+            mag = y.abs()
+            if float(mag.max()) >= ob / step if mag.numel() else False:
+                clipped = mag.amax(dim=1) >= ob / step
+                y.clamp_(-ob / step, ob / step)
+        else:
+            y.clamp_(-ob / step, ob / step)
+    if io.out_res > 0 and math.isfinite(ob):
+        so = io.out_res * 2.0 * ob
+        return y.mul_(step / so).round_(), so, clipped
+    return y, step, clipped
 
 
 def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
-          allow_bm: bool) -> Tensor:
-    if x.shape[-1] != W.shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features, the matrix expects {W.shape[1]}")
+          allow_bm: bool, columns: bool = False) -> Tensor:
+    """Reads of ``W`` for the input vectors of ``x``: ``[..., in]`` (-> ``[..., out]``) or, with
+    ``columns``, the columns of ``[B, in, L]`` (-> ``[B, out, L]``; the im2col layout of a
+    convolution, read without transposing it)."""
+    fdim = 1 if columns else -1
+    if columns and x.dim() != 3:
+        raise ValueError(f"a read of columns expects [batch, {W.shape[1]}, positions], got {list(x.shape)}")
+    if x.shape[fdim] != W.shape[1]:
+        raise ValueError(f"input has {x.shape[fdim]} features, the matrix expects {W.shape[1]}")
     if W.dtype != x.dtype or W.device != x.device:  # the read follows its input
         W = W.to(device=x.device, dtype=x.dtype)
     if io.is_perfect:
-        return x @ W.t()
+        return _mvm(W, x) if columns else x @ W.t()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if columns else x.reshape(-1, x.shape[-1])
     if io.noise_management == "abs_max":
-        alpha = x2.abs().amax(dim=1, keepdim=True)
-        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        alpha = x2.abs().amax(dim=1, keepdim=True) if x2.numel() > 0 else x2.sum(dim=1, keepdim=True)
+        alpha = torch.where(alpha > 0, alpha, 1.0)
     else:
-        alpha = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
-    xs = x2 / alpha
-    y, clipped = _single_read(W, xs, io, generator)
-    if allow_bm and io.bound_management and math.isfinite(io.out_bound):
+        alpha = torch.ones_like(x2.sum(dim=1, keepdim=True))
+    inv = 1.0 / alpha
+    bm = allow_bm and io.bound_management and math.isfinite(io.out_bound)
+    y, unit, clipped = _single_read(W, x2, inv, io, generator, bm)
+    if bm:
+        # re-read the clipped vectors with the input halved (as rows: a view [B, L, .] of columns)
+        def vectors(t: Tensor) -> Tensor:
+            return t.transpose(1, 2) if columns else t
+
         max_iter = int(math.floor(math.log2(io.max_bm_factor)))
         scale = torch.ones_like(alpha)
+        xv, invv, yv, sv = vectors(x2), vectors(inv), vectors(y), vectors(scale)
         for _ in range(max_iter):
-            idx = clipped.nonzero().squeeze(1)
-            if idx.numel() == 0:
+            if clipped is None:
                 break
-            scale[idx] = scale[idx] * 2.0
-            ys, cl = _single_read(W, xs[idx] / scale[idx], io, generator)
-            y[idx] = ys * scale[idx]
-            clipped = torch.zeros_like(clipped)
-            clipped[idx] = cl
-    y = y * alpha
-    return y.reshape(*lead, W.shape[0])
+            idx = clipped.nonzero(as_tuple=True)
+            sv[idx] = sv[idx] * 2.0
+            ys, _, cl = _single_read(W, xv[idx], invv[idx] / sv[idx], io, generator, True)
+            yv[idx] = ys * sv[idx]
+            if cl is not None:
+                clipped = torch.zeros_like(clipped)
+                clipped[idx] = cl
+            else:
+                clipped = None
+    y.mul_(alpha.mul_(unit))
+    return y if columns else y.reshape(*lead, W.shape[0])
 
 
 def read_forward(W: Tensor, x: Tensor, io: Optional[IOConfig] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``."""
-    return _read(W, x, io if io is not None else IOConfig(), generator, allow_bm=True)
+                 generator: Optional[torch.Generator] = None, columns: bool = False) -> Tensor:
+    """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``. ``columns``: x is
+    [B, in, L], one input vector per column (-> [B, out, L])."""
+    return _read(W, x, io if io is not None else IOConfig(), generator, allow_bm=True, columns=columns)
 
 
 def read_backward(W: Tensor, d: Tensor, io: Optional[IOConfig] = None,
-                  generator: Optional[torch.Generator] = None) -> Tensor:
+                  generator: Optional[torch.Generator] = None, columns: bool = False) -> Tensor:
     """``z = W^T d`` (d: [..., out]) through the read model ``io`` (no bound management, as
-    published for the backward pass)."""
-    return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False)
+    published for the backward pass). ``columns``: d is [B, out, L] (-> [B, in, L])."""
+    return _read(W.t(), d, io if io is not None else IOConfig(), generator, allow_bm=False, columns=columns)
+
+
+def count_reads(module: nn.Module, name: str, k: int) -> None:
+    """Add ``k`` to the plain int counter ``name`` of ``module`` (a read counter), bypassing
+    ``nn.Module.__setattr__``: its checks for parameters, buffers and submodules cost a few
+    microseconds, paid on every read of every relaxation step."""
+    module.__dict__[name] = module.__dict__.get(name, 0) + k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,33 +329,49 @@ class AnalogTile(nn.Module):
         return torch.cat(rows, dim=0)
 
     # -- passes ----------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """``y = W x`` for x [..., in] (network units)."""
+    def forward(self, x: Tensor, columns: bool = False) -> Tensor:  # type: ignore[override]
+        """``y = W x`` for x [..., in] (network units); ``columns``: x is [B, in, L], one input
+        vector per column (the im2col layout), y is [B, out, L]."""
         self._follow(x)
-        self.n_forward_reads += x.numel() // max(self.in_size, 1)
+        count_reads(self, "n_forward_reads", x.numel() // max(self.in_size, 1))
+        fdim = 1 if columns else -1
+        if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
+            y = read_forward(self.arrays[0][0].w_read, x, self.io, self.generator, columns)
+            return y.mul_(self._scale_for(y, columns))
         outs = []
         for row in self.arrays:
             acc = None
             for a, cs in zip(row, self._col_slices()):
-                part = read_forward(a.w_read, x[..., cs], self.io, self.generator)
+                part = read_forward(a.w_read, x.narrow(fdim, cs.start, cs.stop - cs.start), self.io,
+                                    self.generator, columns)
                 acc = part if acc is None else acc + part
             outs.append(acc)
-        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return y * self.out_scale.to(y.dtype)
+        y = torch.cat(outs, dim=fdim) if len(outs) > 1 else outs[0]
+        return y.mul_(self._scale_for(y, columns))  # a fresh tensor of the reads
 
-    def backward(self, d: Tensor) -> Tensor:
-        """``z = W^T d`` for d [..., out] (network units)."""
+    def backward(self, d: Tensor, columns: bool = False) -> Tensor:
+        """``z = W^T d`` for d [..., out] (network units); ``columns``: d is [B, out, L], z is
+        [B, in, L]."""
         self._follow(d)
-        self.n_backward_reads += d.numel() // max(self.out_size, 1)
-        ds = d * self.out_scale.to(d.dtype)
+        count_reads(self, "n_backward_reads", d.numel() // max(self.out_size, 1))
+        fdim = 1 if columns else -1
+        ds = d * self._scale_for(d, columns)
+        if len(self.arrays) == 1 and len(self.arrays[0]) == 1:  # one physical array: no slices
+            return read_backward(self.arrays[0][0].w_read, ds, self.bwd_io, self.generator, columns)
         outs = []
         for j, cs in enumerate(self._col_slices()):
             acc = None
             for row, rs in zip(self.arrays, self._row_slices()):
-                part = read_backward(row[j].w_read, ds[..., rs], self.bwd_io, self.generator)
+                part = read_backward(row[j].w_read, ds.narrow(fdim, rs.start, rs.stop - rs.start), self.bwd_io,
+                                     self.generator, columns)
                 acc = part if acc is None else acc + part
             outs.append(acc)
-        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return torch.cat(outs, dim=fdim) if len(outs) > 1 else outs[0]
+
+    def _scale_for(self, t: Tensor, columns: bool) -> Tensor:
+        """``out_scale`` shaped to multiply outputs of ``t``'s layout."""
+        s = self.out_scale.to(t.dtype)
+        return s.unsqueeze(1) if columns else s
 
     @torch.no_grad()
     def update(self, x: Tensor, d: Tensor, lr: float, cfg: Optional[UpdateConfig] = None,

@@ -445,3 +445,90 @@ def test_degenerate_devices_stay_finite_and_physical(dev, seed, dtype, count, lr
         d = torch.randn(3, shape[0], generator=gen) * (torch.rand(3, shape[0], generator=gen) > 0.3)
         da.pulsed_update(x, d, lr, exact=exact)
         check(("pulsed_update", exact))
+
+
+def _schedule_reference(ku, bu, kd, bd, w, nu, nd):
+    """The documented schedule of the affine closed form, pulse map by pulse map (python
+    floats): floor(m/2) order-averaged pairs, the excess of one sign, the other pairs."""
+    m = min(nu, nd)
+    pair_rho = (1 - ku) * (1 - kd)
+    pair_c = bu + bd - 0.5 * (kd * bu + ku * bd)
+    for _ in range(m // 2):
+        w = pair_rho * w + pair_c
+    k, b = (ku, bu) if nu > nd else (kd, bd)
+    for _ in range(abs(nu - nd)):
+        w = (1 - k) * w + b
+    for _ in range(m - m // 2):
+        w = pair_rho * w + pair_c
+    return w
+
+
+@pytest.mark.parametrize("model", [SoftBounds(dw_min=0.01, up_down=0.2), LinearStep(dw_min=0.01),
+                                   LinearStep(dw_min=0.02, gamma_up=0.3, gamma_down=0.9, mult_noise=False)],
+                         ids=lambda m: f"{type(m).__name__}-{m.gamma_up}")
+def test_affine_closed_form_mean_is_the_documented_schedule(model):
+    """Noiseless: the closed form equals the pair / excess / pair schedule applied map by map
+    (k = 0 included: LinearStep's default slopes), for every mix of counts, to rounding."""
+    m = model.without_variability().replace(up_down=model.up_down)
+    counts = [(0, 0), (5, 0), (0, 7), (4, 4), (5, 4), (9, 2), (3, 10), (40, 41)]
+    nu = torch.tensor([float(a) for a, _ in counts], dtype=torch.float64)
+    nd = torch.tensor([float(b) for _, b in counts], dtype=torch.float64)
+    p = m.nominal((len(counts),), dtype=torch.float64)
+    (ku, bu), (kd, bd) = m.affine_up(p), m.affine_down(p)
+    for w0 in (-0.3, 0.0, 0.2):
+        got = apply_pulses(m, torch.full((len(counts),), w0, dtype=torch.float64), nu, nd, p)
+        for i, (a, b) in enumerate(counts):
+            want = _schedule_reference(float(ku[i]), float(bu[i]), float(kd[i]), float(bd[i]), w0, a, b)
+            want = min(max(want, float(p.w_min[i])), float(p.w_max[i]))
+            assert abs(float(got[i]) - want) < 1e-12, (w0, a, b, float(got[i]), want)
+
+
+def test_closed_form_constants_follow_parameter_changes():
+    """Constants derived from the parameters are kept between calls but recomputed when a
+    parameter tensor is changed in place or replaced, or the model's settings change."""
+    m = SoftBounds(dw_min=0.01, dw_min_std=0.0).without_variability()
+    p = m.nominal((3,), dtype=torch.float64)
+    w = torch.zeros(3, dtype=torch.float64)
+    n = torch.tensor([3.0, 0.0, 2.0], dtype=torch.float64)
+    first = apply_pulses(m, w, n, None, p)
+    assert torch.equal(apply_pulses(m, w, n, None, p), first)
+    p.scale_up.mul_(2.0)  # in place
+    doubled = apply_pulses(m, w, n, None, p)
+    assert doubled[0] > 1.9 * first[0]
+    assert torch.equal(doubled, apply_pulses(m, w, n, None, p.clone()))
+    p.scale_up = p.scale_up / 2.0  # replaced
+    assert torch.allclose(apply_pulses(m, w, n, None, p), first, rtol=1e-15, atol=0)
+    # the same parameters, other settings (the noise model enters the constants)
+    def noisy(model, params):
+        return apply_pulses(model, w, n, n.flip(0) + 1, params, torch.Generator().manual_seed(0))
+
+    mult, add = m.replace(dw_min_std=0.5), m.replace(dw_min_std=0.5, mult_noise=False)
+    assert not torch.equal(noisy(mult, p), noisy(add, p.clone()))
+    assert torch.equal(noisy(add, p), noisy(add, p.clone()))
+    # a flag among the parameters: without the closed form the per-pulse loop runs instead
+    # (mixed counts: its alternating pairs differ from the closed form's order-averaged ones)
+    nd = n.flip(0) + 1
+    closed = apply_pulses(m, w, n, nd, p)
+    p.affine_ok = False
+    loop = apply_pulses(m, w, n, nd, p)
+    assert torch.equal(loop, apply_pulses(m, w, n, nd, p, exact=True)) and not torch.equal(loop, closed)
+
+
+@pytest.mark.parametrize("model", [SoftBounds(dw_min=0.01, dw_min_std=1.0, up_down=0.1),
+                                   LinearStep(dw_min=0.01, dw_min_std=1.0, gamma_up=0.5, gamma_down=0.8,
+                                              mult_noise=False)],
+                         ids=lambda m: type(m).__name__)
+def test_affine_closed_form_noise_matches_per_pulse_loop(model):
+    """Fixed counts (pairs and an excess run), cycle-to-cycle noise only: mean and variance
+    over 4000 devices per count mix of the closed form equal those of the per-pulse loop."""
+    m = model.without_variability().replace(up_down=model.up_down, dw_min_std=1.0)
+    shape = (4, 4000)
+    p = m.nominal(shape, dtype=torch.float64)
+    w = torch.full(shape, 0.1, dtype=torch.float64)
+    nu = torch.tensor([30.0, 12.0, 0.0, 25.0], dtype=torch.float64).unsqueeze(1).expand(shape)
+    nd = torch.tensor([10.0, 12.0, 20.0, 0.0], dtype=torch.float64).unsqueeze(1).expand(shape)
+    a = apply_pulses(m, w, nu, nd, p, torch.Generator().manual_seed(1))
+    b = apply_pulses(m, w, nu, nd, p, torch.Generator().manual_seed(2), exact=True)
+    va, vb = a.var(1), b.var(1)
+    assert ((a.mean(1) - b.mean(1)).abs() < 4 * (vb / shape[1]).sqrt() + 1e-3 * m.dw_min).all()
+    assert ((va / vb - 1).abs() < 0.12).all(), va / vb  # 4000 draws each: sampling error ~3 %

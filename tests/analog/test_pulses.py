@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from ffebm.analog import (ConstantStep, DeviceArray, SoftBounds, UpdateConfig, coincidence_counts,
+from ffebm.analog import (ConstantStep, DeviceArray, LinearStep, SoftBounds, UpdateConfig, coincidence_counts,
                           pulse_probabilities)
+from ffebm.analog.pulses import exact_update
 
 
 def _data(seed, B=4, n_in=6, n_out=5, s=0.1):
@@ -61,7 +62,10 @@ def test_expected_update_management_variants(um, blm):
     assert ((mean - target).abs() <= 4.5 * se + 1e-7).all(), ((mean - target) / se).abs().max()
 
 
-@pytest.mark.parametrize("model", [ConstantStep(), SoftBounds()], ids=lambda m: type(m).__name__)
+AFFINE = [ConstantStep(), SoftBounds(), LinearStep(gamma_up=0.6, gamma_down=0.4, up_down=0.1, mult_noise=False)]
+
+
+@pytest.mark.parametrize("model", AFFINE, ids=lambda m: type(m).__name__)
 def test_fast_path_matches_exact_path_statistics(model):
     """Per-element mean and variance of fast and exact paths agree (same device model)."""
     x, d = _data(3, B=3, n_in=5, n_out=4, s=0.2)
@@ -138,3 +142,76 @@ def test_update_reproducible_from_seed():
     da1.pulsed_update(x, d, 0.05, generator=torch.Generator().manual_seed(9))
     da2.pulsed_update(x, d, 0.05, generator=torch.Generator().manual_seed(9))
     assert torch.equal(da1.w, da2.w)
+
+
+def _slot_by_slot(model, p, w, x, d, lr, cfg, g):
+    """The exact path written plainly: bits drawn slot by slot, every device of the array
+    pulsed (or not) by ``pulse_once`` in every slot."""
+    px, pd, bl = pulse_probabilities(x, d, lr, cfg, model.dw_min)
+    for b in range(x.shape[0]):
+        for _ in range(int(bl[b])):
+            xbit = torch.rand(px[b].shape, generator=g, dtype=w.dtype) < px[b]
+            dbit = torch.rand(pd[b].shape, generator=g, dtype=w.dtype) < pd[b]
+            direction = -torch.outer(torch.sign(d[b]) * dbit, torch.sign(x[b]) * xbit)
+            w = model.pulse_once(w, direction, p, g)
+    return w
+
+
+def _moments(fn, K):
+    ws = torch.stack([fn(k) for k in range(K)])
+    return ws.mean(0), ws.var(0), ws.shape[0]
+
+
+@pytest.mark.parametrize("model", AFFINE[1:] + [SoftBounds(dw_min=0.02, w_max=0.1)], ids=lambda m: type(m).__name__)
+def test_exact_path_matches_slot_by_slot_statistics(model):
+    """The exact path (pulses gathered per coincidence rectangle) has the per-element mean and
+    variance of a plain slot-by-slot loop over the whole array (a device that hits its bound
+    included: SoftBounds with w_max = 0.1 and large steps)."""
+    x, d = _data(11, B=3, n_in=5, n_out=4, s=0.2)
+    x[0] = -x[0]
+    lr, cfg = 0.05, UpdateConfig()
+    m = model.replace(dw_min_dtod=0.0, up_down_dtod=0.0, w_min_dtod=0.0, w_max_dtod=0.0, dw_min_std=0.5)
+    R = 20  # R x R tiled copies per run (as _runs); runs are independent
+    da = DeviceArray(m, (4 * R, 5 * R), seed=0, dtype=torch.float64)
+    xr, dr = x.repeat(1, R), d.repeat(1, R)
+    w0 = torch.zeros(da.shape, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+
+    def per_element(w):
+        return w.reshape(R, 4, R, 5).permute(1, 3, 0, 2).reshape(4, 5, R * R)
+
+    def new(k):
+        return per_element(exact_update(m, da.params, w0, xr, dr, lr, cfg, m.dw_min, g)[0])
+
+    def ref(k):
+        return per_element(_slot_by_slot(m, da.params, w0, xr, dr, lr, cfg, g))
+
+    # copies inside a run share bit streams: compare run-level moments over independent runs
+    K = 25
+    a = torch.stack([new(k) for k in range(K)])
+    b = torch.stack([ref(k) for k in range(K)])
+    for stat in (lambda t: t.mean(-1), lambda t: (t * t).mean(-1)):
+        sa, sb = stat(a), stat(b)
+        se = torch.sqrt(sa.var(0) / K + sb.var(0) / K)
+        assert ((sa.mean(0) - sb.mean(0)).abs() <= 4.5 * se + 1e-12).all(), ((sa.mean(0) - sb.mean(0)) / se).abs().max()
+
+
+@pytest.mark.parametrize("model", [SoftBounds(dw_min=0.01), LinearStep(gamma_up=0.5, mult_noise=False, dw_min=0.01)],
+                         ids=lambda m: type(m).__name__)
+def test_exact_path_equals_slot_by_slot_when_every_bit_fires(model):
+    """Probabilities 1 (large lr) and no noise: both exact paths apply the same pulses in the
+    same order, so the states agree to rounding, whatever the random streams."""
+    m = model.without_variability().replace(dw_min_std=0.0)
+    x = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -1.0]], dtype=torch.float64)
+    d = torch.tensor([[1.0, -1.0], [-1.0, 0.0]], dtype=torch.float64)
+    cfg = UpdateConfig(bl=7, bl_management=False)
+    p = m.nominal((2, 3), dtype=torch.float64)
+    w0 = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.05, -0.1]], dtype=torch.float64)
+    got, n_up, n_down, bl = exact_update(m, p, w0, x, d, 100.0, cfg, m.dw_min, torch.Generator().manual_seed(0))
+    want = _slot_by_slot(m, p, w0, x, d, 100.0, cfg, torch.Generator().manual_seed(1))
+    assert torch.allclose(got, want, rtol=0, atol=1e-14), (got, want)
+    assert not torch.equal(got, w0)
+    # pulses per device: 7 slots, product sign decides the direction (x_j d_i > 0 -> down)
+    prod = torch.einsum("bi,bj->ij", d.sign(), x.sign())
+    hits = torch.einsum("bi,bj->ij", d.abs().sign(), x.abs().sign())
+    assert float(n_up + n_down) == 7 * float(hits.sum()) and float(n_down - n_up) == 7 * float(prod.sum())

@@ -164,3 +164,35 @@ def test_cuda_update_and_read():
     a.update(xs, ds, 0.05, exact=True)
     b.update(xs, ds, 0.05, exact=True)
     assert not torch.equal(a.get_weights(), w) and torch.equal(a.get_weights(), b.get_weights())
+
+
+@pytest.mark.parametrize("io", [IOConfig(out_noise=0.0), IOConfig(out_noise=0.0, out_bound=1.0),
+                                IOConfig(out_noise=0.0, noise_management="none", inp_bound=0.5)],
+                         ids=["default", "bound-management", "no-noise-management"])
+def test_column_reads_equal_row_reads(io):
+    """Reads of the columns of [B, in, L] (the im2col layout) are the row reads of the same
+    vectors: DAC/ADC quantisation, noise management and bound management (out_bound 1: some
+    vectors re-read) act per vector. Noiseless, float64: equal to rounding; a tile
+    split into several arrays (out_scale, partial sums) included."""
+    g = torch.Generator().manual_seed(7)
+    W = (torch.rand(6, 20, generator=g, dtype=torch.float64) - 0.5)
+    x = torch.rand(3, 20, 5, generator=g, dtype=torch.float64) * 2 - 1
+    x[1, :, 2] = 0.0  # a zero vector (alpha = 1)
+    rows = x.transpose(1, 2).reshape(-1, 20)
+    want = read_forward(W, rows, io).reshape(3, 5, 6).transpose(1, 2)
+    got = read_forward(W, x, io, columns=True)
+    assert got.shape == (3, 6, 5) and torch.allclose(got, want, atol=1e-12, rtol=0)
+    if io.out_bound == 1.0:  # bound management did re-read some vectors
+        assert not torch.allclose(read_forward(W, rows, IOConfig(out_noise=0.0, out_bound=1.0, bound_management=False)),
+                                  read_forward(W, rows, io))
+    d = torch.rand(3, 6, 5, generator=g, dtype=torch.float64) * 2 - 1
+    want_b = read_backward(W, d.transpose(1, 2).reshape(-1, 6), io).reshape(3, 5, 20).transpose(1, 2)
+    assert torch.allclose(read_backward(W, d, io, columns=True), want_b, atol=1e-12, rtol=0)
+    t = AnalogTile(6, 20, ConstantStep(w_min_dtod=0.0, w_max_dtod=0.0), io=io, max_size=4, seed=0, dtype=torch.float64)
+    t.set_weights(0.2 * W)
+    assert torch.allclose(t.forward(x, columns=True), t.forward(rows).reshape(3, 5, 6).transpose(1, 2),
+                          atol=1e-12, rtol=0)
+    assert torch.allclose(t.backward(d, columns=True), t.backward(d.transpose(1, 2).reshape(-1, 6))
+                          .reshape(3, 5, 20).transpose(1, 2), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="positions"):
+        read_forward(W, rows, io, columns=True)

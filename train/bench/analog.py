@@ -4,17 +4,18 @@ figures of the reference simulator, AIHWKit 1.2.0, 2 threads).
     python -m train.bench.analog [--json PATH] [--repeats N] [--threads T] [--device cpu|cuda]
 
 Pulsed update of one 512x512 tile, batch 64, BL 31 with update and BL management, lr 0.01,
-x ~ U(0,1), d ~ N(0, s) for s in {0.01, 0.1}, ConstantStep and SoftBounds defaults: median ms
-over repeats, beside a plain dense outer product of the same shape (``d^T x``, the digital
+x ~ U(0,1), d ~ N(0, s) for s in {0.01, 0.1}, ConstantStep, SoftBounds and LinearStep defaults
+(the affine-step models; each also as a multiple of ConstantStep's time): median ms over repeats, beside a plain dense outer product of the same shape (``d^T x``, the digital
 update's own work: each pulsed update is printed as a multiple of its time) and a plain torch
 Linear step (forward + backward + SGD) measured in the same run. Also: the exact
-(slot-by-slot) path at 64x64 for reference, and a full analog layer step (forward read +
+(slot-by-slot) path at the same size (the reference simulator's figures), and a full analog layer step (forward read +
 backward read + pulsed update) at 512x512.
 
 Energy blocks on tiles (what simulating the hardware costs): one EP training step (free
 relaxation, two nudged relaxations, pulsed c-TTv2 update) of a dense block and of a
 convolutional block whose couplings settle on tiles with the default read model, beside the
-same digital block trained by EP and Adam, median seconds side by side.
+same digital block trained by EP and Adam, timed alternately step by step (median seconds and the
+median of the per-pair ratios).
 
 Inference tiles (hardware-aware training): forward + backward of an ``InferenceLinear`` 512x512
 at batch 64 (x ~ U(0, 1)) beside ``nn.Linear`` of the same shape, median ms measured side by side,
@@ -38,7 +39,8 @@ import torch
 
 import ffebm
 from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogTile, ChoppedTTv2, ConstantStep, DeviceArray,
-                          SoftBounds, UpdateConfig, analog_parameters, digital_parameters, to_analog_energy)
+                          LinearStep, SoftBounds, UpdateConfig, analog_parameters, digital_parameters,
+                          to_analog_energy)
 
 REF_MS = {  # AIHWKit 1.2.0 C++ core, CPU build, 2 threads (published)
     ("ConstantStep", 0.01): 18.5, ("ConstantStep", 0.1): 191.0,
@@ -97,8 +99,11 @@ def _warm_up(dev: torch.device, seconds: float = 2.0) -> None:
     _sync(dev)
 
 
+FAST_DEVICES = (("ConstantStep", ConstantStep()), ("SoftBounds", SoftBounds()), ("LinearStep", LinearStep()))
+
+
 def run(repeats: int = 9, device: str = "cpu", size: int = 512, batch: int = 64,
-        exact_size: int = 64) -> Dict[str, object]:
+        exact_size: int = 512) -> Dict[str, object]:
     dev = torch.device(device)
     _warm_up(dev)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -106,7 +111,7 @@ def run(repeats: int = 9, device: str = "cpu", size: int = 512, batch: int = 64,
     x = torch.rand(batch, size, generator=g, device=dev)
     for s in (0.01, 0.1):
         d = torch.randn(batch, size, generator=g, device=dev) * s
-        for name, cfg in (("ConstantStep", ConstantStep()), ("SoftBounds", SoftBounds())):
+        for name, cfg in FAST_DEVICES:
             da = DeviceArray(cfg, (size, size), seed=1, device=dev)
             ucfg = UpdateConfig()
             stats = {}
@@ -117,21 +122,25 @@ def run(repeats: int = 9, device: str = "cpu", size: int = 512, batch: int = 64,
             # the dense outer product d^T x (the digital update's own work), timed alternately with it
             ms, ms_min, dense, ratio = paired_ms(step, lambda: d.t() @ x, repeats, dev)
             pulses = float(stats["n_up"] + stats["n_down"])
-            ref = REF_MS[(name, s)]
+            ref = REF_MS.get((name, s))
             rows.append({"what": f"fast pulsed update {size}x{size}", "device": name, "s": s,
                          "ms": ms, "min_ms": ms_min, "dense_outer_ms": dense,
                          "ratio_vs_dense": ratio,
-                         "ref_ms": ref, "speedup_vs_ref": ref / ms, "pulses_per_update": pulses})
-        # exact path, smaller
+                         "ref_ms": ref, "speedup_vs_ref": None if ref is None else ref / ms,
+                         "pulses_per_update": pulses})
+        # exact (slot-by-slot) path; the reference simulator's figures are for its exact path
         xs, ds = x[:, :exact_size], d[:, :exact_size]
-        for name, cfg in (("ConstantStep", ConstantStep()), ("SoftBounds", SoftBounds())):
+        for name, cfg in FAST_DEVICES[:2]:
             da = DeviceArray(cfg, (exact_size, exact_size), seed=1, device=dev)
             msx = median_ms(lambda: da.pulsed_update(xs, ds, 0.01, UpdateConfig(), exact=True),
                             max(3, repeats // 3), dev, warmup=1)
             msx_min = median_ms.last_min
             msf = median_ms(lambda: da.pulsed_update(xs, ds, 0.01, UpdateConfig()), repeats, dev)
-            rows.append({"what": f"exact pulsed update {exact_size}x{exact_size}", "device": name,
-                         "s": s, "ms": msx, "min_ms": msx_min, "fast_ms_same_size": msf})
+            row = {"what": f"exact pulsed update {exact_size}x{exact_size}", "device": name,
+                   "s": s, "ms": msx, "min_ms": msx_min, "fast_ms_same_size": msf}
+            if exact_size == size:
+                row.update(ref_ms=REF_MS[(name, s)], speedup_vs_ref=REF_MS[(name, s)] / msx)
+            rows.append(row)
         # full layer step: forward read + backward read + pulsed update
         for name, cfg in (("ConstantStep", ConstantStep()), ("SoftBounds", SoftBounds())):
             tile = AnalogTile(size, size, cfg, seed=2, device=dev)
@@ -175,7 +184,8 @@ BLOCKS = {  # name: (builder, input shape without batch, batch)
 
 def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
     """EP training step of each block in BLOCKS: digital (EP + Adam) vs on tiles (AnalogEP +
-    pulsed c-TTv2, SoftBounds, default reads), median seconds measured side by side."""
+    pulsed c-TTv2, SoftBounds, default reads), median seconds of steps timed alternately and the
+    median of the per-pair ratios analog / digital."""
     rows = []
     for name, (make, shape, batch) in BLOCKS.items():
         torch.manual_seed(0)
@@ -196,14 +206,17 @@ def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
                 for o in opts:
                     o.step()
 
-            steps[kind] = median_ms(step, repeats, dev, warmup=1) / 1e3
-        rows.append({"block": name, "batch": batch, "digital_s": steps["digital"], "analog_s": steps["analog"],
-                     "analog_over_digital": steps["analog"] / steps["digital"]})
+            steps[kind] = step
+        # timed alternately, call by call, so that both see the same machine load
+        a_ms, _, d_ms, ratio = paired_ms(steps["analog"], steps["digital"], repeats, dev, warmup=1)
+        rows.append({"block": name, "batch": batch, "digital_s": d_ms / 1e3, "analog_s": a_ms / 1e3,
+                     "analog_over_digital": ratio})
     return rows
 
 
 def print_blocks(rows: List[Dict[str, object]]) -> None:
-    print("\n# EP training step of an energy block: digital vs on tiles (SoftBounds, default reads, c-TTv2)")
+    print("\n# EP training step of an energy block: digital vs on tiles (SoftBounds, default reads, c-TTv2), "
+          "timed alternately; ratio: median of the per-pair ratios")
     print(f"| {'block':<48} | {'batch':>5} | {'digital s':>9} | {'analog s':>8} | {'ratio':>6} |")
     print("|" + "|".join("-" * (w + 2) for w in (48, 5, 9, 8, 6)) + "|")
     for r in rows:
@@ -231,6 +244,10 @@ def print_table(res: Dict[str, object]) -> None:
     if fast:
         print("pulsed update / dense outer product: " + ", ".join(
             f"{r['device']} s={r['s']}: {r['ratio_vs_dense']:.1f}x" for r in fast))
+        base = {r["s"]: r["ratio_vs_dense"] for r in fast if r["device"] == "ConstantStep"}
+        print("fast pulsed update / ConstantStep's (ratios of the multiples of the dense outer product): " + ", ".join(
+            f"{r['device']} s={r['s']}: {r['ratio_vs_dense'] / base[r['s']]:.2f}x" for r in fast
+            if r["device"] != "ConstantStep" and r["s"] in base))
 
 
 def inference_rows(repeats: int, dev: torch.device, size: int = 512, batch: int = 64) -> List[Dict[str, object]]:
