@@ -1,7 +1,8 @@
 """Relaxation: settling an energy block to its equilibrium (the forward solve).
 
 The block's state is the fixed point  s = sigma(dPhi/ds - nudge)  (nudge = beta * delta on the
-top layer during EP's nudged phases, zero in the free phase). Two schedules:
+top layer during EP's nudged phases, or a force beta * F(s_top) evaluated at the current state:
+the loss nudge; zero in the free phase). Two schedules:
 
 * ``sync``:  all layers at once, s_l <- sigma(drive_l(s)).
 * ``async``: even/odd layers in turn. Layers only couple to neighbours, so updating every
@@ -102,6 +103,12 @@ class SolveStats:
                 f"converged={self.converged})")
 
 
+def nudge_at(nudge, top: torch.Tensor) -> torch.Tensor:
+    """The top-layer nudge: a fixed tensor (beta * delta), or a force evaluated at the current
+    top state ``top`` (the loss nudge, ``ffebm.gradients.loss_nudge``)."""
+    return nudge(top).to(top.dtype) if callable(nudge) else nudge
+
+
 # --------------------------------------------------------------------------------------------
 # steppers: one relaxation step s -> s'
 # --------------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 td = cps[i].top_down(s[i + 1], cache[i])
                 v = v + td if i == 0 else v.add_(td)  # bottom[i > 0] is a fresh tensor
             if i == L - 1 and nudge is not None:
-                v = v - nudge
+                v = v - nudge_at(nudge, s[i])
             new.append(block.activate(i, v))
         for i in range(L - 1):
             cache[i] = None
@@ -149,7 +156,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 # a tensor autograd saved: the bias add's output is not saved)
                 v = v + td if i == 0 else v.add_(td)
             if i == L - 1 and nudge is not None:
-                v = v - nudge
+                v = v - nudge_at(nudge, new[i])
             new[i] = block.activate(i, v)
             if i < L - 1:
                 cache[i] = None
@@ -168,7 +175,7 @@ def autograd_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
             xs = [t.detach().requires_grad_(True) for t in states]
             phi = block.primitive(xs, u.detach())
             if nudge is not None:
-                phi = phi - (nudge.detach() * xs[-1]).sum()
+                phi = phi - (nudge_at(nudge, states[-1]).detach() * xs[-1]).sum()
             return list(torch.autograd.grad(phi, xs))
 
     L = len(s)
@@ -220,7 +227,7 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
         # states and drives live in the low dtype for the whole low phase (no per-step casts);
         # autocast casts the (small) weights inside the convolutions
         u_low = u.to(cfg.precision)
-        nudge_low = nudge.to(cfg.precision) if nudge is not None else None
+        nudge_low = nudge.to(cfg.precision) if isinstance(nudge, torch.Tensor) else nudge
         s = [t.to(cfg.precision) for t in s]
     for k in range(1, cfg.steps + 1):
         check = k % cfg.check_every == 0 or k == cfg.steps
