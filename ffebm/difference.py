@@ -94,29 +94,23 @@ class Linearisation:
     over: List[Optional[torch.Tensor]]
 
 
-def drives(block: "EnergyBlock", u: torch.Tensor, s: States) -> States:
-    """pre_i(s) = [i == 0] u + [i > 0] f_{i-1}(s_{i-1}) + [i < top] J_{f_i}^T s_{i+1} (no nudge)."""
-    L = len(s)
-    out = []
-    for i in range(L):
-        v = u if i == 0 else block.couplings[i - 1].bottom_up(s[i - 1])[0]
-        if i < L - 1:
-            c = block.couplings[i]
-            ctx = c.bottom_up(s[i])[1] if c.needs_ctx else None
-            v = v + c.top_down(s[i + 1], ctx)
-        out.append(v)
-    return out
-
-
 def linearise(block: "EnergyBlock", u: torch.Tensor, free: States) -> Linearisation:
-    """The fixed part of the difference form at the free state (see the module doc)."""
-    pre = drives(block, u, free)
-    ctx = [c.bottom_up(free[i])[1] if c.needs_ctx else None for i, c in enumerate(block.couplings)]
+    """The fixed part of the difference form at the free state (see the module doc): each
+    coupling runs bottom-up once at s*, giving both its drive f_i(s*_i) and its adjoint context.
+
+        pre_i(s*) = [i == 0] u + [i > 0] f_{i-1}(s*_{i-1}) + [i < top] J_{f_i}^T s*_{i+1}
+    """
+    L = len(free)
+    ups = [c.bottom_up(free[i]) for i, c in enumerate(block.couplings)]
+    ctx = [c_ctx if c.needs_ctx else None for c, (_, c_ctx) in zip(block.couplings, ups)]
     low, high, over = [], [], []
-    for i, v in enumerate(pre):
+    for i in range(L):
         if not block.bounded(i):
             low.append(None), high.append(None), over.append(None)
             continue
+        v = u if i == 0 else ups[i - 1][0]
+        if i < L - 1:
+            v = v + block.couplings[i].top_down(free[i + 1], ctx[i])
         p = v * block.gain
         c = p.clamp(0.0, 1.0)
         low.append(-c)
@@ -129,19 +123,21 @@ def _update(block: "EnergyBlock", lin: Linearisation, d: States, i: int, nudge: 
     """d_i <- sigma(pre* + dpre) - sigma(pre*), dpre = L_i(d) - [top] nudge (see the module doc)."""
     L = len(d)
     cps = block.couplings
+    # in place on fresh tensors only (the bottom-up drive, the products): this runs without a graph
     v = cps[i - 1].linear_bottom_up(d[i - 1]) if i > 0 else None
     if i < L - 1:
         td = cps[i].top_down(d[i + 1], lin.ctx[i])
-        v = td if v is None else v + td
+        v = td if v is None else v.add_(td)
     if i == L - 1 and nudge is not None:
         force = nudge(lin.free[i] + d[i]) if callable(nudge) else nudge
-        v = -force if v is None else v - force
+        v = -force if v is None else v.sub_(force)
     if v is None:  # a one-layer block without a nudge: nothing moves
         return torch.zeros_like(d[i])
-    q = v * block.gain
+    q = v.mul_(block.gain)
     if lin.over[i] is None:
         return q
-    return torch.minimum(torch.maximum(lin.over[i] + q, lin.low[i]), lin.high[i])
+    q.add_(lin.over[i])
+    return torch.minimum(torch.maximum(q, lin.low[i], out=q), lin.high[i], out=q)
 
 
 def difference_step(block: "EnergyBlock", lin: Linearisation, d: States, nudge: Optional[Nudge],
@@ -170,7 +166,6 @@ def relax_difference(block: "EnergyBlock", u: torch.Tensor, free: States, nudge:
     with torch.no_grad():
         lin = linearise(block, u, free)
         d = [torch.zeros_like(t) for t in free]
-        free_sq = sum((t.double() ** 2).sum() for t in free)
         trace: List[float] = []
         converged = config.tol is None
         residual = float("nan")
@@ -179,9 +174,7 @@ def relax_difference(block: "EnergyBlock", u: torch.Tensor, free: States, nudge:
             new = difference_step(block, lin, d, nudge, config.mode)
             check = k % config.check_every == 0 or k == config.steps
             if check:
-                num = sum(((a - b).double() ** 2).sum() for a, b in zip(new, d))
-                cross = sum((2 * (f.double() * t.double()).sum() + (t.double() ** 2).sum()) for f, t in zip(free, new))
-                residual = float(torch.sqrt(num) / torch.sqrt(free_sq + cross).clamp_min(1e-12))
+                residual = float(_residual(new, d, free))
                 trace.append(residual)
                 if not math.isfinite(residual):
                     raise RelaxationDiverged(block.name, k, phase, "difference form")
@@ -192,6 +185,13 @@ def relax_difference(block: "EnergyBlock", u: torch.Tensor, free: States, nudge:
                 converged = True
                 break
     return d, SolveStats(steps=k, residual=residual, converged=converged, phase=phase, trace=trace)
+
+
+def _residual(new: States, old: States, free: States) -> torch.Tensor:
+    """|d_new - d_old| / |s* + d_new| (the ordinary relative change of the state)."""
+    num = sum(((a - b).float() ** 2).sum() for a, b in zip(new, old))
+    den = sum(((f + a).float() ** 2).sum() for f, a in zip(free, new))
+    return torch.sqrt(num) / torch.sqrt(den).clamp_min(1e-12)
 
 
 def primitive_difference(block: "EnergyBlock", free: States, d_a: States, d_b: States,

@@ -304,12 +304,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error(str(e).splitlines()[0])
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the free relaxation of the last method's forward (every method relaxes the same free state)
+    residuals = {name: blk.stats.residual for name, blk in ffebm.energy_blocks(model) if blk.stats is not None}
     if len(betas) == 1:
         print(res.table())
         png = os.path.join(args.out, "compare.png")
         plot(res, png)
         with open(os.path.join(args.out, "compare.json"), "w") as f:
-            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb), f, indent=1)
+            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb, free_residual=residuals), f, indent=1)
         print(f"\nwrote {png} and compare.json")
     else:
         blocks = sorted({b for per in sweep.values() for m in per.values() for b in m})
@@ -322,8 +324,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         beta_sweep_plot(sweep, png)
         with open(os.path.join(args.out, "beta_sweep.json"), "w") as f:
             json.dump({"reference": res.reference, "sweep": {str(k): v for k, v in sweep.items()},
-                       "seconds": seconds, "peak_mb": peak_mb}, f, indent=1)
+                       "seconds": seconds, "peak_mb": peak_mb, "free_residual": residuals}, f, indent=1)
         print(f"\nwrote {png} and beta_sweep.json")
+    print("free residual per block (relative change in the last checked step): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in residuals.items()))
     print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
 
 
