@@ -140,6 +140,7 @@ class _TracingEP(GradientMethod):
 
     def __init__(self, ep: EP, store: Dict[str, List]):
         self.ep, self.store = ep, store
+        self.nudge = ep.nudge  # a forward records the loss cost when the wrapped EP nudges by it
 
     def backward(self, call, delta):
         hist = self.ep.trace(call, delta)

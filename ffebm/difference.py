@@ -41,19 +41,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
 
 from .errors import DifferenceFormUnsupported, RelaxationDiverged
-from .solvers import Relaxation, SolveStats
+from .solvers import Nudge, Relaxation, SolveStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .blocks.base import EnergyBlock
 
 States = List[torch.Tensor]
-#: a top-layer nudge: a fixed tensor, or a force evaluated at the current top state
-Nudge = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def difference_problem(block: "EnergyBlock") -> Optional[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -103,7 +103,11 @@ class SolveStats:
                 f"converged={self.converged})")
 
 
-def nudge_at(nudge, top: torch.Tensor) -> torch.Tensor:
+#: a top-layer nudge: a fixed tensor, or a force evaluated at the current top state
+Nudge = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def nudge_at(nudge: Nudge, top: torch.Tensor) -> torch.Tensor:
     """The top-layer nudge: a fixed tensor (beta * delta), or a force evaluated at the current
     top state ``top`` (the loss nudge, ``ffebm.gradients.loss_nudge``)."""
     return nudge(top).to(top.dtype) if callable(nudge) else nudge
@@ -204,7 +208,7 @@ def _residual(new: States, old: States) -> torch.Tensor:
 
 
 def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None,
-          nudge: Optional[torch.Tensor] = None, config: Optional[Relaxation] = None,
+          nudge: Optional[Nudge] = None, config: Optional[Relaxation] = None,
           phase: str = "free", callback: Optional[Callable[[int, States], None]] = None) -> tuple[States, SolveStats]:
     """Relax ``block`` driven by ``u`` from ``states`` (zeros if None).
 

@@ -104,3 +104,19 @@ def test_wrong_loss_or_block_is_refused():
             model(x)
     with pytest.raises(ValueError, match="EP.nudge"):
         ffebm.EP(nudge="readout")
+
+
+def test_traced_comparison_keeps_the_loss_nudge():
+    torch.manual_seed(0)
+    blk = ffebm.DenseHopfield([5, 8, 4], gain=0.5, linear_top=True,
+                              relaxation=ffebm.Relaxation(steps=3000, tol=1e-13))
+    model = nn.Sequential(blk, nn.Linear(4, 3)).double()
+    x, y = batch(4, (5,))
+    ep = ffebm.EP(0.2, steps=200, nudge="loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the delta nudge
+        plain = ffebm.compare_gradients(model, loss_fn, (x, y), reference=REF, candidates=[ep])
+        traced = ffebm.compare_gradients(model, loss_fn, (x, y), reference=REF, candidates=[ep], trace=True)
+    for name, g in plain.grads[ep.describe()].items():
+        assert torch.allclose(traced.grads[ep.describe()][name], g, rtol=1e-10, atol=1e-14), name
+    assert plain.min_cosine(ep.describe()) > 0.99

@@ -41,9 +41,6 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"T2 {cfg['t2']}, {args.threads} thread(s); median of {args.repeats} alternating runs")
     print(f"  {'block':<8} {'ordinary s':>11} {'difference s':>13} {'ratio':>7}")
     h = x
-    with torch.no_grad():
-        for name, blk in ffebm.energy_blocks(model):
-            pass
     for mod in model:
         if not isinstance(mod, ffebm.EnergyBlock):
             with torch.no_grad():
