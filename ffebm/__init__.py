@@ -20,8 +20,9 @@ from .blocks import ConvHopfield, DenseHopfield, EnergyBlock
 from .compare import CURRENT, GDDComparison, GradientComparison, compare_gdd, compare_gradients
 from .couplings import ConvCoupling, Coupling, DenseCoupling, SoftPool2d
 from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupported, NotConverged, NotTwiceDifferentiable,
-                     RelaxationDiverged, UnsupportedGradient)
+                     DifferenceFormUnsupported, RelaxationDiverged, UnsupportedGradient)
 from .gradients import EP, BackwardStats, BlockCall, GradientMethod, GradientResult, Implicit, Unrolled
+from .gradients.loss_nudge import loss_nudge
 from .solvers import STEPPERS, Relaxation, SolveStats, relax
 from .utils import block_stats, energy_blocks, set_acceleration, set_gradient, set_precision
 
@@ -30,10 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "EnergyBlock", "DenseHopfield", "ConvHopfield",
     "Coupling", "DenseCoupling", "ConvCoupling", "SoftPool2d",
-    "EP", "Implicit", "Unrolled", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult",
+    "EP", "loss_nudge", "Implicit", "Unrolled", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult",
     "Relaxation", "SolveStats", "relax", "STEPPERS",
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
-    "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient",
+    "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient", "DifferenceFormUnsupported",
     "compare_gradients", "GradientComparison", "CURRENT", "compare_gdd", "GDDComparison",
     "energy_blocks", "set_gradient", "set_precision", "set_acceleration", "block_stats",
 ]

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .gradients import EP, GradientMethod, Implicit
+from .gradients.loss_nudge import loss_nudge
 from .utils import energy_blocks
 
 INPUT = "<input>"
@@ -47,6 +48,24 @@ class _Current(GradientMethod):
 
 
 CURRENT = _Current()
+
+
+class PerBlock(GradientMethod):
+    """A candidate that is ``default`` on every block but those named in ``special`` (e.g. the
+    published scheme: the last block nudged by the loss, ``EP(nudge="loss")``, the others by
+    delta)."""
+
+    def __init__(self, default: GradientMethod, special: Dict[str, GradientMethod]):
+        self.default, self.special = default, dict(special)
+
+    def for_block(self, name: str) -> GradientMethod:
+        return self.special.get(name, self.default)
+
+    def describe(self) -> str:
+        return self.default.describe() + "; " + ", ".join(f"{n}: {m.describe()}" for n, m in self.special.items())
+
+    def backward(self, call, delta):
+        return self.for_block(call.block.name).backward(call, delta)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,6 +140,7 @@ class _TracingEP(GradientMethod):
 
     def __init__(self, ep: EP, store: Dict[str, List]):
         self.ep, self.store = ep, store
+        self.nudge = ep.nudge  # a forward records the loss cost when the wrapped EP nudges by it
 
     def backward(self, call, delta):
         hist = self.ep.trace(call, delta)
@@ -134,7 +154,9 @@ class _TracingEP(GradientMethod):
 def _grads(model, loss_fn, x, y, include_input):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     x_ = x.detach().clone().requires_grad_(include_input and x.is_floating_point())
-    loss = loss_fn(model(x_), y)
+    with loss_nudge(model, loss_fn, y):  # blocks with EP(nudge="loss") are nudged by this loss
+        out = model(x_)
+    loss = loss_fn(out, y)
     inputs = [p for _, p in params] + ([x_] if x_.requires_grad else [])
     gs = torch.autograd.grad(loss, inputs, allow_unused=True)
     out = {n: (None if g is None else g.detach()) for (n, p), g in zip(params, gs)}
@@ -186,7 +208,8 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
     def run(method):
         model.load_state_dict(saved_state)
         for name, blk in blocks:  # CURRENT: each block its own method
-            blk.gradient = saved_methods[name] if method is CURRENT else method
+            blk.gradient = saved_methods[name] if method is CURRENT else \
+                method.for_block(name) if isinstance(method, PerBlock) else method
         torch.set_rng_state(rng)  # the same dropout masks (and other draws) for every method
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -301,7 +324,6 @@ class _GDDProbe(GradientMethod):
     def backward(self, call, delta):
         import dataclasses
 
-        from .gradients.base import primitive_difference_grads
         from .solvers import analytic_step
 
         if self.mode is not None:
@@ -338,7 +360,6 @@ class _GDDProbe(GradientMethod):
                 k=len(rows.get(name, [])) + 1, ep_norm=float(ep_g.double().norm()),
                 bptt_norm=float(bp_g.double().norm()), cosine=cosine(ep_g, bp_g), rel_error=rel_error(ep_g, bp_g)))
 
-        pairs = list(tr.pairs())
         for k in range(1, steps + 1):
             # backprop through step T-k+1 (the k-th from the end): dL/ds_{T-k}, that step's
             # contributions to dL/dθ and dL/du, and the gradient with respect to each layer's
@@ -366,18 +387,17 @@ class _GDDProbe(GradientMethod):
                     g = rest.pop(0)
                     if g is not None:
                         cum_p[i] = g if cum_p[i] is None else cum_p[i] + g
-            sa, sb = pairs[k - 1]
-            e_u, e_p = primitive_difference_grads(call, sa, sb, tr.scale)
+            e_u, e_p = tr.estimate(k - 1)
+            diffs = tr.layer_difference(k - 1)
             for i, n in enumerate(names):
                 if call.wants[i]:
                     add(n, e_p[i], cum_p[i])
             if call.wants_input:
                 add("u", e_u, cum_u)
             for i in range(len(free)):
-                add(f"s{i}", -(sa[i] - sb[i]) * tr.scale, cum_s[i])
+                add(f"s{i}", -diffs[i] * tr.scale, cum_s[i])
         self.store[call.block.name] = rows
-        sa, sb = pairs[-1]
-        g_u, g_p = primitive_difference_grads(call, sa, sb, tr.scale)
+        g_u, g_p = tr.estimate(steps - 1)
         from .gradients.base import BackwardStats, GradientResult
 
         return GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=tr.polish))

@@ -43,6 +43,17 @@ class Coupling(nn.Module):
         fx, _ = self.bottom_up(x)
         return (y * fx).sum()
 
+    # -- the difference form (EP's nudged phases relaxed in s - s*, see ffebm.difference) ------
+    def affine_problem(self) -> Optional[str]:
+        """Why f is not affine in x with a state-independent adjoint (so the difference form
+        cannot be used), or None when it is."""
+        return f"{type(self).__name__} has no linear part written for the difference form"
+
+    def linear_bottom_up(self, x: torch.Tensor) -> torch.Tensor:
+        """A x: the linear part of an affine f(x) = A x + b (no bias), so that
+        f(x* + d) = f(x*) + A d with no large-minus-large subtraction."""
+        raise NotImplementedError(self.affine_problem())
+
     def out_shape(self, in_shape: Sequence[int]) -> tuple[int, ...]:
         with torch.no_grad():
             p = next(self.parameters())
@@ -66,6 +77,12 @@ class DenseCoupling(Coupling):
 
     def top_down(self, y, ctx):
         return (y @ self.weight).reshape(y.shape[0], *self.in_shape)
+
+    def affine_problem(self):
+        return _overridden(self, DenseCoupling)
+
+    def linear_bottom_up(self, x):
+        return F.linear(x.reshape(x.shape[0], -1), self.weight)
 
     def extra_repr(self):
         return f"{self.in_shape} -> {self.weight.shape[0]}"
@@ -176,11 +193,33 @@ class ConvCoupling(Coupling):
         g = self._pool_adjoint(y, ctx)
         return F.conv_transpose2d(g, self.weight, None, self.stride, self.padding, self._out_pad)
 
+    def affine_problem(self):
+        if self.pool == "soft":
+            return "soft pooling is not piecewise linear"
+        if self.pool == "max" and self.winners is None:
+            return "a max pool with live winners is only piecewise linear (use EP(pool_winners='free'))"
+        return _overridden(self, ConvCoupling)
+
+    def linear_bottom_up(self, x):
+        problem = self.affine_problem()
+        if problem:
+            raise ValueError(f"linear_bottom_up: {problem}")
+        return self._pool(F.conv2d(x, self.weight, None, self.stride, self.padding))[0]
+
     def extra_repr(self):
         return (
             f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
             f"p={self.padding}, pool={self.pool}{self.pool_size if self.pool != 'none' else ''}, in={self.in_size}"
         )
+
+
+def _overridden(c: Coupling, base: type) -> Optional[str]:
+    """A subclass that computes its drives its own way (an analog tile's noisy reads) has no
+    exact linear part: refuse it rather than read its weight as if it were digital."""
+    for name in ("bottom_up", "top_down", "phi"):
+        if getattr(type(c), name) is not getattr(base, name):
+            return f"{type(c).__name__} overrides {name} (its drive is not the digital affine map)"
+    return None
 
 
 def _take(c: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -80,3 +80,16 @@ class FunctorchUnsupported(RuntimeError):
 class UnsupportedGradient(RuntimeError):
     """A gradient method was asked for a gradient it cannot compute on this block (e.g.
     backpropagation through analog tile reads); raised instead of returning a wrong value."""
+
+
+class DifferenceFormUnsupported(ValueError):
+    """``EP(form="difference")`` was asked of a block whose drive is not affine in its state
+    (soft pooling, a max pool with live winners, an analog coupling, an activation other than
+    the hard sigmoid / linear one); ``block`` names the block, ``reason`` says what is not."""
+
+    def __init__(self, block: str, reason: str) -> None:
+        self.block, self.reason = block, reason
+        super().__init__(f"EP(form='difference') on block '{block}': {reason}; use EP(form='ordinary') there")
+
+    def __reduce__(self):
+        return (type(self), (self.block, self.reason))

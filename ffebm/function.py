@@ -29,6 +29,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from .errors import FunctorchUnsupported, NotTwiceDifferentiable
 from .gradients.base import BlockCall
+from .gradients.loss_nudge import active_cost
 
 States = List[torch.Tensor]
 
@@ -73,6 +74,8 @@ class _Equilibrium(torch.autograd.Function):
         ctx.relaxation = copy.copy(block.relaxation)
         ctx.nudge_relaxation = copy.copy(block.nudge_relaxation)
         ctx.free_stats = holder["stats"]
+        # the loss cost of this call (ffebm.loss_nudge active now, the method nudging by the loss)
+        ctx.cost = active_cost(block) if getattr(ctx.method, "nudge", None) == "loss" else None
         ctx.slots = holder["slots"]
         states = holder["states"]
         ctx.num_layers = len(states)
@@ -95,7 +98,8 @@ class _Equilibrium(torch.autograd.Function):
         call = BlockCall(block=block, u=u, states=states, free_stats=ctx.free_stats,
                          relaxation=ctx.relaxation, nudge_relaxation=ctx.nudge_relaxation, params=params,
                          wants_input=bool(need[1]), wants=wants,
-                         records=tuple(w and will_accumulate(e) for w, e in zip(wants, ctx.edges)))
+                         records=tuple(w and will_accumulate(e) for w, e in zip(wants, ctx.edges)),
+                         cost=ctx.cost)
         # the energy is evaluated with this call's parameter tensors (they differ from the
         # module's own after e.g. torch.func.functional_call returned)
         with _parameters_of_call(ctx.slots, params):

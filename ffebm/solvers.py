@@ -1,7 +1,8 @@
 """Relaxation: settling an energy block to its equilibrium (the forward solve).
 
 The block's state is the fixed point  s = sigma(dPhi/ds - nudge)  (nudge = beta * delta on the
-top layer during EP's nudged phases, zero in the free phase). Two schedules:
+top layer during EP's nudged phases, or a force beta * F(s_top) evaluated at the current state:
+the loss nudge; zero in the free phase). Two schedules:
 
 * ``sync``:  all layers at once, s_l <- sigma(drive_l(s)).
 * ``async``: even/odd layers in turn. Layers only couple to neighbours, so updating every
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -111,6 +112,16 @@ class SolveStats:
                 f"converged={self.converged})")
 
 
+#: a top-layer nudge: a fixed tensor, or a force evaluated at the current top state
+Nudge = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def nudge_at(nudge: Nudge, top: torch.Tensor) -> torch.Tensor:
+    """The top-layer nudge: a fixed tensor (beta * delta), or a force evaluated at the current
+    top state ``top`` (the loss nudge, ``ffebm.gradients.loss_nudge``)."""
+    return nudge(top).to(top.dtype) if callable(nudge) else nudge
+
+
 # --------------------------------------------------------------------------------------------
 # steppers: one relaxation step s -> s'
 # --------------------------------------------------------------------------------------------
@@ -138,7 +149,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 td = cps[i].top_down(s[i + 1], cache[i])
                 v = v + td if i == 0 else v.add_(td)  # bottom[i > 0] is a fresh tensor
             if i == L - 1 and nudge is not None:
-                v = v - nudge
+                v = v - nudge_at(nudge, s[i])
             new.append(update(block, i, s[i], v, omega))
         for i in range(L - 1):
             cache[i] = None
@@ -159,7 +170,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 # a tensor autograd saved: the bias add's output is not saved)
                 v = v + td if i == 0 else v.add_(td)
             if i == L - 1 and nudge is not None:
-                v = v - nudge
+                v = v - nudge_at(nudge, new[i])
             new[i] = update(block, i, s[i], v, omega)
             if i < L - 1:
                 cache[i] = None
@@ -178,7 +189,7 @@ def autograd_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
             xs = [t.detach().requires_grad_(True) for t in states]
             phi = block.primitive(xs, u.detach())
             if nudge is not None:
-                phi = phi - (nudge.detach() * xs[-1]).sum()
+                phi = phi - (nudge_at(nudge, states[-1]).detach() * xs[-1]).sum()
             return list(torch.autograd.grad(phi, xs))
 
     L = len(s)
@@ -216,7 +227,7 @@ def _residual(new: States, old: States) -> torch.Tensor:
 
 
 def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None,
-          nudge: Optional[torch.Tensor] = None, config: Optional[Relaxation] = None,
+          nudge: Optional[Nudge] = None, config: Optional[Relaxation] = None,
           phase: str = "free", callback: Optional[Callable[[int, States], None]] = None) -> tuple[States, SolveStats]:
     """Relax ``block`` driven by ``u`` from ``states`` (zeros if None).
 
@@ -240,7 +251,7 @@ def relax(block: "EnergyBlock", u: torch.Tensor, states: Optional[States] = None
         # states and drives live in the low dtype for the whole low phase (no per-step casts);
         # autocast casts the (small) weights inside the convolutions
         u_low = u.to(cfg.precision)
-        nudge_low = nudge.to(cfg.precision) if nudge is not None else None
+        nudge_low = nudge.to(cfg.precision) if isinstance(nudge, torch.Tensor) else nudge
         s = [t.to(cfg.precision) for t in s]
     for k in range(1, cfg.steps + 1):
         check = k % cfg.check_every == 0 or k == cfg.steps

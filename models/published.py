@@ -133,14 +133,20 @@ def published_ffebm(blocks: List[dict], gain: float, t1: int, t2: int, beta: flo
                     num_classes: int = 10, in_channels: int = 3, image_size: int = 32, tol: Optional[float] = None,
                     method: str = "ep", variant: str = "centered", mode: str = "async",
                     pool_override: Optional[str] = None, precision: Optional[str] = None,
-                    pool_winners: str = "live") -> nn.Module:
+                    pool_winners: str = "live", ep_form: str = "ordinary", last_nudge: str = "loss") -> nn.Module:
     """Build a published configuration (see the module docstring).  ``pool_override`` replaces
     every max pool ("avg" or "soft": a smooth energy); ``precision="bfloat16"`` relaxes under bf16
     autocast with full-precision polish and read-out; ``pool_winners="free"``: EP keeps the free
-    phase's max-pool winners through the nudged phases (see :class:`ffebm.EP`)."""
+    phase's max-pool winners through the nudged phases (see :class:`ffebm.EP`); ``ep_form``:
+    EP's nudged phases relaxed in the state ("ordinary") or in its difference from the free state
+    ("difference": full precision in float32, needs ``pool_winners="free"`` where a block
+    max-pools); ``last_nudge``: the last block nudged by ``beta * loss(readout(s_top), y)``
+    ("loss", as published; the loss travels with ``ffebm.loss_nudge``, which the trainer sets) or
+    by ``beta <delta, s_top>`` like the others ("delta")."""
     if blocks[0]["channels"][0] != in_channels:
         raise ValueError(f"this configuration takes {blocks[0]['channels'][0]}-channel images, got in_channels={in_channels}")
-    ffebm.gradients.method_from_name(method, pool_winners=pool_winners)  # an unknown name fails here, before any layer is built
+    # an unknown name or option fails here, before any layer is built
+    ffebm.gradients.method_from_name(method, pool_winners=pool_winners, form=ep_form, nudge=last_nudge)
     relax = ffebm.Relaxation(steps=t1, tol=tol, mode=mode, precision=precision)
     nudge = ffebm.Relaxation(steps=t2, tol=None, mode=mode, precision=precision)
     mods: List[nn.Module] = []
@@ -155,8 +161,9 @@ def published_ffebm(blocks: List[dict], gain: float, t1: int, t2: int, beta: flo
         blk = ffebm.ConvHopfield(chans[0], size, chans[1:], pool=pools, dense=b["dense"], input_bn=b["bn"],
                                  bn_affine=True, gain=gain, linear_top=not b["clamp_last"], relaxation=relax,
                                  nudge_relaxation=nudge, name=f"block{k + 1}",
-                                 gradient=ffebm.gradients.method_from_name(method, beta=beta, variant=variant, steps=t2,
-                                                                           pool_winners=pool_winners))
+                                 gradient=ffebm.gradients.method_from_name(
+                                     method, beta=beta, variant=variant, steps=t2, pool_winners=pool_winners, form=ep_form,
+                                     nudge=last_nudge if k == len(blocks) - 1 else "delta"))
         for m in blk.modules():
             if isinstance(m, (nn.Conv2d, ffebm.couplings.ConvCoupling, ffebm.couplings.DenseCoupling)):
                 goe_init_(m.weight, variance)

@@ -18,6 +18,7 @@ The time and peak memory of the comparison are printed (and stored in the JSON).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -110,13 +111,18 @@ def gdd_plot(res, path: str) -> None:
     plt.close(fig)
 
 
-def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live"):
+def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live", form: str = "ordinary",
+                nudge: str = "delta", last: Optional[str] = None):
+    """The candidates named; EP variants with the given options. With ``nudge="loss"`` the EP
+    candidates nudge the block named ``last`` by the loss and the others by delta (the published
+    scheme): a per-block choice, so such a candidate is a :class:`ffebm.compare.PerBlock`."""
     import ffebm
 
     out = []
     for n in names:
         if n in ("centered", "positive", "negative", "random"):
-            out.append(ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners))
+            ep = ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners, form=form)
+            out.append(ep if nudge == "delta" else ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")}))
         elif n == "implicit":
             out.append(ffebm.Implicit(tol=1e-8, max_iter=1000))
         elif n == "unrolled":
@@ -184,6 +190,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--pool-winners", choices=["live", "free"], default="live",
                     help="EP candidates: max pools inside a block pick their winner at every step (live), or keep "
                          "the free equilibrium's winners through the nudged phases and the read-out (free)")
+    ap.add_argument("--form", choices=["ordinary", "difference"], default="ordinary",
+                    help="EP candidates: relax the nudged phases in the state (ordinary) or in its difference from "
+                         "the free equilibrium (difference: full relative precision in float32; max-pooled blocks "
+                         "need --pool-winners free)")
+    ap.add_argument("--nudge", choices=["delta", "loss"], default="delta",
+                    help="EP candidates: nudge every block by beta <delta, s_top> (delta), or the last block by beta * "
+                         "loss(readout(s_top), y) and the others by delta (loss, as published)")
     ap.add_argument("--gdd", action="store_true",
                     help="step by step: EP's running estimate after k nudged steps against backprop through the last "
                          "k free steps from the equilibrium, k = 1..T2, per block and layer (gdd.png, gdd.json); uses "
@@ -259,7 +272,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
         if len(betas) != 1 or not variants:
             ap.error("--gdd takes one --beta and an EP variant in --candidates")
-        ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners)
+        if args.nudge != "delta":
+            ap.error("--gdd compares against backprop with the incoming gradient: it takes --nudge delta")
+        ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners, form=args.form)
         res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
         seconds = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -273,10 +288,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
         return
     sweep: Dict[float, dict] = {}
+    last = [name for name, _ in ffebm.energy_blocks(model)][-1]
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
-                                          candidates=_candidates(names, beta, t2, args.pool_winners), trace=len(betas) == 1)
+                                          candidates=_candidates(names, beta, t2, args.pool_winners, args.form, args.nudge,
+                                                                 last), trace=len(betas) == 1)
             per: Dict[str, Dict[str, float]] = {}
             for r in res.rows:
                 if r["comparable"] and r["block"] != "input":
@@ -287,12 +304,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error(str(e).splitlines()[0])
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the free relaxation of the last method's forward (every method relaxes the same free state)
+    residuals = {name: blk.stats.residual for name, blk in ffebm.energy_blocks(model) if blk.stats is not None}
     if len(betas) == 1:
         print(res.table())
         png = os.path.join(args.out, "compare.png")
         plot(res, png)
         with open(os.path.join(args.out, "compare.json"), "w") as f:
-            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb), f, indent=1)
+            json.dump(dict(res.to_dict(), seconds=seconds, peak_mb=peak_mb, free_residual=residuals), f, indent=1)
         print(f"\nwrote {png} and compare.json")
     else:
         blocks = sorted({b for per in sweep.values() for m in per.values() for b in m})
@@ -305,8 +324,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         beta_sweep_plot(sweep, png)
         with open(os.path.join(args.out, "beta_sweep.json"), "w") as f:
             json.dump({"reference": res.reference, "sweep": {str(k): v for k, v in sweep.items()},
-                       "seconds": seconds, "peak_mb": peak_mb}, f, indent=1)
+                       "seconds": seconds, "peak_mb": peak_mb, "free_residual": residuals}, f, indent=1)
         print(f"\nwrote {png} and beta_sweep.json")
+    print("free residual per block (relative change in the last checked step): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in residuals.items()))
     print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
 
 

@@ -61,6 +61,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
     return torch.contiguous_format
 
 
+def loss_of(t, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss: cross-entropy (with the run's label smoothing), in float32."""
+    return F.cross_entropy(logits.float(), y, label_smoothing=t.cfg.label_smoothing)
+
+
 def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Generator]
                ) -> Tuple[float, int, int, Dict[str, Tuple[float, float]]]:
     """One optimiser step of trainer ``t`` on the stored batch ``(xb, yb)``: preprocessing
@@ -76,8 +81,10 @@ def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Genera
     t.model.train()
     problem = ""
     try:
-        logits = t.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=t.cfg.label_smoothing)
+        # the loss travels with each block call, for a last block nudged by it (EP(nudge="loss"))
+        with ffebm.loss_nudge(t.core, lambda out, target: loss_of(t, out, target), y):
+            logits = t.model(x)
+        loss = loss_of(t, logits, y)
         if not torch.isfinite(loss):
             problem = f"loss is {loss.item()}{failures.nonfinite_block(t.blocks)}"
     except RelaxationDiverged as e:

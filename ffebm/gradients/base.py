@@ -44,6 +44,8 @@ class BlockCall:
     records: per parameter, whether autograd will accumulate its gradient into ``.grad`` in this
         backward (``loss.backward()``: yes; ``autograd.grad(out, x)``: no). Pulsed analog updates
         are recorded only where this is True.
+    cost: the loss cost loss(readout(s_top), y) of this call when it was made inside
+        ``ffebm.loss_nudge`` and its method nudges by the loss (``EP(nudge="loss")``), else None.
     """
 
     block: Any
@@ -56,17 +58,18 @@ class BlockCall:
     wants_input: bool = True
     wants: Tuple[bool, ...] = ()
     records: Tuple[bool, ...] = ()
+    cost: Any = None
 
     @classmethod
     def at(cls, block, u: torch.Tensor, states: States, free_stats: Optional[SolveStats] = None,
-           wants_input: bool = True) -> "BlockCall":
+           wants_input: bool = True, cost: Any = None) -> "BlockCall":
         """A call of ``block`` at given states (to run a method by hand, e.g. in a comparison)."""
         if free_stats is None:
             free_stats = SolveStats(steps=block.relaxation.steps, residual=0.0, converged=True)
         params = tuple(block.energy_parameters())
         return cls(block=block, u=u.detach(), states=[t.detach() for t in states], free_stats=free_stats,
                    relaxation=block.relaxation, nudge_relaxation=block.nudge_relaxation, params=params,
-                   wants_input=wants_input)
+                   wants_input=wants_input, cost=cost)
 
     def __post_init__(self) -> None:
         if not self.wants:
@@ -162,11 +165,18 @@ def primitive_difference_grads(call: BlockCall, s_a: States, s_b: States, scale:
     -scale * (y_a x_a^T - y_b x_b^T): a difference of two outer products.
     """
     block = call.block
+    sa = [t.detach() for t in s_a]
+    sb = [t.detach() for t in s_b]
+    return difference_read_out(call, lambda u_: block.primitive(sa, u_) - block.primitive(sb, u_), scale, skip)
+
+
+def difference_read_out(call: BlockCall, phi_difference, scale: float, skip: Sequence[bool] = ()) -> Grads:
+    """Gradients of  -scale * phi_difference(u)  w.r.t. u and θ, where ``phi_difference(u)`` is
+    Phi(s_a; u) - Phi(s_b; u) at two fixed states, however it is formed (directly, or from the
+    difference form's d_a, d_b: ``ffebm.difference.primitive_difference``)."""
     with torch.enable_grad():
         u_ = call.u.detach().requires_grad_(call.wants_input)
-        sa = [t.detach() for t in s_a]
-        sb = [t.detach() for t in s_b]
-        delta_e = -(block.primitive(sa, u_) - block.primitive(sb, u_)) * scale
+        delta_e = -phi_difference(u_) * scale
         if not delta_e.requires_grad:
             return None, (None,) * len(call.params)
         return grad_wrt(delta_e, call, u_, skip=skip)

@@ -36,6 +36,22 @@ EP's estimate keeps its O(beta^2) (centered) bias against that exact gradient, a
 decision at the end of the free phase, and the nudged phases route each window through the
 latched input, a switch set once per sample, like the phase control that turns the nudge on.
 
+Difference form (``form="difference"``, see :mod:`ffebm.difference`): the nudged phases relax
+d = s - s* instead of s, and the read-out uses d_a - d_b directly, so the estimate keeps full
+relative precision however little the nudge moves the block (float32 blocks deep in a network,
+where ``s_a - s_b`` is otherwise mostly rounding). Exact algebra for the blocks it applies to
+(affine couplings, hard-sigmoid / linear layers, max pools only with ``pool_winners="free"``);
+any other block raises :class:`~ffebm.errors.DifferenceFormUnsupported`. It takes s* as the
+fixed point (the free state's leftover drift is left out, as the implicit gradient does), so a
+one-sided variant needs no polish in this form.
+
+Nudge (``nudge``): "delta" adds beta * <delta, s_top> to the energy (every block; delta = dL/ds_top
+at s*); "loss" adds beta * loss(readout(s_top), y) (the published nudge of the last block: the
+force follows the state), for calls made inside ``ffebm.loss_nudge(model, loss_fn, y)`` (see
+:mod:`ffebm.gradients.loss_nudge`). Both estimate the same exact gradient. With the difference
+form the loss's force is evaluated at s* + d: the force itself is the small drive (not a
+difference of large terms), so it keeps its relative precision.
+
 Scaling: with ``scale="batch"`` (default) the nudge is beta * B * delta, i.e. beta applies to
 each sample's own loss gradient when the loss is a batch mean (so published beta values keep
 their meaning at any batch size); the estimate is divided by the same factor.
@@ -49,10 +65,18 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+import warnings
+
+from ..difference import primitive_difference, relax_difference
 from ..solvers import Relaxation
-from .base import BackwardStats, BlockCall, GradientMethod, GradientResult, primitive_difference_grads
+from .base import (BackwardStats, BlockCall, GradientMethod, GradientResult, difference_read_out,
+                   primitive_difference_grads)
 
 VARIANTS = ("positive", "negative", "centered", "random")
+FORMS = ("ordinary", "difference")
+NUDGES = ("delta", "loss")
+#: the relative mismatch between the loss's force at s* and delta above which a loss nudge is refused
+LOSS_MISMATCH = 1e-3
 POOL_WINNERS = ("live", "free")
 SCALES = ("batch", "none")
 
@@ -79,6 +103,8 @@ class EP(GradientMethod):
     polish: float = 1e-3
     polish_steps: Optional[int] = None
     pool_winners: str = "live"
+    form: str = "ordinary"
+    nudge: str = "delta"
     _gen: Optional[torch.Generator] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,9 +124,15 @@ class EP(GradientMethod):
             raise ValueError(f"EP.polish_steps must be an integer >= 1 or None, got {self.polish_steps!r}")
         if self.pool_winners not in POOL_WINNERS:
             raise ValueError(f"EP.pool_winners must be one of {POOL_WINNERS}, got {self.pool_winners!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"EP.form must be one of {FORMS}, got {self.form!r}")
+        if self.nudge not in NUDGES:
+            raise ValueError(f"EP.nudge must be one of {NUDGES}, got {self.nudge!r}")
 
     def describe(self) -> str:
         extra = ", pool_winners=free" if self.pool_winners == "free" else ""
+        extra += ", form=difference" if self.form == "difference" else ""
+        extra += ", nudge=loss" if self.nudge == "loss" else ""
         return f"EP(beta={self.beta}, variant={self.variant}{extra})"
 
     # -- random state -----------------------------------------------------------------------
@@ -146,16 +178,52 @@ class EP(GradientMethod):
             return base
         return dataclasses.replace(base, steps=self.steps or base.steps, tol=self.tol)
 
-    def _phase(self, call, states, delta, beta, cfg, callback=None):
+    def forces(self, call: BlockCall, delta: torch.Tensor, c: float):
+        """``(nudge_of, fallback)``: ``nudge_of(beta)`` is the top-layer nudge of a phase at beta
+        (a tensor, or a force of the current top state with the loss nudge); ``fallback`` says
+        why a loss nudge was not used (None when it was, or was not asked for)."""
+        d = delta * c
+        if self.nudge == "delta":
+            return (lambda beta: beta * d), None
+        cost = call.cost
+        if cost is None:
+            why = "nudge=delta: the call was made outside ffebm.loss_nudge(model, loss_fn, y)"
+            warned = call.block.__dict__.setdefault("_convergence_warned", set())
+            if "loss_nudge" not in warned:
+                warned.add("loss_nudge")
+                warnings.warn(f"block '{call.block.name}': EP(nudge='loss') fell back to the linear nudge "
+                              f"({why}; warned once per block)", UserWarning, stacklevel=4)
+            return (lambda beta: beta * d), why
+        at_free = cost.force(call.states[-1])
+        gap = float((at_free - delta).double().norm() / delta.double().norm().clamp_min(1e-30))
+        if gap > LOSS_MISMATCH:
+            raise ValueError(f"block '{call.block.name}': the loss given to ffebm.loss_nudge does not give this "
+                             f"backward's incoming gradient at the free state (relative difference {gap:.2e}); a loss "
+                             "nudge would estimate the gradient of another loss. Give loss_nudge the loss that is "
+                             "back-propagated, or use EP(nudge='delta')")
+        return (lambda beta: (lambda top: (beta * c) * cost.force(top))), None
+
+    def _phase(self, call, free, nudge_of, beta, cfg, callback=None):
+        """One nudged phase from the free state: (its state, or d = s - s* in difference form;
+        its SolveStats, None for a zero nudge)."""
         if beta == 0.0:
-            return states, None
+            return (free if self.form == "ordinary" else [torch.zeros_like(t) for t in free]), None
         phase = "nudged+" if beta > 0 else "nudged-"
-        return call.block.solve(call.u, states=states, nudge=beta * delta, config=cfg, phase=phase,
+        if self.form == "difference":
+            return relax_difference(call.block, call.u, free, nudge_of(beta), cfg, phase, callback)
+        return call.block.solve(call.u, states=free, nudge=nudge_of(beta), config=cfg, phase=phase,
                                 callback=callback)
+
+    def read_out(self, call: BlockCall, free, a, b, scale: float, skip=()):
+        """EP's estimate -scale * (Phi(s_a) - Phi(s_b)) from the phases' results (states, or
+        differences d from ``free`` in difference form)."""
+        if self.form == "difference":
+            return difference_read_out(call, lambda u_: primitive_difference(call.block, free, a, b, u_), scale, skip)
+        return primitive_difference_grads(call, a, b, scale, skip=skip)
 
     def _polished(self, call: BlockCall, ba: float, bb: float):
         """The free state, relaxed further when a one-sided estimate needs it (see module doc)."""
-        if ba != 0.0 and bb != 0.0 or self.polish == 0:
+        if ba != 0.0 and bb != 0.0 or self.polish == 0 or self.form == "difference":
             return call.states, None
         target = self.polish * float(self.beta) ** 2
         r = call.free_stats.residual
@@ -178,17 +246,19 @@ class EP(GradientMethod):
 
     def backward(self, call: BlockCall, delta: torch.Tensor) -> GradientResult:
         c = float(delta.shape[0]) if self.scale == "batch" else 1.0
-        d = delta * c
         cfg = self.nudge_config(call)
         ba, bb = self.nudges()
+        nudge_of, fallback = self.forces(call, delta, c)
         free, polish = self._polished(call, ba, bb)
         call = self.at_winners(call, free)
-        sa, st_a = self._phase(call, free, d, ba, cfg)
-        sb, st_b = self._phase(call, free, d, bb, cfg)
+        sa, st_a = self._phase(call, free, nudge_of, ba, cfg)
+        sb, st_b = self._phase(call, free, nudge_of, bb, cfg)
         scale = 1.0 / ((ba - bb) * c)
-        g_u, g_p = primitive_difference_grads(call, sa, sb, scale, skip=self.skip(call))
+        g_u, g_p = self.read_out(call, free, sa, sb, scale, skip=self.skip(call))
         stats = BackwardStats(method=self.describe(), nudged=[s for s in (st_a, st_b) if s is not None],
-                              polish=polish)
+                              polish=polish, fallback=fallback)
+        if self.form == "difference":  # the hook reads states
+            sa, sb = [f + t for f, t in zip(free, sa)], [f + t for f, t in zip(free, sb)]
         g_p = self.read_out_extra(call, sa, sb, scale, g_p)
         return GradientResult(g_u, g_p, stats)
 
@@ -203,29 +273,27 @@ class EP(GradientMethod):
         states after k steps.
         """
         tr = self.trajectories(call, delta)
-        out = []
-        for sa, sb in tr.pairs():
-            g_u, g_p = primitive_difference_grads(tr.call, sa, sb, tr.scale)
-            out.append(GradientResult(g_u, g_p, BackwardStats(method=self.describe(), polish=tr.polish)))
-        return out
+        return [GradientResult(*tr.estimate(k), BackwardStats(method=self.describe(), polish=tr.polish))
+                for k in range(tr.steps)]
 
     def trajectories(self, call: BlockCall, delta: torch.Tensor) -> "Trajectories":
-        """The states of both nudged phases after each step k = 1..T2 (no early stop), and what
+        """The results of both nudged phases after each step k = 1..T2 (no early stop), and what
         reading an estimate off them needs (see :class:`Trajectories`)."""
         c = float(delta.shape[0]) if self.scale == "batch" else 1.0
-        d = delta * c
         cfg = self.nudge_config(call)
         cfg = dataclasses.replace(cfg, tol=None)
         ba, bb = self.nudges()
+        nudge_of, _ = self.forces(call, delta, c)
         free, polish = self._polished(call, ba, bb)
         call = self.at_winners(call, free)
         hist_a: list = []
         hist_b: list = []
         if ba != 0.0:
-            self._phase(call, free, d, ba, cfg, callback=lambda k, s: hist_a.append([t.clone() for t in s]))
+            self._phase(call, free, nudge_of, ba, cfg, callback=lambda k, s: hist_a.append([t.clone() for t in s]))
         if bb != 0.0:
-            self._phase(call, free, d, bb, cfg, callback=lambda k, s: hist_b.append([t.clone() for t in s]))
-        return Trajectories(call=call, free=free, a=hist_a, b=hist_b, scale=1.0 / ((ba - bb) * c), polish=polish)
+            self._phase(call, free, nudge_of, bb, cfg, callback=lambda k, s: hist_b.append([t.clone() for t in s]))
+        return Trajectories(call=call, free=free, a=hist_a, b=hist_b, scale=1.0 / ((ba - bb) * c), polish=polish,
+                            method=self)
 
 
 @dataclass
@@ -234,8 +302,9 @@ class Trajectories:
 
     call: the call the phases ran on (its block keeps the free winners with
     ``pool_winners="free"``); free: the (polished) free state they started from; a, b: the
-    states after each step of the phases at beta_a and beta_b (empty for a zero nudge: the free
-    state); scale: 1 / ((beta_a - beta_b) * c), the factor of EP's read-out.
+    phases' results after each step at beta_a and beta_b (states, or d = s - s* when
+    ``method.form == "difference"``; empty for a zero nudge); scale: 1 / ((beta_a - beta_b) * c),
+    the factor of EP's read-out; method: the EP that ran them.
     """
 
     call: BlockCall
@@ -244,9 +313,33 @@ class Trajectories:
     b: List[List[torch.Tensor]]
     scale: float
     polish: Any = None
+    method: Optional[EP] = None
+
+    @property
+    def steps(self) -> int:
+        return max(len(self.a), len(self.b))
+
+    def _raw(self, k: int):
+        zero = self.free if self.method is None or self.method.form == "ordinary" else \
+            [torch.zeros_like(t) for t in self.free]
+        return (self.a[k] if self.a else zero), (self.b[k] if self.b else zero)
+
+    def estimate(self, k: int):
+        """EP's estimate ``(grad_u, grad_params)`` after k + 1 steps (k = 0..steps-1)."""
+        a, b = self._raw(k)
+        method = self.method or EP()
+        return method.read_out(self.call, self.free, a, b, self.scale)
+
+    def layer_difference(self, k: int) -> List[torch.Tensor]:
+        """s_a - s_b per layer after k + 1 steps (exact d_a - d_b in difference form)."""
+        a, b = self._raw(k)
+        return [x - y for x, y in zip(a, b)]
 
     def pairs(self):
-        """(s_a, s_b) after each step k = 1..T2."""
-        n = max(len(self.a), len(self.b))
-        for k in range(n):
-            yield (self.a[k] if self.a else self.free), (self.b[k] if self.b else self.free)
+        """(s_a, s_b) after each step k = 1..T2 (states, s* + d in difference form)."""
+        diff = self.method is not None and self.method.form == "difference"
+        for k in range(self.steps):
+            a, b = self._raw(k)
+            if diff:
+                a, b = [f + t for f, t in zip(self.free, a)], [f + t for f, t in zip(self.free, b)]
+            yield a, b

@@ -6,8 +6,9 @@ and its gradient check.
 
 A factory takes the model-level settings (``beta``, ``variant``, ``steps`` = T2) and builds the
 method with the defaults the builders use; ``register_method`` adds a name. ``pool_winners``
-("live" or "free", see :class:`EP`) is set on the EP methods built (other methods differentiate
-at the free state, i.e. at the free winners, already).
+("live" or "free", see :class:`EP`), ``form`` ("ordinary" or "difference") and ``nudge`` ("delta"
+or "loss") are set on the EP methods built (other methods differentiate at the free state, i.e.
+at the free winners, already, and need no nudge).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional
 
 from .base import GradientMethod
-from .ep import EP, POOL_WINNERS
+from .ep import EP, FORMS, NUDGES, POOL_WINNERS
 from .implicit import Implicit
 from .unrolled import Unrolled
 
@@ -36,14 +37,19 @@ def method_names() -> List[str]:
 
 
 def method_from_name(name: str, beta: float = 0.5, variant: str = "centered",
-                     steps: Optional[int] = None, pool_winners: str = "live") -> GradientMethod:
+                     steps: Optional[int] = None, pool_winners: str = "live", form: str = "ordinary",
+                     nudge: str = "delta") -> GradientMethod:
     if name not in _METHODS:
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {name!r}")
-    if pool_winners not in POOL_WINNERS:
-        raise ValueError(f"pool_winners must be one of {POOL_WINNERS}, got {pool_winners!r}")
+    for what, value, allowed in (("pool_winners", pool_winners, POOL_WINNERS), ("form", form, FORMS),
+                                 ("nudge", nudge, NUDGES)):
+        if value not in allowed:
+            raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
     method = _METHODS[name](beta=beta, variant=variant, steps=steps)
-    if isinstance(method, EP) and method.pool_winners != pool_winners:
-        method = dataclasses.replace(method, pool_winners=pool_winners)
+    if isinstance(method, EP):
+        opts = dict(pool_winners=pool_winners, form=form, nudge=nudge)
+        if any(getattr(method, k) != v for k, v in opts.items()):
+            method = dataclasses.replace(method, **opts)
     return method
 
 

@@ -3,6 +3,7 @@
     python -m train.bench              # training step: EP / Implicit / Unrolled / feedforward (steps.py)
     python -m train.bench.analog       # pulsed updates and energy blocks on tiles vs digital
     python -m train.bench.algorithms   # least-squares weight error of the analog training algorithms
+    python -m train.bench.ep_form      # EP's nudged phases: ordinary vs difference form, per block
 """
 from __future__ import annotations
 
