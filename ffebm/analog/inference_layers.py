@@ -35,7 +35,8 @@ from .config import InvalidSetting, check_range
 from .drift import ProgrammedWeights
 from .inference import InferenceConfig, clip_tensor, modify_weight
 from .rng import fork_generator, make_generator
-from .tile import read_backward, read_forward
+from .bound_management import read_forward_managed
+from .tile import read_backward
 
 __all__ = ["InferenceModule", "InferenceLinear", "InferenceConv1d", "InferenceConv2d", "Deployment",
            "inference_modules", "clip_weights", "clip_after_step", "inference_read", "inference_read_transposed"]
@@ -78,7 +79,7 @@ def inference_read(W: Tensor, x: Tensor, cfg: InferenceConfig, generator: Option
     Wt = W if s is None else W / s
     y = None
     for cs in _col_slices(W.shape[1], cfg.max_size):
-        part = read_forward(Wt[:, cs], x[..., cs], cfg.io, generator)
+        part = read_forward_managed(Wt[:, cs], x[..., cs], cfg.io, generator)
         y = part if y is None else y + part
     return y if s is None else y * s.reshape(-1).to(y.dtype)
 

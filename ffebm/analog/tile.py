@@ -31,18 +31,46 @@ __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "fin
 # ----------------------------------------------------------------------------------------------
 
 
-def _quantise(v: Tensor, res: float, bound: float) -> Tensor:
+def _quantise(v: Tensor, res: float, bound: float, inplace: bool = False) -> Tensor:
     if res <= 0 or not math.isfinite(bound):
         return v
     step = res * 2.0 * bound
+    if inplace:
+        return v.div_(step).round_().mul_(step)
     return torch.round(v / step) * step
+
+
+def dac(x: Tensor, io: IOConfig, inplace: bool = False) -> Tensor:
+    """The DAC of a read: ``x`` (noise-managed inputs) clipped to ``+-inp_bound`` and quantised
+    with step ``inp_res * 2 * inp_bound`` (input noise not included). ``inplace``: ``x`` is the
+    caller's own tensor and may be overwritten."""
+    ib = io.inp_bound
+    if math.isfinite(ib):
+        x, inplace = (x.clamp_(-ib, ib) if inplace else x.clamp(-ib, ib)), True
+    return _quantise(x, io.inp_res, ib, inplace)
+
+
+def adc(y: Tensor, io: IOConfig, inplace: bool = False) -> Tensor:
+    """The ADC of a read: ``y`` clipped to ``+-out_bound`` and quantised with step
+    ``out_res * 2 * out_bound``. ``inplace``: ``y`` may be overwritten."""
+    ob = io.out_bound
+    if math.isfinite(ob):
+        y, inplace = (y.clamp_(-ob, ob) if inplace else y.clamp(-ob, ob)), True
+    return _quantise(y, io.out_res, ob, inplace)
+
+
+def noise_management_scale(x2: Tensor, io: IOConfig) -> Tensor:
+    """``alpha`` [N, 1] of the inputs ``x2`` [N, in]: ``max_j |x_j|`` per sample (1 for an all-zero
+    sample) with ``noise_management="abs_max"``, else 1. The read sees ``x / alpha``."""
+    if io.noise_management == "abs_max":
+        alpha = x2.abs().amax(dim=1, keepdim=True)
+        return torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    return torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
 
 
 def _single_read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator]):
     """One pass for a [N, in] block of (already noise-managed) inputs. Returns (y, clipped[N])."""
-    ib = io.inp_bound
-    xq = x.clamp(-ib, ib) if math.isfinite(ib) else x
-    xq = _quantise(xq, io.inp_res, ib)
+    xq = dac(x, io)
     if io.inp_noise > 0:
         xq = xq + io.inp_noise * randn(xq.shape, generator, xq)
     y = xq @ W.t()
@@ -57,11 +85,9 @@ def _single_read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.G
     ob = io.out_bound
     if math.isfinite(ob):
         clipped = (y.abs() >= ob).any(dim=1)
-        y = y.clamp(-ob, ob)
     else:
         clipped = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-    y = _quantise(y, io.out_res, ob)
-    return y, clipped
+    return adc(y, io), clipped
 
 
 def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
@@ -74,11 +100,7 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
         return x @ W.t()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if io.noise_management == "abs_max":
-        alpha = x2.abs().amax(dim=1, keepdim=True)
-        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    else:
-        alpha = torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
+    alpha = noise_management_scale(x2, io)
     xs = x2 / alpha
     y, clipped = _single_read(W, xs, io, generator)
     if allow_bm and io.bound_management and math.isfinite(io.out_bound):
