@@ -140,33 +140,27 @@ def _certain_clips(W: Tensor, z1_r: Tensor, r: Tensor, xi: Optional[Tensor], io:
     """``cert`` [N, last]: True where the read of a sample at scale ``k = 2^s`` (``s < last``)
     certainly clips, decided from row ``r`` alone (``z1_r = (W q_1)_r``, ``xi`` its noise draws):
     exactly at ``s = 0``; at ``s > 0`` from ``z1_r / k`` with ``|W_r e| <= ||W_r||_2 ||e||_2``,
-    ``e = q_k - q_1 / k``. With noise management (``|x_s| <= 1``), DAC step ``delta`` and
-    ``n`` inputs: ``||q_k - x_s / k||_2 <= sqrt(n) delta / 2`` (no DAC clipping at scale ``k``
-    when ``k inp_bound >= 1``; otherwise no certificate at that scale), ``||x_s - q_1||_2 <=
-    sqrt(n) (delta / 2 + max(0, 1 - inp_bound))``, so ``||e||_2 <= sqrt(n) (delta / 2 +
-    (delta / 2 + max(0, 1 - inp_bound)) / k)``; widened by the float rounding of both products
-    (``n eps ||W_r||_2 (||q_k||_2 + ||q_1||_2 / k)``) and of the comparison. Without noise
-    management only the scale-1 event is decided here."""
-    ob, sigma, ib = io.out_bound, io.out_noise, io.inp_bound
+    ``e = q_k - q_1 / k``. With noise management and ``inp_bound >= 1`` the DAC never clips
+    (``|x_s| <= 1``), so with DAC step ``delta`` and ``n`` inputs ``|q_k - x_s / k| <= delta / 2``
+    per input and ``||e||_2 <= sqrt(n) delta / 2 (1 + 1 / k)``; the margin adds the float
+    rounding of both products (``n eps ||W_r||_2 (||q_k||_2 + ||q_1||_2 / k)``, ``|q_k| <= 1 / k +
+    delta / 2``) and of the comparison. In other settings only the scale-1 event is decided here."""
+    ob, sigma = io.out_bound, io.out_noise
     v = z1_r / torch.pow(2.0, torch.arange(last, device=z1_r.device, dtype=z1_r.dtype))  # [N, last], exact
     if xi is not None:
         v = v.add_(xi.mul(sigma))
     v = v.abs_()
     cert0 = v[:, :1] >= ob  # z_1 is the reference's own product: its own event
-    if io.noise_management != "abs_max" or last < 2:
+    if io.noise_management != "abs_max" or io.inp_bound < 1 or last < 2:
         return torch.cat([cert0, torch.zeros_like(v[:, 1:], dtype=torch.bool)], dim=1)
     eps = torch.finfo(z1_r.dtype).eps
-    delta = io.inp_res * 2 * ib if io.inp_res > 0 and math.isfinite(ib) else 0.0
-    over = max(0.0, 1.0 - ib)
+    delta = io.inp_res * 2 * io.inp_bound if io.inp_res > 0 and math.isfinite(io.inp_bound) else 0.0
     rt = math.sqrt(n_in)
-    coef = [math.inf]  # scale 1: decided above
+    coef = [0.0]  # scale 1: replaced by cert0
     for s in range(1, last):
         k = 2.0 ** s
-        if k * ib < 1:
-            coef.append(math.inf)
-            continue
-        e = rt * (delta / 2 + (delta / 2 + over) / k)
-        rnd = n_in * eps * rt * ((1 / k + delta / 2) + (min(1.0, ib) + delta / 2) / k)
+        e = rt * delta / 2 * (1 + 1 / k)
+        rnd = n_in * eps * rt * (2 / k + delta)
         coef.append((e + rnd) * (1 + 1e-3))
     w_r = torch.linalg.vector_norm(W.index_select(0, r.squeeze(1)), dim=1, keepdim=True)  # [N, 1]
     margin = w_r * torch.tensor(coef, dtype=v.dtype, device=v.device)
