@@ -74,6 +74,28 @@ def test_clips_decided_from_the_first_product_save_the_rereads():
     assert sum(lazy_count.rows) <= sum(ref_count.rows) - 2 * 64, (lazy_count.rows, ref_count.rows)  # 2, 4 skipped
 
 
+def test_certificate_holds_when_the_dac_rounding_is_aligned_against_the_row():
+    """The worst case of the certificate: inputs whose DAC rounding at scale 2 moves the output
+    of row r by -n delta / 2 against its estimate z_1 / 2 (the entries at a = x / delta = 60.6
+    round down at scale 2 where the row has +1, those at a = 1.4 round up where it has -1), with
+    the bound between the estimate and the true product: the read must stop at scale 2, as the
+    reference does (a certificate with a third of the margin would send it to scale 4)."""
+    n, io = 64, IOConfig(out_noise=0.0, out_bound=14.9)
+    delta = io.inp_res * 2 * io.inp_bound
+    a = torch.tensor([60.6, 1.4] * (n // 2))
+    w = torch.tensor([1.0, -1.0] * (n // 2))
+    a[-1], w[-1] = 63.0, 0.0  # max |x| = 1: no noise-management rescaling
+    x = (a * delta).unsqueeze(0)
+    W = torch.stack([w, 0.1 * w])
+    q1 = torch.round(x / delta) * delta
+    q2 = torch.round(x / 2 / delta) * delta
+    z1, z2 = float(q1 @ w), float(q2 @ w)
+    assert z1 > io.out_bound and z1 / 2 - io.out_bound > 0.3 * 0.75 * n * delta and z2 < io.out_bound
+    ref = read_forward(W, x, io)
+    assert torch.equal(read_forward_managed(W, x, io), ref)
+    assert float(ref[0, 0]) < io.out_bound * 2  # read at scale 2
+
+
 def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
     """Two-sample Kolmogorov-Smirnov statistic."""
     a, b = a.sort().values, b.sort().values
