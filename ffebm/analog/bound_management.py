@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .config import IOConfig
 from .rng import randn
-from .tile import adc, dac, noise_management_scale, read_forward
+from .tile import dac, noise_management_scale, read_forward
 
 __all__ = ["read_forward_managed", "has_lazy_bound_management"]
 
@@ -78,7 +78,8 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
     if n == 0:
         return xs.new_empty(0, n_out)
     last = int(math.floor(math.log2(io.max_bm_factor)))
-    q1 = dac(xs, io)
+    unclipped = io.noise_management == "abs_max" and io.inp_bound >= 1  # |x_s| <= 1: the DAC never clips
+    q1 = _dac_at(xs, 1, io) if unclipped else dac(xs, io)
     z1 = q1 @ W.t()
     # the row most likely to clip (the same at every scale: the estimates are z_1 / k)
     r = z1.abs().argmax(dim=1, keepdim=True)
@@ -97,7 +98,8 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
         if s == 0:
             z = z1.clone() if sel is None else z1.index_select(0, sel)
         else:
-            z = dac((xs if sel is None else xs.index_select(0, sel)) / k, io, inplace=True) @ W.t()
+            xk = xs if sel is None else xs.index_select(0, sel)
+            z = (_dac_at(xk, k, io) if unclipped else dac(xk / k, io, inplace=True)) @ W.t()
         if sigma > 0:
             noise = randn(z.shape, generator, xs)
             if s < last:  # the row r keeps the draw its certification looked at
@@ -123,9 +125,7 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
             idx, at = (rest.nonzero().squeeze(1) if idx is None else idx[rest]), at[rest]
             if sel is None:
                 sel = torch.arange(n, device=xs.device)
-        out = adc(z, io, inplace=True)
-        if k != 1:
-            out = out.mul_(k)  # a power of two: exact
+        out = _adc_times(z, io, k)
         if sel is None:
             return out  # every sample read in one go, in order
         if y is None:
@@ -133,6 +133,28 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
         y.index_copy_(0, sel, out)
         if at is None:
             return y
+
+
+def _dac_at(xs: Tensor, k: int, io: IOConfig) -> Tensor:
+    """``DAC(x_s / k)`` for inputs the DAC does not clip: ``round(x_s / (k delta)) delta``, the
+    reference's ``round((x_s / k) / delta) delta`` in one division (``k delta`` and ``x_s / k`` are
+    exact for a power of two ``k``: the same correctly rounded quotient)."""
+    ib = io.inp_bound
+    if io.inp_res <= 0 or not math.isfinite(ib):
+        return xs / k if k != 1 else xs
+    step = io.inp_res * 2.0 * ib
+    return xs.div(step * k).round_().mul_(step)
+
+
+def _adc_times(z: Tensor, io: IOConfig, k: int) -> Tensor:
+    """``k * ADC(z)`` in place on ``z`` (this read's own tensor): ``round(clamp(z) / step) (step k)``
+    equals ``(round(clamp(z) / step) step) k`` for a power of two ``k``."""
+    ob = io.out_bound
+    z = z.clamp_(-ob, ob)
+    if io.out_res <= 0:
+        return z.mul_(k) if k != 1 else z
+    step = io.out_res * 2.0 * ob
+    return z.div_(step).round_().mul_(step * k)
 
 
 def _certain_clips(W: Tensor, z1_r: Tensor, r: Tensor, xi: Optional[Tensor], io: IOConfig, last: int,
