@@ -1,7 +1,7 @@
 """The forward read with bound management, evaluated lazily: the same read model as
 :func:`~ffebm.analog.tile.read_forward` (same distribution of every output; the same numbers
-when the read has no noise), at the cost of about two matrix products instead of one per
-bound-management round.
+when the read has no noise), with one matrix product for the whole batch plus one for each sample
+at each scale whose clip the first product cannot decide, instead of one per sample and scale.
 
 The read model (:class:`~ffebm.analog.config.IOConfig`, forward direction, no input or weight
 noise). A sample ``x`` is read as ``x_s = x / alpha`` (noise management), then at scales
@@ -87,7 +87,10 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
     cert = _certain_clips(W, z1.gather(1, r), r, xi, io, last, xs.shape[1])  # [N, last]
     # each sample's next exact read: its first scale that is not a certain clip
     at = cert.cumprod(dim=1).sum(dim=1)
-    idx: Optional[Tensor] = None  # the samples still to read (None: all, in order)
+    # one exact read per round, of the samples whose next scale is the smallest: they end there
+    # unless it clips (then on to their next uncertain scale); the fast case, every sample in one
+    # round in order, needs no indexing
+    idx: Optional[Tensor] = None  # the samples still to read, aligned with ``at`` (None: all, in order)
     y: Optional[Tensor] = None
     while True:
         s = int(at.min())
@@ -96,7 +99,7 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
         sel = idx if every else (now.nonzero().squeeze(1) if idx is None else idx[now])  # read now
         k = 2 ** s
         if s == 0:
-            z = z1.clone() if sel is None else z1.index_select(0, sel)
+            z = z1 if sel is None else z1.index_select(0, sel)  # z_1 is not needed after this read
         else:
             xk = xs if sel is None else xs.index_select(0, sel)
             z = (_dac_at(xk, k, io) if unclipped else dac(xk / k, io, inplace=True)) @ W.t()

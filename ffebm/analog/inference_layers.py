@@ -59,11 +59,15 @@ def _col_slices(n: int, max_size: int) -> List[slice]:
 
 
 def _scale(W: Tensor, cfg: InferenceConfig) -> Optional[Tensor]:
-    """Digital output scale ``[out, 1]`` of the weight mapping (None: no scaling)."""
+    """Digital output scale of the weight mapping: ``[out, 1]`` (columnwise) or a scalar tensor
+    (None: no scaling)."""
     if cfg.weight_scaling_omega is None:
         return None
-    m = W.detach().abs().amax(dim=1, keepdim=True) if cfg.weight_scaling_columnwise \
-        else W.detach().abs().amax().expand(W.shape[0], 1)
+    if cfg.weight_scaling_columnwise:
+        m = W.detach().abs().amax(dim=1, keepdim=True)
+    else:  # max |w| in one pass, without a |W| copy
+        lo, hi = torch.aminmax(W.detach())
+        m = torch.maximum(hi, -lo)
     s = m / cfg.weight_scaling_omega
     return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -71,8 +75,8 @@ def _scale(W: Tensor, cfg: InferenceConfig) -> Optional[Tensor]:
 def inference_read(W: Tensor, x: Tensor, cfg: InferenceConfig, generator: Optional[torch.Generator]) -> Tensor:
     """``y = W x`` (W ``[out, in]`` in network units, x ``[..., in]``) through the inference read
     model: weight scaling, one read per physical array of at most ``cfg.max_size`` inputs
-    (:func:`~ffebm.analog.tile.read_forward`: noise management, DAC, output noise, ADC, bound
-    management), partial outputs summed and scaled back digitally."""
+    (:func:`~ffebm.analog.bound_management.read_forward_managed`: noise management, DAC, output
+    noise, ADC, bound management), partial outputs summed and scaled back digitally."""
     if cfg.io.is_perfect:
         return x @ W.to(x.dtype).t()
     s = _scale(W, cfg)
@@ -80,8 +84,8 @@ def inference_read(W: Tensor, x: Tensor, cfg: InferenceConfig, generator: Option
     y = None
     for cs in _col_slices(W.shape[1], cfg.max_size):
         part = read_forward_managed(Wt[:, cs], x[..., cs], cfg.io, generator)
-        y = part if y is None else y + part
-    return y if s is None else y * s.reshape(-1).to(y.dtype)
+        y = part if y is None else y.add_(part)  # the reads return tensors of their own
+    return y if s is None else y.mul_(s.reshape(-1).to(y.dtype))
 
 
 def inference_read_transposed(W: Tensor, d: Tensor, cfg: InferenceConfig,
