@@ -83,8 +83,8 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
     z1 = q1 @ W.t()
     # the row most likely to clip (the same at every scale: the estimates are z_1 / k)
     r = z1.abs().argmax(dim=1, keepdim=True)
-    xi = randn((n, last), generator, xs) if sigma > 0 else None  # xi_r at scales 1 .. 2^(last-1)
-    cert = _certain_clips(W, z1.gather(1, r), r, xi, io, last, xs.shape[1])  # [N, last]
+    sxi = randn((n, last), generator, xs, std=sigma) if sigma > 0 else None  # sigma xi_r, scales 1 .. 2^(last-1)
+    cert = _certain_clips(W, z1.gather(1, r), r, sxi, io, last, xs.shape[1])  # [N, last]
     # each sample's next exact read: its first scale that is not a certain clip
     at = cert.cumprod(dim=1).sum(dim=1)
     # one exact read per round, of the samples whose next scale is the smallest: they end there
@@ -104,11 +104,11 @@ def _managed(W: Tensor, xs: Tensor, io: IOConfig, generator: Optional[torch.Gene
             xk = xs if sel is None else xs.index_select(0, sel)
             z = (_dac_at(xk, k, io) if unclipped else dac(xk / k, io, inplace=True)) @ W.t()
         if sigma > 0:
-            noise = randn(z.shape, generator, xs)
+            noise = randn(z.shape, generator, xs, std=sigma)  # sigma xi
             if s < last:  # the row r keeps the draw its certification looked at
-                rs, xis = (r, xi) if sel is None else (r.index_select(0, sel), xi.index_select(0, sel))
+                rs, xis = (r, sxi) if sel is None else (r.index_select(0, sel), sxi.index_select(0, sel))
                 noise.scatter_(1, rs, xis[:, s:s + 1])
-            z.add_(noise.mul_(sigma))
+            z.add_(noise)
         clip = z.abs().amax(dim=1) >= ob if s < last else None
         if clip is not None and bool(clip.any()):
             # a clipped read: on to the next scale that is not a certain clip
@@ -160,20 +160,20 @@ def _adc_times(z: Tensor, io: IOConfig, k: int) -> Tensor:
     return z.div_(step).round_().mul_(step * k)
 
 
-def _certain_clips(W: Tensor, z1_r: Tensor, r: Tensor, xi: Optional[Tensor], io: IOConfig, last: int,
+def _certain_clips(W: Tensor, z1_r: Tensor, r: Tensor, sxi: Optional[Tensor], io: IOConfig, last: int,
                    n_in: int) -> Tensor:
     """``cert`` [N, last]: True where the read of a sample at scale ``k = 2^s`` (``s < last``)
-    certainly clips, decided from row ``r`` alone (``z1_r = (W q_1)_r``, ``xi`` its noise draws):
+    certainly clips, decided from row ``r`` alone (``z1_r = (W q_1)_r``, ``sxi`` its output noise):
     exactly at ``s = 0``; at ``s > 0`` from ``z1_r / k`` with ``|W_r e| <= ||W_r||_2 ||e||_2``,
     ``e = q_k - q_1 / k``. With noise management and ``inp_bound >= 1`` the DAC never clips
     (``|x_s| <= 1``), so with DAC step ``delta`` and ``n`` inputs ``|q_k - x_s / k| <= delta / 2``
     per input and ``||e||_2 <= sqrt(n) delta / 2 (1 + 1 / k)``; the margin adds the float
     rounding of both products (``n eps ||W_r||_2 (||q_k||_2 + ||q_1||_2 / k)``, ``|q_k| <= 1 / k +
     delta / 2``) and of the comparison. In other settings only the scale-1 event is decided here."""
-    ob, sigma = io.out_bound, io.out_noise
+    ob = io.out_bound
     v = z1_r / torch.pow(2.0, torch.arange(last, device=z1_r.device, dtype=z1_r.dtype))  # [N, last], exact
-    if xi is not None:
-        v = v.add_(xi.mul(sigma))
+    if sxi is not None:
+        v = v.add_(sxi)
     v = v.abs_()
     cert0 = v[:, :1] >= ob  # z_1 is the reference's own product: its own event
     if io.noise_management != "abs_max" or io.inp_bound < 1 or last < 2:
