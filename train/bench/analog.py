@@ -1,7 +1,7 @@
 """Benchmark of the analog substrate's pulsed update (compared with the published CPU
 figures of the reference simulator, AIHWKit 1.2.0, 2 threads).
 
-    python -m train.bench.analog [--json PATH] [--repeats N] [--threads T] [--device cpu|cuda]
+    python -m train.bench.analog [--json PATH] [--repeats N] [--threads T] [--device cpu|cuda] [--inference-only]
 
 Pulsed update of one 512x512 tile, batch 64, BL 31 with update and BL management, lr 0.01,
 x ~ U(0,1), d ~ N(0, s) for s in {0.01, 0.1}, ConstantStep and SoftBounds defaults: median ms
@@ -324,6 +324,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--no-blocks", action="store_true", help="skip the energy-block step comparison")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference-tile forward/backward rows")
+    ap.add_argument("--inference-only", action="store_true", help="only the inference-tile rows")
     ap.add_argument("--checkpoint-size", type=non_negative_int, default=2048, metavar="N",
                     help="size of the checkpoint-size example (0: skip it)")
     a = ap.parse_args(argv)
@@ -333,6 +334,15 @@ def main(argv=None) -> None:
         ap.error(f"--checkpoint-size {a.checkpoint_size}: expected 0 (skip) or a size >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.inference_only:
+        _warm_up(torch.device(a.device))
+        res = {"device": a.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "inference": inference_rows(max(9, a.repeats), torch.device(a.device))}
+        print_inference(res["inference"])
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return
     res = run(a.repeats, a.device)
     print_table(res)
     if not a.no_blocks:
