@@ -5,8 +5,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import ffebm.analog.inference_layers as inference_layers
-from ffebm.analog import InferenceConfig, InferenceLinear, IOConfig, read_forward
-from ffebm.analog.bound_management import has_lazy_bound_management, read_forward_managed
+from ffebm.analog import InferenceConfig, InferenceLinear, IOConfig, read_forward, read_forward_managed
+from ffebm.analog.bound_management import has_lazy_bound_management
 
 
 class _CountProducts(TorchFunctionMode):
