@@ -45,7 +45,7 @@ NOISE_FREE = {
 
 
 @pytest.mark.parametrize("name", list(NOISE_FREE))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_noise_free_reads_equal_the_reference_exactly(name, dtype):
     io = NOISE_FREE[name]
     assert has_lazy_bound_management(io)
