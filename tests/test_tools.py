@@ -96,3 +96,16 @@ def test_bench_analog_checkpoint_size_and_bad_counts(capsys):
         with pytest.raises(SystemExit):
             bench_analog.main(bad)
         assert bad[0] in capsys.readouterr().err
+
+
+def test_bench_analog_inference_rows_small(capsys):
+    """The inference rows: every configuration forward + backward and the published read model's
+    no_grad forward, each beside nn.Linear timed alternately (tiny sizes: the mechanics only)."""
+    from train.bench import analog as bench_analog
+
+    rows = bench_analog.inference_rows(2, __import__("torch").device("cpu"), size=32, batch=4)
+    assert [r["pass"] for r in rows] == ["forward + backward"] * 4 + ["forward, no_grad, eval"]
+    assert all(r["inference_ms"] > 0 and r["linear_ms"] > 0 and r["ratio"] > 0 for r in rows)
+    bench_analog.print_inference(rows)
+    out = capsys.readouterr().out
+    assert "read model (published defaults)" in out and "no_grad" in out

@@ -13,8 +13,11 @@ defaults, Nandakumar et al. 2019, Joshi et al. 2020), the compensation that of
 :func:`~ffebm.analog.drift.drift_compensation_factor` (one factor per layer, applied digitally
 to its outputs after the ADC; Le Gallo et al. 2018). The trained weights stay in ``layer.weight``
 throughout: a layer holds its chip state in ``layer.deployment``, and refuses to read if its
-weight is changed while programmed (train on after :func:`unprogram`). The chip state is not
-part of ``state_dict()``: program again after loading.
+weight is changed while programmed (train on after :func:`unprogram`). The chip state is part of
+each layer's ``state_dict()`` (its extra state, plain tensors and numbers): a programmed model saved
+with ``torch.save(model.state_dict(), path)`` and loaded into a fresh model
+(``torch.load(path, weights_only=True)``) reads the same weights, and :func:`drift_to` goes on
+with the same 1/f read-noise stream; a state saved unprogrammed loads as unprogrammed.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ from .config import InvalidSetting, check_range
 from .drift import ProgrammedWeights
 from .inference import InferenceConfig, clip_tensor, modify_weight
 from .rng import fork_generator, make_generator
-from .tile import read_backward, read_forward
+from .bound_management import read_forward_managed
+from .tile import read_backward
 
 __all__ = ["InferenceModule", "InferenceLinear", "InferenceConv1d", "InferenceConv2d", "Deployment",
            "inference_modules", "clip_weights", "clip_after_step", "inference_read", "inference_read_transposed"]
@@ -58,11 +59,15 @@ def _col_slices(n: int, max_size: int) -> List[slice]:
 
 
 def _scale(W: Tensor, cfg: InferenceConfig) -> Optional[Tensor]:
-    """Digital output scale ``[out, 1]`` of the weight mapping (None: no scaling)."""
+    """Digital output scale of the weight mapping: ``[out, 1]`` (columnwise) or a scalar tensor
+    (None: no scaling)."""
     if cfg.weight_scaling_omega is None:
         return None
-    m = W.detach().abs().amax(dim=1, keepdim=True) if cfg.weight_scaling_columnwise \
-        else W.detach().abs().amax().expand(W.shape[0], 1)
+    if cfg.weight_scaling_columnwise:
+        m = W.detach().abs().amax(dim=1, keepdim=True)
+    else:  # max |w| in one pass, without a |W| copy
+        lo, hi = torch.aminmax(W.detach())
+        m = torch.maximum(hi, -lo)
     s = m / cfg.weight_scaling_omega
     return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -70,17 +75,17 @@ def _scale(W: Tensor, cfg: InferenceConfig) -> Optional[Tensor]:
 def inference_read(W: Tensor, x: Tensor, cfg: InferenceConfig, generator: Optional[torch.Generator]) -> Tensor:
     """``y = W x`` (W ``[out, in]`` in network units, x ``[..., in]``) through the inference read
     model: weight scaling, one read per physical array of at most ``cfg.max_size`` inputs
-    (:func:`~ffebm.analog.tile.read_forward`: noise management, DAC, output noise, ADC, bound
-    management), partial outputs summed and scaled back digitally."""
+    (:func:`~ffebm.analog.bound_management.read_forward_managed`: noise management, DAC, output
+    noise, ADC, bound management), partial outputs summed and scaled back digitally."""
     if cfg.io.is_perfect:
         return x @ W.to(x.dtype).t()
     s = _scale(W, cfg)
     Wt = W if s is None else W / s
     y = None
     for cs in _col_slices(W.shape[1], cfg.max_size):
-        part = read_forward(Wt[:, cs], x[..., cs], cfg.io, generator)
-        y = part if y is None else y + part
-    return y if s is None else y * s.reshape(-1).to(y.dtype)
+        part = read_forward_managed(Wt[:, cs], x[..., cs], cfg.io, generator)
+        y = part if y is None else y.add_(part)  # the reads return tensors of their own
+    return y if s is None else y.mul_(s.reshape(-1).to(y.dtype))
 
 
 def inference_read_transposed(W: Tensor, d: Tensor, cfg: InferenceConfig,
@@ -169,6 +174,45 @@ class Deployment:
     generator: torch.Generator
 
 
+def _generator_from_state(rng: Tensor, device_type: str, current: torch.Generator) -> torch.Generator:
+    """``current`` set to the saved state ``rng`` (saved on another device type: a new generator on
+    ``current``'s device, a deterministic stream seeded from ``rng``, not the same numbers)."""
+    if device_type == current.device.type:
+        current.set_state(rng.cpu())
+        return current
+    return make_generator(_seed_from_state(rng), current.device)
+
+
+def _deployment_state(dep: Deployment) -> Dict[str, Any]:
+    """``dep`` as plain tensors and numbers (the layer's extra state)."""
+    return {"programmed": dict(vars(dep.programmed)), "trained": dep.trained, "w_read": dep.w_read,
+            "factor": dep.factor, "t": dep.t, "rng": dep.generator.get_state(), "rng_device": dep.generator.device.type}
+
+
+def _deployment_from_state(state: Any, weight: Tensor, owner: str) -> Deployment:
+    """The :class:`Deployment` saved by :func:`_deployment_state`, checked against ``weight`` and
+    moved to its device."""
+    from .state import IncompatibleState
+
+    fields = set(ProgrammedWeights.__dataclass_fields__)
+    ok = (isinstance(state, dict) and isinstance(state.get("programmed"), dict)
+          and set(state["programmed"]) == fields
+          and all(isinstance(state.get(k), Tensor) for k in ("trained", "w_read", "rng"))
+          and (state.get("factor") is None or isinstance(state["factor"], Tensor))
+          and (state.get("t") is None or isinstance(state["t"], (int, float))))
+    if not ok:
+        raise IncompatibleState(owner, "its saved chip state (programmed weights) is malformed")
+    if state["trained"].shape != weight.shape or state["w_read"].shape != weight.shape:
+        raise IncompatibleState(owner, f"its saved chip state holds weights of shape {list(state['trained'].shape)}, "
+                                       f"the layer's weight is {list(weight.shape)}")
+    dev = weight.device
+    pw = ProgrammedWeights(**{k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in state["programmed"].items()})
+    gen = _generator_from_state(state["rng"], state.get("rng_device", "cpu"), torch.Generator(device=dev))
+    factor = state.get("factor")
+    return Deployment(pw, state["trained"].to(dev), state["w_read"].to(dev), None if factor is None else factor.to(dev),
+                      None if state.get("t") is None else float(state["t"]), gen)
+
+
 class ProgrammedWeightChanged(RuntimeError):
     """A programmed (deployed) layer's trained weight was changed after programming."""
 
@@ -242,7 +286,14 @@ class InferenceModule(nn.Module):
 
     # -- state ------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"rng": self.generator.get_state(), "rng_device": self.generator.device.type}
+        """The noise generator's state and, when programmed, the chip state (:class:`Deployment`:
+        conductances, drift exponents, programmed and read weights, compensation factor, time and
+        the 1/f read-noise generator), as plain tensors and numbers (``torch.load(...,
+        weights_only=True)`` reads them)."""
+        state: Dict[str, Any] = {"rng": self.generator.get_state(), "rng_device": self.generator.device.type}
+        if self.deployment is not None:
+            state["deployment"] = _deployment_state(self.deployment)
+        return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         from .state import IncompatibleState
@@ -250,10 +301,10 @@ class InferenceModule(nn.Module):
         rng = state.get("rng") if isinstance(state, dict) else None
         if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
             raise IncompatibleState(type(self).__name__, "its saved extra state (the noise generator) is malformed")
-        if state.get("rng_device", "cpu") == self.generator.device.type:
-            self.generator.set_state(rng.cpu())
-        else:  # saved on another device type: a deterministic new stream (not the same numbers)
-            self.generator = make_generator(_seed_from_state(rng), self.generator.device)
+        dep = state.get("deployment")
+        deployment = None if dep is None else _deployment_from_state(dep, self.weight, type(self).__name__)
+        self.generator = _generator_from_state(rng, state.get("rng_device", "cpu"), self.generator)
+        self.deployment = deployment  # the saved module's chip state: none if it was not programmed
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -31,6 +31,43 @@ __all__ = ["read_forward", "read_backward", "AnalogTile", "is_analog_tile", "fin
 # ----------------------------------------------------------------------------------------------
 
 
+def _quantise(v: Tensor, res: float, bound: float, inplace: bool = False) -> Tensor:
+    if res <= 0 or not math.isfinite(bound):
+        return v
+    step = res * 2.0 * bound
+    if inplace:
+        return v.div_(step).round_().mul_(step)
+    return torch.round(v / step) * step
+
+
+def dac(x: Tensor, io: IOConfig, inplace: bool = False) -> Tensor:
+    """The DAC of a read: ``x`` (noise-managed inputs) clipped to ``+-inp_bound`` and quantised
+    with step ``inp_res * 2 * inp_bound`` (input noise not included). ``inplace``: ``x`` is the
+    caller's own tensor and may be overwritten."""
+    ib = io.inp_bound
+    if math.isfinite(ib):
+        x, inplace = (x.clamp_(-ib, ib) if inplace else x.clamp(-ib, ib)), True
+    return _quantise(x, io.inp_res, ib, inplace)
+
+
+def adc(y: Tensor, io: IOConfig, inplace: bool = False) -> Tensor:
+    """The ADC of a read: ``y`` clipped to ``+-out_bound`` and quantised with step
+    ``out_res * 2 * out_bound``. ``inplace``: ``y`` may be overwritten."""
+    ob = io.out_bound
+    if math.isfinite(ob):
+        y, inplace = (y.clamp_(-ob, ob) if inplace else y.clamp(-ob, ob)), True
+    return _quantise(y, io.out_res, ob, inplace)
+
+
+def noise_management_scale(x2: Tensor, io: IOConfig) -> Tensor:
+    """``alpha`` [N, 1] of the inputs ``x2`` [N, in]: ``max_j |x_j|`` per sample (1 for an all-zero
+    sample) with ``noise_management="abs_max"``, else 1. The read sees ``x / alpha``."""
+    if io.noise_management == "abs_max":
+        alpha = x2.abs().amax(dim=1, keepdim=True)
+        return torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    return torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
+
+
 def _mvm(W: Tensor, x: Tensor) -> Tensor:
     """``W`` times each input vector of ``x``: rows of [N, in] (-> [N, out]) or columns of
     [B, in, L] (-> [B, out, L])."""

@@ -114,3 +114,37 @@ def test_evaluate_over_time_draws_mean_spread_and_restore():
     assert net[0].deployment is None and torch.equal(net(x), y)  # trained weights restored
     one = evaluate_over_time(net, loss, times, seed=5)  # one draw: draw 0 above (same seed)
     assert [r["results"] for r in one] == [[r["results"][0]] for r in a] and one[1]["std"] == 0.0
+
+
+def test_programmed_state_is_checkpointed_and_drifts_on_after_reloading(tmp_path):
+    """A programmed, drifted model saved with torch.save(state_dict) and loaded (weights_only)
+    into a fresh model reads the same outputs, and drift_to(t) then gives the same weights, factor
+    and outputs as the original (the 1/f read-noise stream is part of the state)."""
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(InferenceLinear(12, 8, config=InferenceConfig(), seed=seed), nn.Tanh(),
+                             InferenceLinear(8, 4, config=InferenceConfig(), seed=seed + 1)).eval()
+
+    net = make(0)
+    x = torch.rand(16, 12)
+    program(net, seed=3)
+    drift_to(net, 3600.0)
+    torch.save(net.state_dict(), tmp_path / "chip.pt")
+    fresh = make(1)
+    fresh.load_state_dict(torch.load(tmp_path / "chip.pt", weights_only=True))
+    assert all(m.deployment is not None and m.deployment.t == 3600.0 for m in (fresh[0], fresh[2]))
+    assert torch.equal(fresh(x), net(x))  # same chip state, same read-noise draws
+    assert drift_to(fresh, DAY) == drift_to(net, DAY)
+    for a, b in zip((fresh[0], fresh[2]), (net[0], net[2])):
+        assert torch.equal(a.deployment.w_read, b.deployment.w_read) and torch.equal(a.weight, b.weight)
+    assert torch.equal(fresh(x), net(x))
+    # an unprogrammed state loaded into a programmed model: the trained weights again
+    unprogram(net)
+    fresh.load_state_dict(net.state_dict())
+    assert fresh[0].deployment is None and torch.equal(fresh(x), net(x))
+    # a chip state of another shape is refused by name
+    program(net, seed=3)
+    sd = net.state_dict()
+    sd["0._extra_state"]["deployment"]["trained"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="chip state"):
+        make(2).load_state_dict(sd)
