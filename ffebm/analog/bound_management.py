@@ -1,6 +1,7 @@
 """The forward read with bound management, evaluated lazily: the same read model as
-:func:`~ffebm.analog.tile.read_forward` (same distribution of every output; the same numbers
-when the read has no noise), with one matrix product for the whole batch plus one for each sample
+:func:`~ffebm.analog.tile.read_forward` (same distribution of every output; without noise the
+same numbers as the plain published sequence, and as the tile's read up to rounding ties of the
+quantisers, which the tile computes in DAC units), with one matrix product for the whole batch plus one for each sample
 at each scale whose clip the first product cannot decide, instead of one per sample and scale.
 
 The read model (:class:`~ffebm.analog.config.IOConfig`, forward direction, no input or weight
@@ -53,8 +54,8 @@ def has_lazy_bound_management(io: IOConfig) -> bool:
 def read_forward_managed(W: Tensor, x: Tensor, io: Optional[IOConfig] = None,
                          generator: Optional[torch.Generator] = None) -> Tensor:
     """``y = W x`` (x: [..., in], W: [out, in]) through the read model ``io``: the same
-    distribution as :func:`~ffebm.analog.tile.read_forward` (and the same numbers without
-    noise), bound management evaluated lazily (see the module docstring)."""
+    distribution as :func:`~ffebm.analog.tile.read_forward` (without noise the same numbers up to
+    rounding ties of the quantisers), bound management evaluated lazily (see the module docstring)."""
     io = io if io is not None else IOConfig()
     if not has_lazy_bound_management(io):
         return read_forward(W, x, io, generator)
