@@ -59,14 +59,15 @@ def test_config_error_on_the_command_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
-def test_training_mode_checks_but_ignores_the_inference_keys():
-    cfg = small_cfg(analog_mode="training", inference_modifier="add_gauss", inference_modifier_std="0.05")
-    t = Trainer(cfg, None, log=lambda m: None).setup()
+def test_training_mode_refuses_the_inference_keys_and_converts_nothing():
+    with pytest.raises(ConfigError, match="apply to analog_mode=inference only"):
+        small_cfg(analog_mode="training", inference_modifier="add_gauss", inference_modifier_std="0.05")
+    with pytest.raises(ConfigError, match="inference_modifier_std"):
+        small_cfg(analog_mode="training", inference_modifier="add_gauss")
+    t = Trainer(small_cfg(analog_mode="training"), None, log=lambda m: None).setup()
     from ffebm.analog import inference_modules
 
     assert not inference_modules(t.core)
-    with pytest.raises(ConfigError, match="inference_modifier_std"):
-        small_cfg(analog_mode="training", inference_modifier="add_gauss")
 
 
 def test_keys_reach_the_inference_config():
