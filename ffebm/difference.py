@@ -39,6 +39,8 @@ with x_a = x* + d_a and y_b = y* + d_b (sums, not differences, of a large and a 
 """
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional
@@ -75,6 +77,40 @@ def check_difference_form(block: "EnergyBlock", config: Optional[Relaxation] = N
         problem = "Relaxation.average_last (averaging noisy reads) has no meaning for an exact difference"
     if problem:
         raise DifferenceFormUnsupported(block.name, problem)
+
+
+def check_before_use(block: "EnergyBlock") -> None:
+    """Before any call: raise :class:`DifferenceFormUnsupported` if ``block``'s method is EP in
+    difference form and the block cannot be relaxed that way (a max pool counts as fixed when the
+    method keeps the free phase's winners), so that a run fails at its start, not in its first
+    backward."""
+    method = getattr(block, "gradient", None)
+    if getattr(method, "form", "ordinary") != "difference":
+        return
+    keep = getattr(method, "pool_winners", "live") == "free"
+    problem = None
+    for name in ("activate", "primitive"):
+        if getattr(type(block), name) is not getattr(_energy_block(), name):
+            problem = f"{type(block).__name__} overrides {name} (only the hard sigmoid / linear layers are written out)"
+    for i, c in enumerate(block.couplings):
+        if problem:
+            break
+        if keep and getattr(c, "pool", None) == "max" and getattr(c, "winners", 0) is None:
+            c = copy.copy(c)  # as the backward will see it: winners latched (any value)
+            object.__setattr__(c, "winners", torch.empty(0))
+        p = c.affine_problem()
+        if p:
+            problem = f"coupling {i} ({type(c).__name__}): {p}"
+    if problem is None and block.nudge_relaxation.average_last:
+        problem = "Relaxation.average_last (averaging noisy reads) has no meaning for an exact difference"
+    if problem:
+        raise DifferenceFormUnsupported(block.name, problem)
+
+
+def _energy_block():
+    from .blocks.base import EnergyBlock
+
+    return EnergyBlock
 
 
 @dataclass

@@ -24,6 +24,10 @@ _BUILDERS: Dict[str, Callable[..., nn.Module]] = {"digits": digits_ffebm, "dhn_d
                                                   "digits_mlp": digits_mlp, "digits_conv": digits_conv}
 
 
+#: the models of scikit-learn's 8x8 digits (flat 64-feature inputs); the others take images
+DIGITS_MODELS = frozenset(_BUILDERS)
+
+
 def available() -> List[str]:
     """Every model name: the digits models, the published configurations (and our aliases of
     them), and our own VGG-style presets."""

@@ -149,3 +149,34 @@ def test_published_preset_in_float32_meets_the_target():
                                   candidates=[diff, ordinary])
     assert res.min_cosine(diff.describe()) > 0.99
     assert min(r["cosine"] for r in res.rows if r["method"] == ordinary.describe() and r["block"] == "block1") < 0.9
+
+
+def test_blocks_that_cannot_take_the_difference_form_are_refused_before_any_call():
+    from ffebm.difference import check_before_use
+
+    live = ffebm.ConvHopfield(2, 8, [3, 4], pool=["max", "max"], input_bn=False,
+                              gradient=ffebm.EP(0.1, form="difference"))
+    with pytest.raises(ffebm.errors.DifferenceFormUnsupported, match="live winners"):
+        check_before_use(live)
+    free = ffebm.ConvHopfield(2, 8, [3, 4], pool=["max", "max"], input_bn=False,
+                              gradient=ffebm.EP(0.1, form="difference", pool_winners="free"))
+    check_before_use(free)                                     # the backward latches the winners
+    soft = ffebm.ConvHopfield(2, 8, [3, 4], pool=["soft", "soft"], input_bn=False,
+                              gradient=ffebm.EP(0.1, form="difference", pool_winners="free"))
+    with pytest.raises(ffebm.errors.DifferenceFormUnsupported, match="soft"):
+        check_before_use(soft)
+    check_before_use(ffebm.ConvHopfield(2, 8, [3, 4], pool=["max", "max"], input_bn=False))  # ordinary form
+
+
+def test_the_trainer_refuses_the_difference_form_on_live_winners_in_one_line():
+    import torch
+
+    import models
+    from train.config import ConfigError, TrainConfig
+    from train.step import prepare_model
+
+    model = models.build("splitting_small_3block", ep_form="difference", image_size=8)
+    with pytest.raises(ConfigError, match="pool_winners"):
+        prepare_model(model, TrainConfig(), torch.device("cpu"))
+    prepare_model(models.build("splitting_small_3block", ep_form="difference", pool_winners="free", image_size=8),
+                  TrainConfig(), torch.device("cpu"))

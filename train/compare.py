@@ -230,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         ov["t1"] = args.t1
     if args.tol is not None:
         ov["tol"] = args.tol
-    image = args.model not in ("digits", "dhn_digits")
+    image = args.model not in models.DIGITS_MODELS
     if image:
         cfg = models.published(args.model) if args.model in models.PUBLISHED or args.model in models.ALIASES \
             else models.preset(args.model)
@@ -243,9 +243,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         x = torch.rand(args.batch, 3, size, size)
         classes = cfg["num_classes"]
     else:
-        for flag in ("pool", "precision", "image_size"):
+        for flag in ("precision", "image_size"):
             if getattr(args, flag):
-                ap.error(f"--{flag.replace('_', '-')} does not apply to {args.model!r} (an MLP on 8x8 digits)")
+                ap.error(f"--{flag.replace('_', '-')} does not apply to {args.model!r} (a model of 8x8 digits)")
+        if args.pool:
+            if "pool" not in models.options(args.model) or args.model == "digits":
+                ap.error(f"--pool does not apply to {args.model!r} (its energy blocks do not pool; "
+                         f"digits_conv takes --pool avg|max|soft)")
+            ov["pool"] = args.pool
         x = torch.rand(args.batch, 64)
         classes = 10
     try:
@@ -253,6 +258,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ValueError, RuntimeError) as e:
         what = f"--image-size {ov['image_size']}: {args.model} cannot take that input size" if image else f"--model {args.model}"
         ap.error(f"{what} ({str(e).splitlines()[0]})")
+    if not list(ffebm.energy_blocks(model)):
+        ap.error(f"--model {args.model}: has no energy blocks (a digital baseline): nothing to compare")
     if args.double:
         model, x = model.double(), x.double()
     y = torch.randint(0, classes, (args.batch,))

@@ -29,7 +29,7 @@ from ffebm.couplings import ConvCoupling
 
 from . import checkpoint as ckpt_mod
 from . import failures, metrics
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .failures import TrainingStopped
 
 __all__ = ["PRECISIONS", "channels_last_wanted", "has_convolutions", "prepare_model", "train_step"]
@@ -52,6 +52,14 @@ def channels_last_wanted(model: nn.Module, cfg: TrainConfig, device: torch.devic
 def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.memory_format:
     """Relaxation precision and memory format of a built model (on ``device``); returns the memory
     format its input batches take (see :class:`train.batches.Preprocess`)."""
+    from ffebm.difference import check_before_use
+    from ffebm.errors import DifferenceFormUnsupported
+
+    for _, blk in ffebm.energy_blocks(model):
+        try:
+            check_before_use(blk)
+        except DifferenceFormUnsupported as e:
+            raise ConfigError(" ".join(str(e).split())) from None
     ffebm.set_precision(model, PRECISIONS[cfg.precision])
     if (cfg.relax_start, cfg.overrelax, cfg.anderson) != ("zeros", 1.0, 0):
         ffebm.set_acceleration(model, init=cfg.relax_start, overrelax=cfg.overrelax, anderson=cfg.anderson)
