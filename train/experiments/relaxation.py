@@ -32,6 +32,14 @@ from ffebm.solvers import _residual, analytic_step
 from ffebm.utils import energy_blocks
 
 
+def _number(text: str, kind) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
 def parse_variant(text: str) -> Dict[str, object]:
     """``"ff+sor1.4"`` -> {"init": "feedforward", "overrelax": 1.4}; ``"plain"`` -> {}."""
     out: Dict[str, object] = {}
@@ -40,12 +48,13 @@ def parse_variant(text: str) -> Dict[str, object]:
             continue
         if tok == "ff":
             out["init"] = "feedforward"
-        elif tok.startswith("sor"):
+        elif tok.startswith("sor") and _number(tok[3:], float):
             out["overrelax"] = float(tok[3:])
-        elif tok.startswith("anderson"):
+        elif tok.startswith("anderson") and _number(tok[8:], int):
             out["anderson"] = int(tok[8:])
         else:
-            raise ValueError(f"variant {text!r}: unknown part {tok!r} (plain, ff, sorW, andersonM joined by +)")
+            raise ValueError(f"variant {text!r}: unknown part {tok!r} (plain, preset, ff, sorW, andersonM joined by +)")
+    ffebm.Relaxation(**out)  # omega in (0, 2), memory >= 2: the settings' own checks
     return out
 
 
@@ -68,7 +77,7 @@ def _model_and_batch(args):
 
     torch.manual_seed(args.seed)
     model = models.build(args.model)
-    if args.model.startswith("digits"):
+    if args.model in models.DIGITS_MODELS:
         from train.config import TrainConfig
         from train.data import load_datasets
 
@@ -127,6 +136,8 @@ def _grads(model, x, y) -> Dict[str, torch.Tensor]:
 def run(args) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     model, x, y, label = _model_and_batch(args)
+    if not list(energy_blocks(model)):
+        raise ValueError(f"{label}: has no energy blocks (a digital baseline): nothing relaxes")
     # training mode by default: batch norm normalises the block inputs with the batch's own
     # statistics, the drives the training steps relax under (eval mode at initialisation sees
     # much weaker drives and settles in a few steps)
@@ -135,8 +146,6 @@ def run(args) -> Dict[str, object]:
     base = {n: b.relaxation for n, b in blocks.items()}
     us = block_inputs(model, x)
     variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        parse_variant(v)
     rows: List[Dict[str, object]] = []
     for name, blk in blocks.items():
         u = us[name]
@@ -203,7 +212,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--eval", action="store_true", help="batch norm in evaluation mode (inference drives)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    res = run(args)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        p.error("--variants: name at least one (plain, preset, ff, sorW, andersonM, joined by +)")
+    for key in ("batch", "budget", "repeats", "threads", "reference_budget"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if not args.tol > 0:
+        p.error(f"--tol must be > 0, got {args.tol}")
+    import models
+    from train.config import UserError
+
+    if args.run is None and args.model not in models.available():
+        p.error(f"--model {args.model!r}: not a model; one of {', '.join(models.available())}")
+    try:
+        for v in variants:
+            parse_variant(v)
+        res = run(args)
+    except (ValueError, UserError) as e:
+        p.error(" ".join(str(e).split()))
     print_report(res)
     if args.json:
         with open(args.json, "w") as f:
