@@ -110,8 +110,31 @@ def make_algorithm(cfg: TrainConfig):
         raise ConfigError(f"analog_options={cfg.analog_options!r}: {str(e).splitlines()[0]}") from None
 
 
+#: keys only a run on tiles reads (training tiles, or an inference chip for the shared ones)
+TILE_KEYS = ("analog_reads", "analog_omega", "analog_input", "analog_layers")
+#: keys of the pulsed updates: read by the AnalogOptimizer of a model with training tiles (converted, or
+#: built with tiles by a user's builder; checked once the model is built, in AnalogPlugin.attach)
+PULSE_KEYS = ("analog_algorithm", "analog_options", "analog_lr")
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Validation of the analog keys (called by :func:`train.validate.validate`)."""
+    if not cfg.analog and cfg.analog_mode != "inference":
+        from .recipes import changed_keys
+
+        set_keys = changed_keys(cfg, TILE_KEYS)
+        if set_keys:  # a digital run would ignore them
+            shown = " ".join(f"{k}={getattr(cfg, k)}" for k in set_keys)
+            raise ConfigError(f"{shown}: analog keys need a run on tiles (analog=DEVICE, or "
+                              f"analog_mode=inference); this run is digital")
+    if cfg.analog_mode == "inference":
+        from .recipes import changed_keys
+
+        set_keys = changed_keys(cfg, PULSE_KEYS)
+        if set_keys:  # an inference chip is trained by the torch optimiser, not by pulses
+            shown = " ".join(f"{k}={getattr(cfg, k)}" for k in set_keys)
+            raise ConfigError(f"{shown}: pulsed-update keys do not apply to analog_mode=inference (the torch "
+                              f"optimiser trains the chip's weights)")
     if cfg.analog:
         make_device(cfg)
     make_algorithm(cfg)
@@ -247,6 +270,14 @@ class AnalogPlugin(TrainerPlugin):
 
         self.model = model
         self.params = split_parameters(model)[1]
+        if not self.params and self.cfg.analog_mode != "inference":
+            from .recipes import changed_keys
+
+            set_keys = changed_keys(self.cfg, PULSE_KEYS)
+            if set_keys:  # no tile to pulse: they would be ignored
+                shown = " ".join(f"{k}={getattr(self.cfg, k)}" for k in set_keys)
+                raise ConfigError(f"{shown}: the model has no training tiles to pulse (set analog=DEVICE, or "
+                                  f"build the model with analog layers)")
         if self.params:
             self.optimizer = make_analog_optimizer(self.cfg, self.params)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(

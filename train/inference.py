@@ -67,14 +67,22 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"inference_modifier_std={cfg.inference_modifier_std!r}: must be >= 0")
     if cfg.inference_clip_value is not None and cfg.inference_clip_value <= 0:
         raise ConfigError(f"inference_clip_value={cfg.inference_clip_value!r}: must be > 0")
-    inference_config(cfg)
     if not inference_mode(cfg):
-        defaults = TrainConfig()
-        set_keys = [k for k in INFERENCE_KEYS if getattr(cfg, k) != getattr(defaults, k)]
+        from .recipes import changed_keys
+
+        set_keys = changed_keys(cfg, INFERENCE_KEYS)
         if set_keys:  # they would be ignored: say so rather than train something else than asked
             shown = " ".join(f"{k}={getattr(cfg, k)}" for k in set_keys)
             raise ConfigError(f"{shown}: inference keys apply to analog_mode=inference only "
                               f"(this run has analog_mode={cfg.analog_mode})")
+    if cfg.inference_modifier is None and cfg.inference_modifier_std is not None:
+        raise ConfigError(f"inference_modifier_std={cfg.inference_modifier_std}: inference_modifier=none draws no "
+                          f"noise; drop the strength or name a modifier")
+    if cfg.inference_clip is None and cfg.inference_clip_value is not None:
+        raise ConfigError(f"inference_clip_value={cfg.inference_clip_value}: inference_clip=none clips nothing; "
+                          f"drop the value or name a clip (sigma, fixed)")
+    inference_config(cfg)
+    if not inference_mode(cfg):
         return
     if cfg.analog:
         raise ConfigError(f"analog={cfg.analog!r} with analog_mode=inference: an inference chip is not trained by "

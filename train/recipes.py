@@ -159,6 +159,15 @@ def get(name: str) -> Dict[str, Any]:
     return dict(RECIPES[name])
 
 
+def changed_keys(cfg: TrainConfig, keys) -> list:
+    """The ``keys`` whose value in ``cfg`` differs from both the defaults and the values of the
+    recipe the run started from: the ones a user set (for refusing keys that would be ignored)."""
+    base = [TrainConfig()]
+    if cfg.recipe in RECIPES:
+        base.append(apply_overrides(TrainConfig(), dict(RECIPES[cfg.recipe], recipe=cfg.recipe)))
+    return [k for k in keys if all(getattr(cfg, k) != getattr(b, k) for b in base)]
+
+
 def build_config(name: str = "digits", overrides: Dict[str, Any] | None = None) -> TrainConfig:
     """Resolve recipe ``name`` with ``overrides`` (strings parsed by type) into a TrainConfig."""
     cfg = apply_overrides(TrainConfig(), dict(get(name), recipe=name))

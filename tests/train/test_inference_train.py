@@ -62,8 +62,10 @@ def test_config_error_on_the_command_line(tmp_path, capsys, monkeypatch):
 def test_training_mode_refuses_the_inference_keys_and_converts_nothing():
     with pytest.raises(ConfigError, match="apply to analog_mode=inference only"):
         small_cfg(analog_mode="training", inference_modifier="add_gauss", inference_modifier_std="0.05")
-    with pytest.raises(ConfigError, match="inference_modifier_std"):
+    with pytest.raises(ConfigError, match="inference_modifier=add_gauss: inference keys apply"):
         small_cfg(analog_mode="training", inference_modifier="add_gauss")
+    with pytest.raises(ConfigError, match="inference_modifier_std"):   # on a chip: the missing strength
+        small_cfg(inference_modifier="add_gauss")
     t = Trainer(small_cfg(analog_mode="training"), None, log=lambda m: None).setup()
     from ffebm.analog import inference_modules
 

@@ -84,7 +84,8 @@ def test_names_accepted():
                   "sgd": AnalogSGD, "mixed-precision": MixedPrecision}
     for name, cls in algorithms.items():
         assert type(A.make_algorithm(small_cfg(analog_algorithm=name))) is cls, name
-    small_cfg(analog="", analog_algorithm="sgd")   # a digital run ignores (but checks) the analog keys
+    with pytest.raises(ConfigError, match="no training tiles to pulse"):   # a digital model would ignore it
+        Trainer(small_cfg(analog="", analog_algorithm="sgd"), None, log=lambda m: None).setup()
     with pytest.raises(ConfigError, match="analog_algorithm"):
         small_cfg(analog="", analog_algorithm="nope")
 

@@ -138,3 +138,20 @@ def test_acceleration_keys_reach_every_free_relaxation():
     blocks = list(ffebm.energy_blocks(model))
     assert blocks and all((b.relaxation.init, b.relaxation.anderson, b.relaxation.overrelax) == ("feedforward", 4, 1.2)
                           and b.nudge_relaxation.anderson == 0 for _, b in blocks)
+
+
+@pytest.mark.parametrize("recipe, over, words", [
+    ("digits", {"analog_reads": "perfect"}, "analog keys need a run on tiles"),
+    ("digits", {"analog_omega": "0.3"}, "analog keys need a run on tiles"),
+    ("digits-hwa", {"analog_lr": "0.5"}, "pulsed-update keys do not apply"),
+    ("digits-hwa", {"inference_modifier": "none", "inference_modifier_std": "0.5"}, "draws no noise"),
+    ("digits-hwa", {"inference_clip": "none", "inference_clip_value": "3"}, "clips nothing"),
+])
+def test_keys_the_run_would_ignore_are_refused(recipe, over, words):
+    with pytest.raises(ConfigError, match=words):
+        build_config(recipe, over)
+
+
+def test_a_recipes_own_analog_keys_do_not_block_its_digital_twin():
+    build_config("digits-analog", {"analog": ""})   # the README's "the same model digital"
+    build_config("digits-hwa", {"analog_mode": "training"})
