@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 States = List[torch.Tensor]
 INITS = ("zeros", "feedforward")
+MAX_ANDERSON = 32
 
 
 def overrelaxed(s_old: torch.Tensor, v: torch.Tensor, gain: float, omega: float, bounded: bool) -> torch.Tensor:
@@ -136,6 +137,10 @@ def check_settings(overrelax: float, anderson: int, init: str) -> None:
         raise ValueError(f"Relaxation.overrelax must be a number in (0, 2) (1: plain updates), got {overrelax!r}")
     if isinstance(anderson, bool) or not isinstance(anderson, int) or anderson < 0 or anderson == 1:
         raise ValueError(f"Relaxation.anderson must be 0 (off) or a memory >= 2, got {anderson!r}")
+    if anderson > MAX_ANDERSON:
+        # each sweep solves an m x m system per sample and keeps 2m copies of the state: beyond a
+        # few dozen sweeps old secants are stale and the bookkeeping costs more than the sweeps
+        raise ValueError(f"Relaxation.anderson={anderson}: at most {MAX_ANDERSON} sweeps of memory (3-8 is typical)")
     if init not in INITS:
         raise ValueError(f"Relaxation.init must be one of {INITS}, got {init!r}")
 

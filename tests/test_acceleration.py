@@ -121,6 +121,7 @@ def test_anderson_keeps_converged_samples_and_bounds():
 
 @pytest.mark.parametrize("kw, words", [({"overrelax": 2.0}, "overrelax"), ({"overrelax": 0}, "overrelax"),
                                        ({"anderson": 1}, "anderson"), ({"anderson": -2}, "anderson"),
+                                       ({"anderson": 1000}, "anderson"),
                                        ({"init": "ones"}, "init")])
 def test_bad_settings_are_named(kw, words):
     with pytest.raises(ValueError, match=words):

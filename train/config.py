@@ -272,8 +272,8 @@ def check_values(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"beta={cfg.beta!r}: must be > 0")
     if not 0 < cfg.overrelax < 2:
         raise ConfigError(f"overrelax={cfg.overrelax!r}: must be in (0, 2) (1: plain relaxation steps)")
-    if cfg.anderson < 0 or cfg.anderson == 1:
-        raise ConfigError(f"anderson={cfg.anderson!r}: must be 0 (off) or a memory >= 2")
+    if cfg.anderson < 0 or cfg.anderson == 1 or cfg.anderson > 32:
+        raise ConfigError(f"anderson={cfg.anderson!r}: must be 0 (off) or a memory from 2 to 32 (3-8 is typical)")
     for key in ("t1", "t2", "num_classes", "in_channels", "image_size"):
         v = getattr(cfg, key)
         if v is not None and v <= 0:

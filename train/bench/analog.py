@@ -347,6 +347,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error(f"--repeats {a.repeats}: expected at least 1")
+    if a.inference_only and a.no_inference:
+        ap.error("--inference-only and --no-inference contradict each other: name one")
     if a.checkpoint_size < 0:
         ap.error(f"--checkpoint-size {a.checkpoint_size}: expected 0 (skip) or a size >= 1")
     if a.threads:
