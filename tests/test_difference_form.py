@@ -175,8 +175,8 @@ def test_the_trainer_refuses_the_difference_form_on_live_winners_in_one_line():
     from train.config import ConfigError, TrainConfig
     from train.step import prepare_model
 
-    model = models.build("splitting_small_3block", ep_form="difference", image_size=8)
+    model = models.build("splitting_small_3block", ep_form="difference")
     with pytest.raises(ConfigError, match="pool_winners"):
         prepare_model(model, TrainConfig(), torch.device("cpu"))
-    prepare_model(models.build("splitting_small_3block", ep_form="difference", pool_winners="free", image_size=8),
+    prepare_model(models.build("splitting_small_3block", ep_form="difference", pool_winners="free"),
                   TrainConfig(), torch.device("cpu"))

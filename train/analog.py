@@ -120,7 +120,7 @@ PULSE_KEYS = ("analog_algorithm", "analog_options", "analog_lr")
 def check_config(cfg: TrainConfig) -> None:
     """Validation of the analog keys (called by :func:`train.validate.validate`)."""
     if not cfg.analog and cfg.analog_mode != "inference":
-        from .recipes import changed_keys
+        from .recipe_table import changed_keys
 
         set_keys = changed_keys(cfg, TILE_KEYS)
         if set_keys:  # a digital run would ignore them
@@ -128,7 +128,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{shown}: analog keys need a run on tiles (analog=DEVICE, or "
                               f"analog_mode=inference); this run is digital")
     if cfg.analog_mode == "inference":
-        from .recipes import changed_keys
+        from .recipe_table import changed_keys
 
         set_keys = changed_keys(cfg, PULSE_KEYS)
         if set_keys:  # an inference chip is trained by the torch optimiser, not by pulses
@@ -271,7 +271,7 @@ class AnalogPlugin(TrainerPlugin):
         self.model = model
         self.params = split_parameters(model)[1]
         if not self.params and self.cfg.analog_mode != "inference":
-            from .recipes import changed_keys
+            from .recipe_table import changed_keys
 
             set_keys = changed_keys(self.cfg, PULSE_KEYS)
             if set_keys:  # no tile to pulse: they would be ignored

@@ -68,7 +68,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.inference_clip_value is not None and cfg.inference_clip_value <= 0:
         raise ConfigError(f"inference_clip_value={cfg.inference_clip_value!r}: must be > 0")
     if not inference_mode(cfg):
-        from .recipes import changed_keys
+        from .recipe_table import changed_keys
 
         set_keys = changed_keys(cfg, INFERENCE_KEYS)
         if set_keys:  # they would be ignored: say so rather than train something else than asked
