@@ -120,3 +120,24 @@ def test_traced_comparison_keeps_the_loss_nudge():
     for name, g in plain.grads[ep.describe()].items():
         assert torch.allclose(traced.grads[ep.describe()][name], g, rtol=1e-10, atol=1e-14), name
     assert plain.min_cosine(ep.describe()) > 0.99
+
+
+def test_loss_nudge_works_under_module_backward_hooks():
+    """The force is a nested autograd.grad through the readout: module backward hooks (here
+    torch's FlopCounterMode, as `python -m train.bench` counts a step) must not break it, nor
+    change the gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = batch(4, (5,))
+    grads = []
+    for counted in (False, True):
+        model = _model()
+        d, l = _published_scheme(0.1)
+        model[2].gradient, model[5].gradient = d, l
+        with FlopCounterMode(display=False) if counted else warnings.catch_warnings():
+            with ffebm.loss_nudge(model, loss_fn, y):
+                out = model(x)
+            g = torch.autograd.grad(loss_fn(out, y), list(model.parameters()))
+        grads.append(g)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)

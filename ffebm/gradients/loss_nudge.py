@@ -50,7 +50,10 @@ class LossCost:
         held fixed: nothing is accumulated into them)."""
         with torch.enable_grad():
             s = s_top.detach().requires_grad_(True)
-            loss = self.loss_fn(self.readout(s), self.target)
+            # the readout sees a non-leaf view of s: module backward hooks (e.g. torch's
+            # FlopCounterMode) ask the engine about their inputs' nodes, which torch refuses for
+            # a leaf inside a nested autograd.grad
+            loss = self.loss_fn(self.readout(s.view_as(s)), self.target)
             (g,) = torch.autograd.grad(loss, (s,))
         return g.to(s_top.dtype)
 

@@ -112,3 +112,20 @@ def test_resume_may_change_the_memory_format_but_not_the_precision(tmp_path, cap
     assert "resumed from" in res.stdout and "final test accuracy" in res.stdout
     res = main_inproc(["--resume", "run", "epochs=3", "precision=bfloat16"], tmp_path, capsys, monkeypatch)
     assert res.returncode != 0 and "precision" in res.stderr + res.stdout
+
+
+def test_merge_keeps_the_counted_flops_and_names_a_failed_round():
+    from train.bench.steps import _row, merge
+
+    def run(flops=None, s=1.0):
+        r = {"label": "ep", "batch": 32, "all_s": [s], "fwd_all_s": [s / 2], "opt_all_s": [0.01], "peak_rss_mb": 100.0,
+             "precision": "float32", "memory_format": "nchw", "blocks": {}}
+        if flops is not None:
+            r["step_flops"] = flops
+        return r
+
+    merged = merge([run(s=2.0), run(flops=5e12, s=1.0)])      # the count came from the second round
+    assert merged["step_flops"] == 5e12 and merged["s_per_step"] == 1.5
+    failed = merge([{"label": "ep", "error": "MemoryError"}, run(s=1.0)])
+    assert failed["failed_rounds"] == ["MemoryError"] and "1 round(s) failed: MemoryError" in _row(failed)
+    assert "step_flops" not in failed

@@ -238,6 +238,10 @@ def merge(runs: List[dict]) -> dict:
     if not ok:
         return runs[0]
     r = dict(ok[0])
+    counted = [x["step_flops"] for x in ok if "step_flops" in x]  # counted in one round only
+    if counted:
+        r["step_flops"] = counted[0]
+    r["failed_rounds"] = [x["error"] for x in runs if "error" in x]
     for k in ("all_s", "fwd_all_s", "opt_all_s"):
         r[k] = [v for x in ok for v in x[k]]
     r.update(s_per_step=statistics.median(r["all_s"]), fwd_s=statistics.median(r["fwd_all_s"]),
@@ -250,8 +254,9 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"{r['label']:<12} error: {r['error']}"
     rel = ", ".join(f"{n}: {b['steps']} steps res {b['residual']:.1e}" for n, b in r.get("blocks", {}).items())
+    failed = f"  ({len(r['failed_rounds'])} round(s) failed: {r['failed_rounds'][0]})" if r.get("failed_rounds") else ""
     return (f"{r['label']:<12} {r['precision']:<9} {r['memory_format']:<13} {r['s_per_step']:8.3f} {r['fwd_s']:7.3f} "
-            f"{r['opt_s']:6.3f} {r['samples_per_s']:10.1f} {r['peak_rss_mb']:8.0f}  {rel}")
+            f"{r['opt_s']:6.3f} {r['samples_per_s']:10.1f} {r['peak_rss_mb']:8.0f}  {rel}{failed}")
 
 
 HEADER = (f"{'step':<12} {'precision':<9} {'format':<13} {'s/step':>8} {'fwd s':>7} {'opt s':>6} {'samples/s':>10} "
@@ -369,6 +374,10 @@ def main(argv: List[str] = None) -> None:
                   f"bfloat16 {lim['bfloat16']:.0f} GFLOP/s (NCHW / channels_last: {lim['float32_nchw']:.0f} / "
                   f"{lim['float32_channels_last']:.0f}, {lim['bfloat16_nchw']:.0f} / {lim['bfloat16_channels_last']:.0f})")
             for r, prec in ((ep, "float32"), (bf, "bfloat16")):
+                if "step_flops" not in r:   # the counting round failed (its error is printed below)
+                    print(f"{r['label']:<8} {r['s_per_step']:.2f} s/step, FLOPs not counted: "
+                          f"{'; '.join(r.get('failed_rounds', [])) or 'no round counted them'}")
+                    continue
                 got = r["step_flops"] / r["s_per_step"] / 1e9
                 summary[r["label"]] = dict(s_per_step=r["s_per_step"], tflop_per_step=r["step_flops"] / 1e12,
                                            achieved_gflops=got, fraction_of_conv_limit=got / lim[prec])
