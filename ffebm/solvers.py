@@ -150,7 +150,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 v = v + td if i == 0 else v.add_(td)  # bottom[i > 0] is a fresh tensor
             if i == L - 1 and nudge is not None:
                 v = v - nudge_at(nudge, s[i])
-            new.append(update(block, i, s[i], v, omega))
+            new.append(block.activate(i, v) if omega == 1.0 else update(block, i, s[i], v, omega))
         for i in range(L - 1):
             cache[i] = None
         return new
@@ -171,7 +171,7 @@ def analytic_step(block: "EnergyBlock", u: torch.Tensor, s: States, nudge: Optio
                 v = v + td if i == 0 else v.add_(td)
             if i == L - 1 and nudge is not None:
                 v = v - nudge_at(nudge, new[i])
-            new[i] = update(block, i, s[i], v, omega)
+            new[i] = block.activate(i, v) if omega == 1.0 else update(block, i, s[i], v, omega)
             if i < L - 1:
                 cache[i] = None
     return new
