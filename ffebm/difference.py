@@ -56,23 +56,28 @@ if TYPE_CHECKING:  # pragma: no cover
 States = List[torch.Tensor]
 
 
-def difference_problem(block: "EnergyBlock") -> Optional[str]:
-    """Why ``block`` cannot be relaxed in difference form (None: it can)."""
+def difference_problem(block: "EnergyBlock", latch_winners: bool = False) -> Optional[str]:
+    """Why ``block`` cannot be relaxed in difference form (None: it can). ``latch_winners``: judge
+    its max pools as the backward of ``EP(pool_winners="free")`` will see them, winners fixed."""
     from .blocks.base import EnergyBlock
 
     for name in ("activate", "primitive"):
         if getattr(type(block), name) is not getattr(EnergyBlock, name):
             return f"{type(block).__name__} overrides {name} (only the hard sigmoid / linear layers are written out)"
     for i, c in enumerate(block.couplings):
+        if latch_winners and getattr(c, "pool", None) == "max" and getattr(c, "winners", 0) is None:
+            c = copy.copy(c)  # a view with winners latched (any value: only their presence counts)
+            object.__setattr__(c, "winners", torch.empty(0))
         problem = c.affine_problem()
         if problem:
             return f"coupling {i} ({type(c).__name__}): {problem}"
     return None
 
 
-def check_difference_form(block: "EnergyBlock", config: Optional[Relaxation] = None) -> None:
+def check_difference_form(block: "EnergyBlock", config: Optional[Relaxation] = None,
+                          latch_winners: bool = False) -> None:
     """Raise :class:`DifferenceFormUnsupported` naming what does not fit."""
-    problem = difference_problem(block)
+    problem = difference_problem(block, latch_winners)
     if problem is None and config is not None and config.average_last:
         problem = "Relaxation.average_last (averaging noisy reads) has no meaning for an exact difference"
     if problem:
@@ -80,37 +85,12 @@ def check_difference_form(block: "EnergyBlock", config: Optional[Relaxation] = N
 
 
 def check_before_use(block: "EnergyBlock") -> None:
-    """Before any call: raise :class:`DifferenceFormUnsupported` if ``block``'s method is EP in
-    difference form and the block cannot be relaxed that way (a max pool counts as fixed when the
-    method keeps the free phase's winners), so that a run fails at its start, not in its first
-    backward."""
+    """Before any call: the check of :func:`check_difference_form` for a block whose method is EP
+    in difference form, so that a run fails at its start, not in its first backward."""
     method = getattr(block, "gradient", None)
-    if getattr(method, "form", "ordinary") != "difference":
-        return
-    keep = getattr(method, "pool_winners", "live") == "free"
-    problem = None
-    for name in ("activate", "primitive"):
-        if getattr(type(block), name) is not getattr(_energy_block(), name):
-            problem = f"{type(block).__name__} overrides {name} (only the hard sigmoid / linear layers are written out)"
-    for i, c in enumerate(block.couplings):
-        if problem:
-            break
-        if keep and getattr(c, "pool", None) == "max" and getattr(c, "winners", 0) is None:
-            c = copy.copy(c)  # as the backward will see it: winners latched (any value)
-            object.__setattr__(c, "winners", torch.empty(0))
-        p = c.affine_problem()
-        if p:
-            problem = f"coupling {i} ({type(c).__name__}): {p}"
-    if problem is None and block.nudge_relaxation.average_last:
-        problem = "Relaxation.average_last (averaging noisy reads) has no meaning for an exact difference"
-    if problem:
-        raise DifferenceFormUnsupported(block.name, problem)
-
-
-def _energy_block():
-    from .blocks.base import EnergyBlock
-
-    return EnergyBlock
+    if getattr(method, "form", "ordinary") == "difference":
+        check_difference_form(block, block.nudge_relaxation,
+                              latch_winners=getattr(method, "pool_winners", "live") == "free")
 
 
 @dataclass
