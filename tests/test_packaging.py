@@ -43,3 +43,15 @@ def test_one_version_string():
 
     assert version("ffebm") == ffebm.__version__
     assert "version = " not in (ROOT / "pyproject.toml").read_text().split("[project.optional")[0].split("dynamic")[0]
+
+
+def test_the_wheel_carries_the_kernel_source(tmp_path):
+    # the fused read kernels are compiled from read.c on first use: an installed package needs it
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          str(ROOT), "-w", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("ffebm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ffebm/analog/kernels/read.c" in names and "ffebm/analog/kernels/__init__.py" in names

@@ -55,13 +55,17 @@ def test_bench_analog_block_rows_small(monkeypatch):
         return out
 
     monkeypatch.setattr(bench_analog.AnalogOptimizer, "step", counting_step)
-    rows = bench_analog.block_rows(1, __import__("torch").device("cpu"))
+    rows = bench_analog.block_rows(3, __import__("torch").device("cpu"))
     assert [r["block"] for r in rows] == ["dense tiny", "conv tiny"]
     for r in rows:
-        assert r["digital_s"] > 0 and r["analog_s"] > 0
-    # warm-up + 1 timed step per analog block, and the tiles moved (c-TTv2 first fills its fast
-    # array, then transfers onto the tile)
-    assert len(pulsed) == 4 and (pulsed[0] or pulsed[1]) and (pulsed[2] or pulsed[3]), pulsed
+        assert r["digital_s"] > 0 and r["analog_s"] > 0 and r["ideal_reads_s"] > 0 and r["torch_reads_s"] > 0
+        assert 0 < r["update_s"] < r["analog_s"]
+    # per block: warm-up + 3 timed steps of the analog block, the ideal-read one and the analog
+    # block read by the torch path, each with its optimiser's pulsed update, and the published-read
+    # tiles moved (c-TTv2 first fills its fast array, then transfers onto the tile)
+    assert len(pulsed) == 24, pulsed  # analog, ideal reads, torch reads
+    for blk in (pulsed[:12], pulsed[12:]):
+        assert any(blk[0::3]), pulsed
 
 
 def test_compare_beta_sweep_reference_and_one_line_errors(tmp_path, capsys):

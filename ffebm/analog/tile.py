@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .config import InvalidSetting, IOConfig, UpdateConfig, check_range
 from .device_array import DeviceArray
 from .devices import ConstantStep, DeviceParams, PulsedDevice, device_from_name
+from .kernels import epilogue as _epilogue, prologue as _prologue, supports as _fused_supports
 from .rng import fork_generator, make_generator, randn
 from .state import _settings, check_module_state
 
@@ -128,6 +129,45 @@ def _single_read(W: Tensor, x: Tensor, inv: Tensor, io: IOConfig, generator: Opt
     return y, step, clipped
 
 
+def _fused_read(W: Tensor, x2: Tensor, io: IOConfig, generator: Optional[torch.Generator],
+                allow_bm: bool, columns: bool) -> Tensor:
+    """The read of :func:`_read` through the fused CPU kernels (:mod:`ffebm.analog.kernels`): the
+    same model (noise management, DAC, output noise, ADC bound and quantisation, bound
+    management), two passes around the product instead of a dozen, and the kernels' own normal
+    draws (seeded from ``generator``). For reads without input or weight noise. ``x2``: rows
+    [N, in] or columns [B, in, L]; returns [N, out] / [B, out, L]."""
+    ib, ob = io.inp_bound, io.out_bound
+    quant_in = io.inp_res > 0 and math.isfinite(ib)
+    step = io.inp_res * 2.0 * ib if quant_in else 1.0
+    x3 = (x2 if columns else x2.unsqueeze(2)).contiguous()
+    q, alpha = _prologue(x3, step, ib, io.noise_management == "abs_max", quant_in)
+    y = torch.matmul(W, q) if columns else (q.squeeze(2) @ W.t()).unsqueeze(2)
+    bounded = math.isfinite(ob)
+    quant_out = io.out_res > 0 and bounded
+    so = io.out_res * 2.0 * ob if quant_out else step
+    bm = allow_bm and io.bound_management and bounded
+    clipped = _epilogue(y, alpha, io.out_noise / step, generator, ob / step if bounded else math.inf,
+                               step / so if quant_out else 0.0, so, bm)
+    if clipped is not None:
+        # bound management: the vectors that reached the ADC bound are read again with the input
+        # halved, up to max_bm_factor (the torch path's loop, on these few vectors only)
+        xv = x3.transpose(1, 2) if columns else x3.squeeze(2)  # [B, L, in] / [N, in]
+        yv = y.transpose(1, 2) if columns else y.squeeze(2)
+        av = alpha.unsqueeze(-1) if columns else alpha  # [B, L, 1] / [N, 1]
+        scale = torch.ones_like(av)
+        flags = clipped if columns else clipped.squeeze(1)
+        for _ in range(int(math.floor(math.log2(io.max_bm_factor)))):
+            idx = flags.nonzero(as_tuple=True)
+            scale[idx] = scale[idx] * 2.0
+            ys, unit, cl = _single_read(W, xv[idx], 1.0 / (av[idx] * scale[idx]), io, generator, True)
+            yv[idx] = ys * (scale[idx] * av[idx] * unit)
+            if cl is None:
+                break
+            flags = torch.zeros_like(flags)
+            flags[idx] = cl
+    return y if columns else y.squeeze(2)
+
+
 def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generator],
           allow_bm: bool, columns: bool = False) -> Tensor:
     """Reads of ``W`` for the input vectors of ``x``: ``[..., in]`` (-> ``[..., out]``) or, with
@@ -144,6 +184,9 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
         return _mvm(W, x) if columns else x @ W.t()
     lead = x.shape[:-1]
     x2 = x if columns else x.reshape(-1, x.shape[-1])
+    if io.inp_noise == 0 and io.w_noise == 0 and _fused_supports(x2, generator):
+        y = _fused_read(W, x2, io, generator, allow_bm, columns)
+        return y if columns else y.reshape(*lead, W.shape[0])
     if io.noise_management == "abs_max":
         alpha = x2.abs().amax(dim=1, keepdim=True) if x2.numel() > 0 else x2.sum(dim=1, keepdim=True)
         alpha = torch.where(alpha > 0, alpha, 1.0)

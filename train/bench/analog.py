@@ -14,8 +14,10 @@ backward read + pulsed update) at 512x512.
 Energy blocks on tiles (what simulating the hardware costs): one EP training step (free
 relaxation, two nudged relaxations, pulsed c-TTv2 update) of a dense block and of a
 convolutional block whose couplings settle on tiles with the default read model, beside the
-same digital block trained by EP and Adam, timed alternately step by step (median seconds and the
-median of the per-pair ratios).
+same digital block trained by EP and Adam, and the same tiles with ideal reads (what the tiles
+cost without the read model: the im2col products, the pulsed update, the bookkeeping), timed in
+turn round by round (median seconds, medians of the per-round ratios, and the pulsed update's
+time inside the analog step).
 
 Inference tiles (hardware-aware training): forward + backward of an ``InferenceLinear`` 512x512
 at batch 64 (x ~ U(0, 1)) beside ``nn.Linear`` of the same shape, median ms timed alternately call
@@ -40,8 +42,8 @@ import torch
 
 import ffebm
 from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogTile, ChoppedTTv2, ConstantStep, DeviceArray,
-                          LinearStep, SoftBounds, UpdateConfig, analog_parameters, digital_parameters,
-                          to_analog_energy)
+                          IOConfig, LinearStep, SoftBounds, UpdateConfig, analog_parameters, digital_parameters,
+                          read_kernel, set_read_kernel, to_analog_energy)
 
 REF_MS = {  # AIHWKit 1.2.0 C++ core, CPU build, 2 threads (published)
     ("ConstantStep", 0.01): 18.5, ("ConstantStep", 0.1): 191.0,
@@ -185,44 +187,90 @@ BLOCKS = {  # name: (builder, input shape without batch, batch)
 
 def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
     """EP training step of each block in BLOCKS: digital (EP + Adam) vs on tiles (AnalogEP +
-    pulsed c-TTv2, SoftBounds, default reads), median seconds of steps timed alternately and the
-    median of the per-pair ratios analog / digital."""
+    pulsed c-TTv2, SoftBounds), with the published read model and with ideal reads
+    (``IOConfig.perfect()`` both ways: what tiles cost without the read model's noise draws and
+    element-wise passes, i.e. the im2col products, the pulsed update and the bookkeeping). The
+    three steps are timed in turn, round by round, so that all see the same machine load:
+    median seconds, medians of the per-round ratios to the digital step, and the median time
+    of the analog optimiser's step (the pulsed update) inside the analog step."""
     rows = []
     for name, (make, shape, batch) in BLOCKS.items():
         torch.manual_seed(0)
         digital = make().to(dev)
-        analog = to_analog_energy(digital, AnalogConfig(device=SoftBounds()), seed=0)
         x = torch.rand(batch, *shape, device=dev)
         t = torch.rand_like(digital(x))
+        blocks = {"digital": digital,
+                  "analog": to_analog_energy(digital, AnalogConfig(device=SoftBounds()), seed=0),
+                  "ideal": to_analog_energy(digital, AnalogConfig(device=SoftBounds(), io=IOConfig.perfect(),
+                                                                  bwd_io=IOConfig.perfect()), seed=0)}
+        blocks["torch reads"] = blocks["analog"]  # the same tiles, read by the torch path
+        update_ms: Dict[str, List[float]] = {k: [] for k in blocks if k != "digital"}
         steps = {}
-        for kind, blk in (("digital", digital), ("analog", analog)):
+        for kind, blk in blocks.items():
             opts = [torch.optim.Adam(digital_parameters(blk), lr=1e-3)]
-            if kind == "analog":
+            if kind != "digital":
                 opts.append(AnalogOptimizer(analog_parameters(blk), ChoppedTTv2(), lr=0.01, seed=0))
 
-            def step(blk=blk, opts=opts):
+            def step(blk=blk, opts=opts, kind=kind):
+                set_read_kernel("torch" if kind == "torch reads" else None)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 ((blk(x) - t) ** 2).mean().backward()
-                for o in opts:
-                    o.step()
+                opts[0].step()
+                if len(opts) > 1:
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    opts[1].step()
+                    _sync(dev)
+                    update_ms[kind].append((time.perf_counter() - t0) * 1e3)
+                set_read_kernel(None)
 
             steps[kind] = step
-        # timed alternately, call by call, so that both see the same machine load
-        a_ms, _, d_ms, ratio = paired_ms(steps["analog"], steps["digital"], repeats, dev, warmup=1)
-        rows.append({"block": name, "batch": batch, "digital_s": d_ms / 1e3, "analog_s": a_ms / 1e3,
-                     "analog_over_digital": ratio})
+        ms = interleaved_ms(steps, repeats, dev, warmup=1)
+        d = ms["digital"]
+        ratio = {k: statistics.median(a / b for a, b in zip(ms[k], d)) for k in ("analog", "torch reads", "ideal")}
+        rows.append({"block": name, "batch": batch, "digital_s": statistics.median(d) / 1e3,
+                     "read_kernel": read_kernel(),
+                     "analog_s": statistics.median(ms["analog"]) / 1e3, "analog_over_digital": ratio["analog"],
+                     "torch_reads_s": statistics.median(ms["torch reads"]) / 1e3,
+                     "torch_reads_over_digital": ratio["torch reads"],
+                     "ideal_reads_s": statistics.median(ms["ideal"]) / 1e3,
+                     "ideal_over_digital": ratio["ideal"],
+                     "update_s": statistics.median(update_ms["analog"][-repeats:]) / 1e3})
     return rows
 
 
+def interleaved_ms(fns: Dict[str, Callable[[], object]], repeats: int, dev: torch.device,
+                   warmup: int = 1) -> Dict[str, List[float]]:
+    """Wall times (ms) of each function, called in turn round by round (``repeats`` rounds after
+    ``warmup``), so that all see the same machine load."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            f()
+            _sync(dev)
+            out[k].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def print_blocks(rows: List[Dict[str, object]]) -> None:
-    print("\n# EP training step of an energy block: digital vs on tiles (SoftBounds, default reads, c-TTv2), "
-          "timed alternately; ratio: median of the per-pair ratios")
-    print(f"| {'block':<48} | {'batch':>5} | {'digital s':>9} | {'analog s':>8} | {'ratio':>6} |")
-    print("|" + "|".join("-" * (w + 2) for w in (48, 5, 9, 8, 6)) + "|")
+    print("\n# EP training step of an energy block: digital vs on tiles (SoftBounds, c-TTv2) with the published "
+          "reads and with ideal reads, timed in turn; ratios: medians of the per-round ratios; update: the pulsed "
+          "update's share of the analog step")
+    print(f"| {'block':<48} | {'batch':>5} | {'digital s':>9} | {'analog s':>8} | {'ratio':>6} | "
+          f"{'torch reads s':>13} | {'ratio':>6} | {'ideal reads s':>13} | {'ratio':>6} | {'update s':>8} |")
+    print("|" + "|".join("-" * (w + 2) for w in (48, 5, 9, 8, 6, 13, 6, 13, 6, 8)) + "|")
     for r in rows:
         print(f"| {r['block']:<48} | {r['batch']:>5} | {r['digital_s']:>9.3f} | {r['analog_s']:>8.3f} | "
-              f"{r['analog_over_digital']:>5.1f}x |")
+              f"{r['analog_over_digital']:>5.1f}x | {r['torch_reads_s']:>13.3f} | {r['torch_reads_over_digital']:>5.1f}x | "
+              f"{r['ideal_reads_s']:>13.3f} | {r['ideal_over_digital']:>5.1f}x | {r['update_s']:>8.3f} |")
+    print(f"(analog: reads through the {rows[0]['read_kernel'] if rows else '?'} path; torch reads: the same tiles "
+          f"read by the torch path, set_read_kernel('torch'))")
 
 
 def print_table(res: Dict[str, object]) -> None:

@@ -1,0 +1,256 @@
+"""The fused CPU read kernels (ffebm/analog/kernels): the same read model as the torch path,
+their own normal draws checked for distribution, independence and reproducibility, and a
+clear fallback when no compiler is there."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ffebm.analog import kernels
+from ffebm.analog.config import IOConfig
+from ffebm.analog.tile import read_backward, read_forward
+
+# Without any C compiler the kernel cannot exist (reads take the torch path, checked by the
+# fallback tests below, which always run); with one, a failed build fails these tests.
+needs_kernel = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def path():
+    """Run a read on a chosen path, restoring the choice afterwards."""
+    def run(choice, fn, *a, **kw):
+        kernels.set_read_kernel(choice)
+        try:
+            return fn(*a, **kw)
+        finally:
+            kernels.set_read_kernel(None)
+    return run
+
+
+NOISELESS = [
+    IOConfig(out_noise=0.0),
+    IOConfig(out_noise=0.0, noise_management="none"),
+    IOConfig(out_noise=0.0, out_bound=0.5),  # clips: bound management re-reads
+    IOConfig(out_noise=0.0, out_bound=0.5, bound_management=False),
+    IOConfig(out_noise=0.0, inp_res=0.0, out_res=0.0),
+    IOConfig(out_noise=0.0, inp_bound=0.3, out_bound=float("inf")),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("columns", [False, True])
+@pytest.mark.parametrize("k", range(len(NOISELESS)))
+def test_noiseless_reads_equal_the_torch_path(path, dtype, columns, k):
+    io = NOISELESS[k]
+    g = torch.Generator().manual_seed(k)
+    W = torch.randn(20, 30, generator=g, dtype=dtype) * 0.3
+    x = (torch.randn(4, 30, 7, generator=g, dtype=dtype) if columns
+         else torch.randn(5, 3, 30, generator=g, dtype=dtype))
+    d = (torch.randn(4, 20, 7, generator=g, dtype=dtype) if columns
+         else torch.randn(5, 3, 20, generator=g, dtype=dtype))
+    x[0].zero_()  # an all-zero vector: alpha = 1
+    for fn, inp in ((read_forward, x), (read_backward, d)):
+        ref = path("torch", fn, W, inp, io, None, columns)
+        got = path("fused", fn, W, inp, io, None, columns)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got, ref), float((got - ref).abs().max())
+
+
+@needs_kernel
+def test_bound_management_rereads_only_the_clipped_vectors(path):
+    io = IOConfig(out_noise=0.0, out_bound=2.0, out_res=0.0, inp_res=0.0)
+    W = torch.ones(3, 4)
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.1, 0.0, 0.0, 0.0]])  # row 0: 4 > bound at scale 1
+    y = path("fused", read_forward, W, x, io)
+    assert torch.allclose(y, x.sum(1, keepdim=True).expand(2, 3))  # recovered by halving the input
+
+
+@needs_kernel
+def test_nan_input_propagates(path):
+    x = torch.rand(3, 8)
+    x[1, 2] = float("nan")
+    y = path("fused", read_forward, torch.rand(4, 8), x, IOConfig())
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def _noise(n_rows, out, seed, columns=False, io=None):
+    """Pure output noise of fused reads: W = 0, no quantisation or bounds, inputs with alpha = 1."""
+    io = io or IOConfig(out_noise=1.0, inp_res=0.0, out_res=0.0, out_bound=float("inf"))
+    g = torch.Generator().manual_seed(seed)
+    W = torch.zeros(out, 6)
+    x = torch.ones(n_rows, 6, 5) if columns else torch.ones(n_rows, 6)
+    kernels.set_read_kernel("fused")
+    try:
+        return read_forward(W, x, io, g, columns)
+    finally:
+        kernels.set_read_kernel(None)
+
+
+def _normal_cdf(z):
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("columns", [False, True])
+def test_output_noise_is_standard_normal(columns):
+    z = _noise(4000, 250, 0, columns).double().flatten()  # 1M (rows) / 5M (columns) draws
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.std()) - 1) < 5 * math.sqrt(0.5 / n)
+    kurt = float(((z - z.mean()) ** 4).mean() / z.var() ** 2)
+    assert abs(kurt - 3) < 5 * math.sqrt(24 / n)
+    # Kolmogorov-Smirnov distance to N(0, 1), and the tails the ziggurat's slow paths produce
+    s, _ = torch.sort(z)
+    ecdf = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = float((ecdf - _normal_cdf(s)).abs().max())
+    assert ks < 1.95 / math.sqrt(n), ks
+    for t in (1.0, 2.0, 3.0, 3.7, 4.5):  # 3.7 is beyond the base layer's edge R = 3.65
+        p = 2 * (1 - float(_normal_cdf(torch.tensor(t, dtype=torch.float64))))
+        got = float((z.abs() > t).double().mean())
+        assert abs(got - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, (t, got, p)
+
+
+@needs_kernel
+def test_noise_is_independent_across_outputs_vectors_and_reads():
+    a = _noise(2000, 64, 1).double()
+    b = _noise(2000, 64, 1).double()
+    assert torch.equal(a, b)  # same seed, same numbers
+    g = torch.Generator().manual_seed(2)
+    io = IOConfig(out_noise=1.0, inp_res=0.0, out_res=0.0, out_bound=float("inf"))
+    kernels.set_read_kernel("fused")
+    try:
+        r1 = read_forward(torch.zeros(64, 6), torch.ones(2000, 6), io, g).double()
+        r2 = read_forward(torch.zeros(64, 6), torch.ones(2000, 6), io, g).double()  # next read
+    finally:
+        kernels.set_read_kernel(None)
+    n = r1.numel()
+    lim = 5 / math.sqrt(n)
+
+    def corr(u, v):
+        u, v = u.flatten() - u.mean(), v.flatten() - v.mean()
+        return float((u * v).mean() / (u.std() * v.std()))
+
+    assert abs(corr(r1, r2)) < lim  # consecutive reads of the same generator
+    assert abs(corr(r1[:, 1:], r1[:, :-1])) < lim  # neighbouring outputs of a vector
+    assert abs(corr(r1[1:], r1[:-1])) < lim  # the same output of neighbouring vectors
+    assert abs(corr(r1, a)) < lim  # another seed
+
+
+@needs_kernel
+def test_noise_does_not_depend_on_the_thread_count():
+    code = textwrap.dedent("""
+        import sys, torch
+        from ffebm.analog import kernels
+        from ffebm.analog.config import IOConfig
+        from ffebm.analog.tile import read_forward
+        torch.set_num_threads(int(sys.argv[1]))
+        kernels.set_read_kernel("fused")
+        g = torch.Generator().manual_seed(3)
+        y = read_forward(torch.rand(64, 300, generator=g), torch.rand(3000, 300, generator=g), IOConfig(), g)
+        torch.save(y, sys.argv[2])
+    """)
+    outs = []
+    for t in (1, 2):
+        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ffebm-kernel-threads-{os.getpid()}-{t}.pt")
+        subprocess.run([sys.executable, "-c", code, str(t), f], check=True)
+        outs.append(torch.load(f, weights_only=True))
+        os.unlink(f)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+def test_reads_follow_the_tile_generator_state(path):
+    W, x = torch.rand(8, 16), torch.rand(10, 16)
+    g = torch.Generator().manual_seed(4)
+    state = g.get_state()
+    a = path("fused", read_forward, W, x, IOConfig(), g)
+    g.set_state(state)
+    b = path("fused", read_forward, W, x, IOConfig(), g)
+    c = path("fused", read_forward, W, x, IOConfig(), g)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+@needs_kernel
+def test_noisy_reads_match_the_torch_path_in_distribution(path):
+    # same model: per output, the mean and spread of many noisy reads of one input agree
+    io = IOConfig()
+    W = torch.rand(16, 32) * 0.2
+    x = torch.rand(1, 32).expand(20000, 32).contiguous()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    a = path("torch", read_forward, W, x, io, g1).double()
+    b = path("fused", read_forward, W, x, io, g2).double()
+    n = x.shape[0]
+    sd = a.std(0)
+    assert ((a.mean(0) - b.mean(0)).abs() < 5 * sd * math.sqrt(2 / n) + 1e-6).all()
+    assert ((a.std(0) / b.std(0) - 1).abs() < 5 * math.sqrt(1 / n) + 0.01).all()
+
+
+@needs_kernel
+def test_read_kernel_choice_and_errors(monkeypatch):
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.set_read_kernel("fast")
+    monkeypatch.setenv("FFEBM_READ_KERNEL", "torch")
+    assert kernels.read_kernel() == "torch"
+    monkeypatch.setenv("FFEBM_READ_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="FFEBM_READ_KERNEL"):
+        kernels.read_kernel()
+    monkeypatch.setenv("FFEBM_READ_KERNEL", "auto")
+    assert kernels.read_kernel() == "fused"
+    # CPU float32 / float64 only
+    assert kernels.supports(torch.rand(2, 3)) and not kernels.supports(torch.rand(2, 3, dtype=torch.bfloat16))
+    kernels.set_read_kernel("torch")
+    try:
+        assert kernels.read_kernel() == "torch" and not kernels.supports(torch.rand(2, 3))
+    finally:
+        kernels.set_read_kernel(None)
+
+
+def test_without_a_compiler_reads_fall_back_with_one_warning(tmp_path):
+    code = textwrap.dedent("""
+        import warnings, torch
+        from ffebm.analog import kernels
+        from ffebm.analog.config import IOConfig
+        from ffebm.analog.tile import read_forward
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y = read_forward(torch.rand(4, 8), torch.rand(3, 8), IOConfig())
+            y = read_forward(torch.rand(4, 8), torch.rand(3, 8), IOConfig())
+        msgs = [str(m.message) for m in w if "fused analog read kernel" in str(m.message)]
+        assert len(msgs) == 1 and "no C compiler" in msgs[0], msgs
+        assert kernels.read_kernel() == "torch" and y.shape == (3, 4)
+        try:
+            kernels.set_read_kernel("fused")
+        except kernels.KernelUnavailable as e:
+            assert "no C compiler" in str(e)
+        else:
+            raise AssertionError("fused was accepted without a kernel")
+        print("ok")
+    """)
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), FFEBM_KERNEL_CACHE=str(tmp_path / "cache"))
+    env.pop("FFEBM_READ_KERNEL", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_a_broken_compiler_is_reported(tmp_path):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'cc: fatal error: something broke' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    code = textwrap.dedent("""
+        import os
+        from ffebm.analog import kernels
+        try:
+            kernels.set_read_kernel("fused")
+        except kernels.KernelUnavailable as e:
+            assert "something broke" in str(e), e
+            assert not [f for f in os.listdir(os.environ["FFEBM_KERNEL_CACHE"]) if f.endswith(".so")]
+            print("ok")
+    """)
+    env = dict(os.environ, CC=str(cc), FFEBM_KERNEL_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
