@@ -195,8 +195,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "the free equilibrium (difference: full relative precision in float32; max-pooled blocks "
                          "need --pool-winners free)")
     ap.add_argument("--nudge", choices=["delta", "loss"], default="delta",
-                    help="EP candidates: nudge every block by beta <delta, s_top> (delta), or the last block by beta * "
-                         "loss(readout(s_top), y) and the others by delta (loss, as published)")
+                    help="EP candidates (and --gdd): nudge every block by beta <delta, s_top> (delta), or the last block "
+                         "by beta * loss(readout(s_top), y) and the others by delta (loss, as published)")
     ap.add_argument("--gdd", action="store_true",
                     help="step by step: EP's running estimate after k nudged steps against backprop through the last "
                          "k free steps from the equilibrium, k = 1..T2, per block and layer (gdd.png, gdd.json); uses "
@@ -221,6 +221,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
     if not names:
         ap.error(f"--candidates {args.candidates!r}: name at least one method")
+    variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
+    if args.gdd and (len(betas) != 1 or not variants):
+        ap.error("--gdd takes one --beta and an EP variant in --candidates")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
 
@@ -274,14 +277,12 @@ def main(argv: Optional[List[str]] = None) -> None:
            else ffebm.Unrolled(steps=t2, from_equilibrium=True))
     loss_fn = nn.CrossEntropyLoss()
     os.makedirs(args.out, exist_ok=True)
+    last = [name for name, _ in ffebm.energy_blocks(model)][-1]
     t0 = time.perf_counter()
     if args.gdd:
-        variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
-        if len(betas) != 1 or not variants:
-            ap.error("--gdd takes one --beta and an EP variant in --candidates")
-        if args.nudge != "delta":
-            ap.error("--gdd compares against backprop with the incoming gradient: it takes --nudge delta")
         ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners, form=args.form)
+        if args.nudge == "loss":  # its force at s* is the incoming gradient backprop starts from
+            ep = ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")})
         res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
         seconds = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -295,7 +296,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
         return
     sweep: Dict[float, dict] = {}
-    last = [name for name, _ in ffebm.energy_blocks(model)][-1]
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
