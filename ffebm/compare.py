@@ -239,8 +239,10 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
                     prefix = [n for n, mm in model.named_modules() if mm is blk][0]
                     names = [f"{prefix}.couplings.{n}" if prefix else f"couplings.{n}"
                              for n, _ in blk.couplings.named_parameters()]
+                    # a tensor the reference gives no gradient counts as zero there, as in the rows
                     traces[label][bname] = [
-                        {pn: cosine(gp, ref[pn]) for pn, gp in zip(names, gparams) if gp is not None}
+                        {pn: cosine(gp, torch.zeros_like(gp) if ref.get(pn) is None else ref[pn])
+                         for pn, gp in zip(names, gparams) if gp is not None}
                         for (_, gparams) in store[bname]]
     finally:
         for name, blk in blocks:
