@@ -163,6 +163,75 @@ def beta_sweep_plot(sweep: Dict[float, dict], path: str) -> None:
     plt.close(fig)
 
 
+def shape_problem(name: str, overrides: dict, size: int, batch: int) -> Optional[str]:
+    """Why model ``name`` (built with ``overrides``) cannot take a batch of ``batch`` 3 x size x size
+    images, judged from shapes alone; None if it can. The model is built on the meta device (no
+    memory, no arithmetic) and each energy block's input map (conv, pool, batch norm) is run on a
+    meta batch of the block's input shape: a map too small for a conv, a pool or a coupling, and a
+    batch norm left with one value per channel in training mode, show without a relaxation."""
+    import ffebm
+    from ffebm import models
+
+    try:
+        with torch.device("meta"):
+            model = models.build(name, **dict(overrides, image_size=size))
+            for bname, blk in ffebm.energy_blocks(model):
+                try:
+                    blk.input_map(torch.empty(batch, *blk.in_shape))
+                except (ValueError, RuntimeError) as e:
+                    raise ValueError(f"{bname}'s input map: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        return " ".join(str(e).split())[:200]
+    return None
+
+
+def size_refusal(name: str, overrides: dict, size: int, batch: int, why: str, limit: int = 256) -> str:
+    """The error for an image size model ``name`` cannot take: why, the smallest size it takes at
+    this batch (found by trying the sizes from 1 up, ``shape_problem``), the taken sizes nearest
+    ``size`` (the sizes a model takes need not be an interval: a pool inside a coupling needs an
+    even map) and, at batch 1, the smallest size at batch 2 where that is smaller."""
+    def taken(s: int, b: int = batch) -> bool:
+        return shape_problem(name, overrides, s, b) is None
+
+    msg = f"--image-size {size}: {name} cannot take {size}x{size} images at --batch {batch} ({why})"
+    top = max(limit, 2 * size)
+    smallest = next((s for s in range(1, top + 1) if taken(s)), None)
+    if smallest is None:
+        return msg + f"; it takes no size from 1 to {top}"
+    msg += f"; the smallest size it takes at --batch {batch} is {smallest}"
+    if size > smallest:
+        below = next(s for s in range(size - 1, smallest - 1, -1) if taken(s))
+        above = next((s for s in range(size + 1, top + 1) if taken(s)), None)
+        msg += f", the nearest to {size}: {below}" + (f" and {above}" if above is not None else "")
+    if batch == 1:
+        pair = next((s for s in range(1, smallest) if taken(s, 2)), None)
+        if pair is not None:
+            msg += f" ({pair} at --batch 2 or more)"
+    return msg
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward of ``x`` with every energy block relaxing a single step (it checks that the
+    input fits, not the equilibrium); the blocks' relaxations and the model's buffers (batch-norm
+    statistics) are restored afterwards."""
+    import ffebm
+
+    blocks = [blk for _, blk in ffebm.energy_blocks(model)]
+    saved = [blk.relaxation for blk in blocks]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        for blk in blocks:
+            blk.relaxation = dataclasses.replace(blk.relaxation, steps=1, tol=None)
+        with torch.no_grad():
+            model(x)
+    finally:
+        for blk, r in zip(blocks, saved):
+            blk.relaxation = r
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import resource
     import time
@@ -243,6 +312,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             ov["pool_override"] = args.pool
         if args.precision:
             ov["precision"] = args.precision
+        why = shape_problem(args.model, ov, size, args.batch)
+        if why is not None:
+            ap.error(size_refusal(args.model, ov, size, args.batch, why))
         x = torch.rand(args.batch, 3, size, size)
         classes = cfg["num_classes"]
     else:
@@ -267,10 +339,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         model, x = model.double(), x.double()
     y = torch.randint(0, classes, (args.batch,))
     try:
-        with torch.no_grad():
-            model(x[:1])
+        _probe(model, x)
     except (ValueError, RuntimeError) as e:
-        ap.error(f"--image-size {args.image_size}: {args.model} cannot take {tuple(x.shape[1:])} inputs "
+        what = f"--image-size {size}: " if image else ""
+        ap.error(f"{what}{args.model} cannot take a batch of {args.batch} {tuple(x.shape[1:])} inputs "
                  f"({' '.join(str(e).split())[:160]})")
     t2 = args.t2 or (cfg["t2"] if image else 20)
     ref = (ffebm.Implicit(tol=1e-8, max_iter=1000) if args.reference == "implicit"
