@@ -232,6 +232,13 @@ def _probe(model: nn.Module, x: torch.Tensor) -> None:
                 b.copy_(buffers[n])
 
 
+def _diverged(beta: float, e: Exception) -> str:
+    """The error for a relaxation that went non-finite during the comparison at ``beta``."""
+    hint = "; the nudge, or EP's division by beta, overflows at this beta" \
+        if str(getattr(e, "phase", "")).startswith("nudged") else ""
+    return f"the comparison at --beta {beta!r} failed: {e}{hint}"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import resource
     import time
@@ -239,7 +246,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import ffebm
     from ffebm import models
 
-    from .cli import invoked_as, non_negative_float, positive_int, seed
+    from ffebm.errors import RelaxationDiverged
+
+    from .cli import invoked_as, positive_float, positive_int, seed
 
     prog = invoked_as("train.compare")
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m train.compare", prog),
@@ -249,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--beta", default="0.05", help="EP's beta, or a comma list for a sweep (e.g. 0.5,0.2,0.05,0.02)")
     ap.add_argument("--t1", type=positive_int, default=None, help="free steps (default: the model's)")
     ap.add_argument("--t2", type=positive_int, default=None, help="nudged steps (default: the model's, 20 for digits)")
-    ap.add_argument("--tol", type=non_negative_float, default=None, help="free-phase tolerance (default: the model's)")
+    ap.add_argument("--tol", type=positive_float, default=None, help="free-phase tolerance (default: the model's)")
     ap.add_argument("--reference", choices=["implicit", "unrolled"], default="implicit",
                     help="implicit: the exact gradient at the equilibrium; unrolled: backprop through T2 steps "
                          "from the equilibrium")
@@ -295,6 +304,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error("--gdd takes one --beta and an EP variant in --candidates")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: exists and is not a folder")
 
     torch.manual_seed(args.seed)
     ov = {}
@@ -348,14 +359,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     ref = (ffebm.Implicit(tol=1e-8, max_iter=1000) if args.reference == "implicit"
            else ffebm.Unrolled(steps=t2, from_equilibrium=True))
     loss_fn = nn.CrossEntropyLoss()
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {args.out}: cannot create the folder ({e.strerror or e})")
     last = [name for name, _ in ffebm.energy_blocks(model)][-1]
     t0 = time.perf_counter()
     if args.gdd:
         ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners, form=args.form)
         if args.nudge == "loss":  # its force at s* is the incoming gradient backprop starts from
             ep = ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")})
-        res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
+        try:
+            res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
+        except ValueError as e:
+            ap.error(str(e).splitlines()[0])
+        except RelaxationDiverged as e:
+            ap.error(_diverged(betas[0], e))
         seconds = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(res.table())
@@ -368,6 +387,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
         return
     sweep: Dict[float, dict] = {}
+    beta = betas[0]
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
@@ -381,6 +401,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             sweep[beta] = per
     except ValueError as e:
         ap.error(str(e).splitlines()[0])
+    except RelaxationDiverged as e:
+        ap.error(_diverged(beta, e))
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the free relaxation of the last method's forward (every method relaxes the same free state)

@@ -66,3 +66,22 @@ def test_a_size_the_model_cannot_take_is_refused_with_the_smallest_it_takes(tmp_
         pair = int(re.search(r"\((\d+) at --batch 2 or more\)", line).group(1))
         assert pair < smallest and _takes(name, pair, 2) and not _takes(name, pair - 1, 2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--tol", "0"], "argument --tol: must be > 0, got 0"),
+    (["--out", "{file}"], "--out {file}: exists and is not a folder"),
+    (["--out", "{file}/sub"], "--out {file}/sub: cannot create the folder"),
+    (["--gdd", "--model", "digits_conv", "--form", "difference"],
+     "EP(form='difference') on block 'block1': coupling 0 (ConvCoupling): a max pool with live winners"),
+    (["--beta", "1e-320", "--candidates", "centered"], "the comparison at --beta 1e-320 failed: relaxation of block"),
+    (["--gdd", "--beta", "1e-320"], "the comparison at --beta 1e-320 failed: relaxation of block"),
+])
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys, argv, expect):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    argv = [a.replace("{file}", str(file)) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    line = _refusal(["--batch", "2", "--t1", "3", "--t2", "3", *argv, *out], capsys)
+    assert expect.replace("{file}", str(file)) in line, line
+    assert file.read_text() == ""
