@@ -111,6 +111,11 @@ def gdd_plot(res, path: str) -> None:
     plt.close(fig)
 
 
+#: the names --candidates takes: EP variants, then the other methods
+EP_VARIANTS = ("centered", "positive", "negative", "random")
+CANDIDATES = EP_VARIANTS + ("implicit", "unrolled")
+
+
 def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live", form: str = "ordinary",
                 nudge: str = "delta", last: Optional[str] = None):
     """The candidates named; EP variants with the given options. With ``nudge="loss"`` the EP
@@ -120,7 +125,7 @@ def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "liv
 
     out = []
     for n in names:
-        if n in ("centered", "positive", "negative", "random"):
+        if n in EP_VARIANTS:
             ep = ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners, form=form)
             out.append(ep if nudge == "delta" else ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")}))
         elif n == "implicit":
@@ -128,7 +133,7 @@ def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "liv
         elif n == "unrolled":
             out.append(ffebm.Unrolled(steps=t2, from_equilibrium=True))
         else:
-            raise ValueError(f"--candidates: {n!r} is not one of centered, positive, negative, random, implicit, unrolled")
+            raise ValueError(f"--candidates: {n!r} is not one of {', '.join(CANDIDATES)}")
     return out
 
 
@@ -299,7 +304,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
     if not names:
         ap.error(f"--candidates {args.candidates!r}: name at least one method")
-    variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        ap.error(f"--candidates: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                 f"one of {', '.join(CANDIDATES)}")
+    variants = [n for n in names if n in EP_VARIANTS]
     if args.gdd and (len(betas) != 1 or not variants):
         ap.error("--gdd takes one --beta and an EP variant in --candidates")
     if args.batch < 1:

@@ -70,6 +70,7 @@ def test_a_size_the_model_cannot_take_is_refused_with_the_smallest_it_takes(tmp_
 
 @pytest.mark.parametrize("argv,expect", [
     (["--tol", "0"], "argument --tol: must be > 0, got 0"),
+    (["--gdd", "--candidates", "centered,bogus"], "--candidates: 'bogus' is not one of centered, positive"),
     (["--out", "{file}"], "--out {file}: exists and is not a folder"),
     (["--out", "{file}/sub"], "--out {file}/sub: cannot create the folder"),
     (["--gdd", "--model", "digits_conv", "--form", "difference"],
