@@ -313,6 +313,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error("--gdd takes one --beta and an EP variant in --candidates")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
+    if args.precision and args.double:
+        ap.error(f"--precision {args.precision} relaxes in a lower precision and --double compares in float64: "
+                 "choose one")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         ap.error(f"--out {args.out}: exists and is not a folder")
 

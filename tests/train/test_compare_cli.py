@@ -70,6 +70,8 @@ def test_a_size_the_model_cannot_take_is_refused_with_the_smallest_it_takes(tmp_
 
 @pytest.mark.parametrize("argv,expect", [
     (["--tol", "0"], "argument --tol: must be > 0, got 0"),
+    (["--gdd", "--model", "splitting_small_3block", "--image-size", "16", "--precision", "float16", "--double"],
+     "--precision float16 relaxes in a lower precision and --double compares in float64: choose one"),
     (["--gdd", "--candidates", "centered,bogus"], "--candidates: 'bogus' is not one of centered, positive"),
     (["--out", "{file}"], "--out {file}: exists and is not a folder"),
     (["--out", "{file}/sub"], "--out {file}/sub: cannot create the folder"),
