@@ -239,8 +239,10 @@ def compare_gradients(model: nn.Module, loss_fn: Callable, batch: Sequence[torch
                     prefix = [n for n, mm in model.named_modules() if mm is blk][0]
                     names = [f"{prefix}.couplings.{n}" if prefix else f"couplings.{n}"
                              for n, _ in blk.couplings.named_parameters()]
+                    # a tensor the reference gives no gradient counts as zero there, as in the rows
                     traces[label][bname] = [
-                        {pn: cosine(gp, ref[pn]) for pn, gp in zip(names, gparams) if gp is not None}
+                        {pn: cosine(gp, torch.zeros_like(gp) if ref.get(pn) is None else ref[pn])
+                         for pn, gp in zip(names, gparams) if gp is not None}
                         for (_, gparams) in store[bname]]
     finally:
         for name, blk in blocks:
@@ -317,6 +319,7 @@ class _GDDProbe(GradientMethod):
 
     def __init__(self, ep: EP, mode: Optional[str], names: Dict[int, str], store: Dict[str, dict]):
         self.ep, self.mode, self.names, self.store = ep, mode, names, store
+        self.nudge = ep.nudge  # a forward records the loss cost when the EP nudges by it
 
     def describe(self) -> str:
         return self.ep.describe()
@@ -407,13 +410,17 @@ def compare_gdd(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tenso
                 mode: Optional[str] = None) -> GDDComparison:
     """The step-by-step check of EP against truncated backprop on every energy block of ``model``
     (see :class:`GDDComparison`) on one batch. ``ep``: the EP settings (default ``EP()``; its
-    ``steps`` or each block's nudged step count give T2); ``mode``: run both with "sync" or
+    ``steps`` or each block's nudged step count give T2), or a :class:`PerBlock` of EPs (e.g. the
+    last block nudged by the loss, ``EP(nudge="loss")``: its force at s* is the incoming gradient
+    that backprop starts from, so the two still agree as beta -> 0); ``mode``: run both with "sync" or
     "async" dynamics (default: each block's own). Each block's incoming gradient is the one the
     EP backward of the blocks above it produces (what training sees); EP and backprop get the same
     one. The model's parameters, buffers and gradient methods are restored afterwards."""
     ep = ep if ep is not None else EP()
-    if not isinstance(ep, EP):
-        raise TypeError(f"compare_gdd takes an EP method, got {type(ep).__name__}")
+    eps = [ep.default, *ep.special.values()] if isinstance(ep, PerBlock) else [ep]
+    if not all(isinstance(e, EP) for e in eps):
+        raise TypeError(f"compare_gdd takes an EP method (or a PerBlock of EP methods), got "
+                        f"{', '.join(type(e).__name__ for e in eps)}")
     if mode is not None and mode not in ("sync", "async"):
         raise ValueError(f"mode must be 'sync', 'async' or None, got {mode!r}")
     x, y = batch[0], batch[1]
@@ -426,9 +433,8 @@ def compare_gdd(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tenso
     store: Dict[str, dict] = {}
     rng = torch.get_rng_state()
     try:
-        probe = _GDDProbe(ep, mode, names, store)
-        for _, blk in blocks:
-            blk.gradient = probe
+        for bname, blk in blocks:
+            blk.gradient = _GDDProbe(ep.for_block(bname) if isinstance(ep, PerBlock) else ep, mode, names, store)
         _grads(model, loss_fn, x, y, include_input=False)
     finally:
         for name, blk in blocks:

@@ -62,6 +62,41 @@ def truncated_bptt(model, blk, x, y, k, mode):
     return {"W1": gs[0], "W2": gs[1], "b1": gs[2], "b2": gs[3], "u": gs[4], "s0": gs[5], "s1": gs[6], "s2": gs[7]}
 
 
+def loss_nudged_ep(model, blk, x, y, beta, k):
+    """Centered EP with the loss nudge, written out for the block [6, 7, 4]: k synchronous steps
+    from the equilibrium at +beta and at -beta, the top layer nudged by beta * B * d loss / d s_top
+    (the loss of the model's readout, at the current top state), read out as
+    -(dPhi/d.(s+) - dPhi/d.(s-)) / (2 beta B) for W, b, u and -(s+ - s-) / (2 beta B) for the layers."""
+    with torch.no_grad():
+        model(x)
+        u = blk.input_map(x)
+    s_star = [t.detach() for t in blk.state]
+    W = [c.weight.detach() for c in blk.couplings]
+    b = [c.bias.detach() for c in blk.couplings]
+    a, c = blk.gain, float(x.shape[0])
+    clamp = lambda v: torch.clamp(a * v, 0.0, 1.0)  # noqa: E731
+
+    def force(top):
+        top = top.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model[1](top), y)
+        return torch.autograd.grad(loss, top)[0]
+
+    def phase(bt):
+        s = s_star
+        for _ in range(k):
+            s0, s1, s2 = s
+            s = [clamp(u + s1 @ W[0]), clamp(s0 @ W[0].t() + b[0] + s2 @ W[1]),
+                 clamp(s1 @ W[1].t() + b[1] - bt * c * force(s2))]
+        return s
+
+    p, m = phase(beta), phase(-beta)
+    scale = 1.0 / (2 * beta * c)
+    out = {"W1": p[1].t() @ p[0] - m[1].t() @ m[0], "W2": p[2].t() @ p[1] - m[2].t() @ m[1],
+           "b1": (p[1] - m[1]).sum(0), "b2": (p[2] - m[2]).sum(0), "u": p[0] - m[0]}
+    out.update({f"s{i}": p[i] - m[i] for i in range(3)})
+    return {n: -scale * g for n, g in out.items()}
+
+
 def _by_short(res, block):
     return {res.short(t): rows for t, rows in res.blocks[block].items()}
 
@@ -129,3 +164,59 @@ def test_command_line_gdd(tmp_path, capsys):
     rows = data["blocks"]["block1"]
     first = next(iter(rows.values()))
     assert [r["k"] for r in first] == [1, 2, 3, 4]
+
+
+def test_loss_nudge_matches_written_out_ep_and_truncated_bptt():
+    """EP(nudge="loss") in the step-by-step check: its running estimate is the written-out
+    loss-nudged EP at every k (beta 0.3, where the loss and delta nudges differ), and at a small
+    beta it is the k-step truncated gradient (synchronous dynamics, float64)."""
+    model, blk, x, y = one_block()
+    loss = nn.CrossEntropyLoss()
+    res = ffebm.compare_gdd(model, loss, (x, y), ep=ffebm.EP(0.3, steps=6, nudge="loss"), mode="sync")
+    assert "nudge=loss" in res.method
+    rows = _by_short(res, blk.name)
+    delta = _by_short(ffebm.compare_gdd(model, loss, (x, y), ep=ffebm.EP(0.3, steps=6), mode="sync"), blk.name)
+    moved = 0.0
+    for k in range(1, 7):
+        ep, bp = loss_nudged_ep(model, blk, x, y, 0.3, k), truncated_bptt(model, blk, x, y, k, "sync")
+        for name, g in ep.items():
+            r = rows[name][k - 1]
+            assert r["ep_norm"] == pytest.approx(float(g.norm()), rel=1e-9, abs=1e-15), (k, name)
+            assert r["rel_error"] == pytest.approx(ffebm.compare.rel_error(g, bp[name]), rel=1e-7, abs=1e-12), (k, name)
+            moved = max(moved, abs(r["ep_norm"] - delta[name][k - 1]["ep_norm"]) / max(r["ep_norm"], 1e-30))
+    assert moved > 1e-3   # the loss's curvature entered the nudged phases: not the delta nudge
+    small = _by_short(ffebm.compare_gdd(model, loss, (x, y), ep=ffebm.EP(1e-4, steps=6, nudge="loss"), mode="sync"),
+                      blk.name)
+    for k in (1, 2, 3, 6):
+        for name, g in truncated_bptt(model, blk, x, y, k, "sync").items():
+            if float(g.norm()) > 0:
+                r = small[name][k - 1]
+                assert r["cosine"] > 1 - 1e-8 and r["rel_error"] < 1e-5, (k, name, r)
+
+
+def test_command_line_gdd_with_the_loss_nudge(tmp_path, capsys):
+    """--gdd --nudge loss: the last block nudged by the loss, the others by delta; against truncated
+    backprop (synchronous, float64, small beta) it is as close as the delta nudge is, and the last
+    block's first step is the delta nudge's (the loss's force at s* is the incoming gradient)."""
+    runs = {}
+    for nudge in ("delta", "loss"):
+        out = tmp_path / nudge
+        compare_main(["--gdd", "--nudge", nudge, "--beta", "0.001", "--double", "--t2", "4", "--batch", "4",
+                      "--gdd-mode", "sync", "--out", str(out)])
+        runs[nudge] = json.loads((out / "gdd.json").read_text())
+    assert "block2: EP(beta=0.001, variant=centered, nudge=loss)" in runs["loss"]["method"]
+    assert "nudge=loss" not in runs["delta"]["method"]
+    changed = 0.0
+    for block in ("block1", "block2"):
+        for t, rows in runs["loss"]["blocks"][block].items():
+            ref = runs["delta"]["blocks"][block][t]
+            assert [r["k"] for r in rows] == [1, 2, 3, 4]
+            for r, d in zip(rows, ref):
+                assert abs(r["rel_error"] - d["rel_error"]) < 1e-6 + 1e-3 * d["rel_error"], (block, t, r, d)
+                if r["bptt_norm"] > 0:
+                    assert r["cosine"] > 0.999, (block, t, r)
+                changed = max(changed, abs(r["ep_norm"] - d["ep_norm"]))
+            if block == "block2":   # the last block: the same incoming gradient, the same backprop
+                assert rows[0]["ep_norm"] == pytest.approx(ref[0]["ep_norm"], rel=1e-12, abs=1e-15), t
+                assert [r["bptt_norm"] for r in rows] == pytest.approx([d["bptt_norm"] for d in ref], rel=1e-12), t
+    assert changed > 1e-12   # the loss nudge ran: a fall-back to the delta nudge repeats the delta run exactly

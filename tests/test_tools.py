@@ -113,3 +113,27 @@ def test_bench_analog_inference_rows_small(capsys):
     bench_analog.print_inference(rows)
     out = capsys.readouterr().out
     assert "read model (published defaults)" in out and "no_grad" in out
+
+
+def test_compare_traces_count_a_tensor_without_reference_gradient_as_zero():
+    """Truncated backprop through one asynchronous step gives a 3-layer block's lower coupling no
+    gradient; EP's step-by-step trace then compares with zero there, as the rows do, instead of
+    failing (``--reference unrolled --t2 1`` on the deeper presets)."""
+    import torch
+    import torch.nn as nn
+
+    import ffebm
+
+    torch.manual_seed(0)
+    blk = ffebm.DenseHopfield([5, 6, 7, 4], steps=200, tol=1e-10, nudge_steps=1, mode="async")
+    model = nn.Sequential(blk, nn.Linear(4, 3)).double()
+    x, y = torch.rand(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
+    res = ffebm.compare_gradients(model, nn.CrossEntropyLoss(), (x, y),
+                                  reference=ffebm.Unrolled(steps=1, from_equilibrium=True),
+                                  candidates=[ffebm.EP(0.01, steps=1)], trace=True)
+    (label, per_block), = res.traces.items()
+    (hist,) = per_block.values()
+    rows = {r["param"]: r for r in res.rows if r["method"] == label}
+    assert any(rows[p]["note"] == "no gradient (reference)" for p in hist[-1])
+    for p, c in hist[-1].items():   # the trace's last step is the candidate's gradient
+        assert c == pytest.approx(rows[p]["cosine"], rel=1e-12, abs=1e-12), p

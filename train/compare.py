@@ -111,6 +111,11 @@ def gdd_plot(res, path: str) -> None:
     plt.close(fig)
 
 
+#: the names --candidates takes: EP variants, then the other methods
+EP_VARIANTS = ("centered", "positive", "negative", "random")
+CANDIDATES = EP_VARIANTS + ("implicit", "unrolled")
+
+
 def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "live", form: str = "ordinary",
                 nudge: str = "delta", last: Optional[str] = None):
     """The candidates named; EP variants with the given options. With ``nudge="loss"`` the EP
@@ -120,7 +125,7 @@ def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "liv
 
     out = []
     for n in names:
-        if n in ("centered", "positive", "negative", "random"):
+        if n in EP_VARIANTS:
             ep = ffebm.EP(beta, variant=n, steps=t2, pool_winners=pool_winners, form=form)
             out.append(ep if nudge == "delta" else ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")}))
         elif n == "implicit":
@@ -128,7 +133,7 @@ def _candidates(names: List[str], beta: float, t2: int, pool_winners: str = "liv
         elif n == "unrolled":
             out.append(ffebm.Unrolled(steps=t2, from_equilibrium=True))
         else:
-            raise ValueError(f"--candidates: {n!r} is not one of centered, positive, negative, random, implicit, unrolled")
+            raise ValueError(f"--candidates: {n!r} is not one of {', '.join(CANDIDATES)}")
     return out
 
 
@@ -163,6 +168,82 @@ def beta_sweep_plot(sweep: Dict[float, dict], path: str) -> None:
     plt.close(fig)
 
 
+def shape_problem(name: str, overrides: dict, size: int, batch: int) -> Optional[str]:
+    """Why model ``name`` (built with ``overrides``) cannot take a batch of ``batch`` 3 x size x size
+    images, judged from shapes alone; None if it can. The model is built on the meta device (no
+    memory, no arithmetic) and each energy block's input map (conv, pool, batch norm) is run on a
+    meta batch of the block's input shape: a map too small for a conv, a pool or a coupling, and a
+    batch norm left with one value per channel in training mode, show without a relaxation."""
+    import ffebm
+    from ffebm import models
+
+    try:
+        with torch.device("meta"):
+            model = models.build(name, **dict(overrides, image_size=size))
+            for bname, blk in ffebm.energy_blocks(model):
+                try:
+                    blk.input_map(torch.empty(batch, *blk.in_shape))
+                except (ValueError, RuntimeError) as e:
+                    raise ValueError(f"{bname}'s input map: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        return " ".join(str(e).split())[:200]
+    return None
+
+
+def size_refusal(name: str, overrides: dict, size: int, batch: int, why: str, limit: int = 256) -> str:
+    """The error for an image size model ``name`` cannot take: why, the smallest size it takes at
+    this batch (found by trying the sizes from 1 up, ``shape_problem``), the taken sizes nearest
+    ``size`` (the sizes a model takes need not be an interval: a pool inside a coupling needs an
+    even map) and, at batch 1, the smallest size at batch 2 where that is smaller."""
+    def taken(s: int, b: int = batch) -> bool:
+        return shape_problem(name, overrides, s, b) is None
+
+    msg = f"--image-size {size}: {name} cannot take {size}x{size} images at --batch {batch} ({why})"
+    top = max(limit, 2 * size)
+    smallest = next((s for s in range(1, top + 1) if taken(s)), None)
+    if smallest is None:
+        return msg + f"; it takes no size from 1 to {top}"
+    msg += f"; the smallest size it takes at --batch {batch} is {smallest}"
+    if size > smallest:
+        below = next(s for s in range(size - 1, smallest - 1, -1) if taken(s))
+        above = next((s for s in range(size + 1, top + 1) if taken(s)), None)
+        msg += f", the nearest to {size}: {below}" + (f" and {above}" if above is not None else "")
+    if batch == 1:
+        pair = next((s for s in range(1, smallest) if taken(s, 2)), None)
+        if pair is not None:
+            msg += f" ({pair} at --batch 2 or more)"
+    return msg
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward of ``x`` with every energy block relaxing a single step (it checks that the
+    input fits, not the equilibrium); the blocks' relaxations and the model's buffers (batch-norm
+    statistics) are restored afterwards."""
+    import ffebm
+
+    blocks = [blk for _, blk in ffebm.energy_blocks(model)]
+    saved = [blk.relaxation for blk in blocks]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        for blk in blocks:
+            blk.relaxation = dataclasses.replace(blk.relaxation, steps=1, tol=None)
+        with torch.no_grad():
+            model(x)
+    finally:
+        for blk, r in zip(blocks, saved):
+            blk.relaxation = r
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+
+
+def _diverged(beta: float, e: Exception) -> str:
+    """The error for a relaxation that went non-finite during the comparison at ``beta``."""
+    hint = "; the nudge, or EP's division by beta, overflows at this beta" \
+        if str(getattr(e, "phase", "")).startswith("nudged") else ""
+    return f"the comparison at --beta {beta!r} failed: {e}{hint}"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import resource
     import time
@@ -170,7 +251,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import ffebm
     from ffebm import models
 
-    from .cli import invoked_as, non_negative_float, positive_int, seed
+    from ffebm.errors import RelaxationDiverged
+
+    from .cli import invoked_as, positive_float, positive_int, seed
 
     prog = invoked_as("train.compare")
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m train.compare", prog),
@@ -180,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--beta", default="0.05", help="EP's beta, or a comma list for a sweep (e.g. 0.5,0.2,0.05,0.02)")
     ap.add_argument("--t1", type=positive_int, default=None, help="free steps (default: the model's)")
     ap.add_argument("--t2", type=positive_int, default=None, help="nudged steps (default: the model's, 20 for digits)")
-    ap.add_argument("--tol", type=non_negative_float, default=None, help="free-phase tolerance (default: the model's)")
+    ap.add_argument("--tol", type=positive_float, default=None, help="free-phase tolerance (default: the model's)")
     ap.add_argument("--reference", choices=["implicit", "unrolled"], default="implicit",
                     help="implicit: the exact gradient at the equilibrium; unrolled: backprop through T2 steps "
                          "from the equilibrium")
@@ -195,8 +278,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                          "the free equilibrium (difference: full relative precision in float32; max-pooled blocks "
                          "need --pool-winners free)")
     ap.add_argument("--nudge", choices=["delta", "loss"], default="delta",
-                    help="EP candidates: nudge every block by beta <delta, s_top> (delta), or the last block by beta * "
-                         "loss(readout(s_top), y) and the others by delta (loss, as published)")
+                    help="EP candidates (and --gdd): nudge every block by beta <delta, s_top> (delta), or the last block "
+                         "by beta * loss(readout(s_top), y) and the others by delta (loss, as published)")
     ap.add_argument("--gdd", action="store_true",
                     help="step by step: EP's running estimate after k nudged steps against backprop through the last "
                          "k free steps from the equilibrium, k = 1..T2, per block and layer (gdd.png, gdd.json); uses "
@@ -221,8 +304,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
     if not names:
         ap.error(f"--candidates {args.candidates!r}: name at least one method")
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        ap.error(f"--candidates: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                 f"one of {', '.join(CANDIDATES)}")
+    variants = [n for n in names if n in EP_VARIANTS]
+    if args.gdd and (len(betas) != 1 or not variants):
+        ap.error("--gdd takes one --beta and an EP variant in --candidates")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
+    if args.precision and args.double:
+        ap.error(f"--precision {args.precision} relaxes in a lower precision and --double compares in float64: "
+                 "choose one")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out}: exists and is not a folder")
 
     torch.manual_seed(args.seed)
     ov = {}
@@ -240,6 +335,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             ov["pool_override"] = args.pool
         if args.precision:
             ov["precision"] = args.precision
+        why = shape_problem(args.model, ov, size, args.batch)
+        if why is not None:
+            ap.error(size_refusal(args.model, ov, size, args.batch, why))
         x = torch.rand(args.batch, 3, size, size)
         classes = cfg["num_classes"]
     else:
@@ -264,25 +362,31 @@ def main(argv: Optional[List[str]] = None) -> None:
         model, x = model.double(), x.double()
     y = torch.randint(0, classes, (args.batch,))
     try:
-        with torch.no_grad():
-            model(x[:1])
+        _probe(model, x)
     except (ValueError, RuntimeError) as e:
-        ap.error(f"--image-size {args.image_size}: {args.model} cannot take {tuple(x.shape[1:])} inputs "
+        what = f"--image-size {size}: " if image else ""
+        ap.error(f"{what}{args.model} cannot take a batch of {args.batch} {tuple(x.shape[1:])} inputs "
                  f"({' '.join(str(e).split())[:160]})")
     t2 = args.t2 or (cfg["t2"] if image else 20)
     ref = (ffebm.Implicit(tol=1e-8, max_iter=1000) if args.reference == "implicit"
            else ffebm.Unrolled(steps=t2, from_equilibrium=True))
     loss_fn = nn.CrossEntropyLoss()
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {args.out}: cannot create the folder ({e.strerror or e})")
+    last = [name for name, _ in ffebm.energy_blocks(model)][-1]
     t0 = time.perf_counter()
     if args.gdd:
-        variants = [n for n in names if n in ("centered", "positive", "negative", "random")]
-        if len(betas) != 1 or not variants:
-            ap.error("--gdd takes one --beta and an EP variant in --candidates")
-        if args.nudge != "delta":
-            ap.error("--gdd compares against backprop with the incoming gradient: it takes --nudge delta")
         ep = ffebm.EP(betas[0], variant=variants[0], steps=t2, pool_winners=args.pool_winners, form=args.form)
-        res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
+        if args.nudge == "loss":  # its force at s* is the incoming gradient backprop starts from
+            ep = ffebm.compare.PerBlock(ep, {last: dataclasses.replace(ep, nudge="loss")})
+        try:
+            res = ffebm.compare_gdd(model, loss_fn, (x, y), ep=ep, mode=args.gdd_mode)
+        except ValueError as e:
+            ap.error(str(e).splitlines()[0])
+        except RelaxationDiverged as e:
+            ap.error(_diverged(betas[0], e))
         seconds = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(res.table())
@@ -295,7 +399,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{seconds:.1f} s for the comparison, peak memory {peak_mb:.0f} MB")
         return
     sweep: Dict[float, dict] = {}
-    last = [name for name, _ in ffebm.energy_blocks(model)][-1]
+    beta = betas[0]
     try:
         for beta in betas:
             res = ffebm.compare_gradients(model, loss_fn, (x, y), reference=ref,
@@ -309,6 +413,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             sweep[beta] = per
     except ValueError as e:
         ap.error(str(e).splitlines()[0])
+    except RelaxationDiverged as e:
+        ap.error(_diverged(beta, e))
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the free relaxation of the last method's forward (every method relaxes the same free state)
