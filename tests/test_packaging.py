@@ -46,7 +46,7 @@ def test_one_version_string():
 
 
 def test_the_wheel_carries_the_kernel_source(tmp_path):
-    # the fused read kernels are compiled from read.c on first use: an installed package needs it
+    # the fused CPU kernels are compiled from fused.c on first use: an installed package needs it
     import zipfile
 
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -54,4 +54,4 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("ffebm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "ffebm/analog/kernels/read.c" in names and "ffebm/analog/kernels/__init__.py" in names
+    assert "ffebm/analog/kernels/fused.c" in names and "ffebm/analog/kernels/__init__.py" in names

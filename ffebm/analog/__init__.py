@@ -9,7 +9,7 @@ from .integrate import apply_pulses
 from .pulses import coincidence_counts, pulse_probabilities
 from .device_array import DeviceArray
 from .tile import AnalogTile, find_analog_tiles, is_analog_tile, read_backward, read_forward
-from .kernels import KernelUnavailable, read_kernel, set_read_kernel
+from .kernels import KernelUnavailable, cpu_kernels, set_cpu_kernels
 from .bound_management import read_forward_managed
 from .drift import PCMDriftModel, ProgrammedWeights, drift_compensation_factor
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from .config import UpdateConfig, check_range
 from .devices import DeviceParams, PulsedDevice
 from .integrate import apply_pulses
+from .kernels import bits as _fused_bits, supports as _fused_supports
 from .rng import rand
 
 __all__ = ["pulse_probabilities", "sample_bits", "coincidence_counts", "exact_update",
@@ -93,6 +94,8 @@ def sample_bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generat
     """Bits [B, L, n]: Bernoulli(p) in slots t < bl_b, zero elsewhere. Bool, or, when ``sign``
     ([B, n]) is given, float bits carrying that sign (values in {-1, 0, 1})."""
     B, n = p.shape
+    if sign is not None and _fused_supports(p, generator):  # the fused kernel (ffebm.analog.kernels)
+        return _fused_bits(p, bl, L, generator, sign)
     p3 = p.unsqueeze(1)
     if L > 1 and not bool((bl >= L).all()):
         slot_ok = (torch.arange(L, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)

@@ -43,7 +43,7 @@ import torch
 import ffebm
 from ffebm.analog import (AnalogConfig, AnalogOptimizer, AnalogTile, ChoppedTTv2, ConstantStep, DeviceArray,
                           IOConfig, LinearStep, SoftBounds, UpdateConfig, analog_parameters, digital_parameters,
-                          read_kernel, set_read_kernel, to_analog_energy)
+                          cpu_kernels, set_cpu_kernels, to_analog_energy)
 
 REF_MS = {  # AIHWKit 1.2.0 C++ core, CPU build, 2 threads (published)
     ("ConstantStep", 0.01): 18.5, ("ConstantStep", 0.1): 191.0,
@@ -212,7 +212,7 @@ def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
                 opts.append(AnalogOptimizer(analog_parameters(blk), ChoppedTTv2(), lr=0.01, seed=0))
 
             def step(blk=blk, opts=opts, kind=kind):
-                set_read_kernel("torch" if kind == "torch reads" else None)
+                set_cpu_kernels("torch" if kind == "torch reads" else None)
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 ((blk(x) - t) ** 2).mean().backward()
@@ -223,14 +223,14 @@ def block_rows(repeats: int, dev: torch.device) -> List[Dict[str, object]]:
                     opts[1].step()
                     _sync(dev)
                     update_ms[kind].append((time.perf_counter() - t0) * 1e3)
-                set_read_kernel(None)
+                set_cpu_kernels(None)
 
             steps[kind] = step
         ms = interleaved_ms(steps, repeats, dev, warmup=1)
         d = ms["digital"]
         ratio = {k: statistics.median(a / b for a, b in zip(ms[k], d)) for k in ("analog", "torch reads", "ideal")}
         rows.append({"block": name, "batch": batch, "digital_s": statistics.median(d) / 1e3,
-                     "read_kernel": read_kernel(),
+                     "cpu_kernels": cpu_kernels(),
                      "analog_s": statistics.median(ms["analog"]) / 1e3, "analog_over_digital": ratio["analog"],
                      "torch_reads_s": statistics.median(ms["torch reads"]) / 1e3,
                      "torch_reads_over_digital": ratio["torch reads"],
@@ -269,8 +269,8 @@ def print_blocks(rows: List[Dict[str, object]]) -> None:
         print(f"| {r['block']:<48} | {r['batch']:>5} | {r['digital_s']:>9.3f} | {r['analog_s']:>8.3f} | "
               f"{r['analog_over_digital']:>5.1f}x | {r['torch_reads_s']:>13.3f} | {r['torch_reads_over_digital']:>5.1f}x | "
               f"{r['ideal_reads_s']:>13.3f} | {r['ideal_over_digital']:>5.1f}x | {r['update_s']:>8.3f} |")
-    print(f"(analog: reads through the {rows[0]['read_kernel'] if rows else '?'} path; torch reads: the same tiles "
-          f"read by the torch path, set_read_kernel('torch'))")
+    print(f"(analog: reads through the {rows[0]['cpu_kernels'] if rows else '?'} path; torch reads: the same tiles "
+          f"read by the torch path, set_cpu_kernels('torch'))")
 
 
 def print_table(res: Dict[str, object]) -> None:

@@ -1,23 +1,29 @@
-"""Fused CPU kernels of the analog read model (``read.c``), compiled on first use.
+"""Fused CPU kernels of the analog simulation (``fused.c``), compiled on first use.
 
-A tile read is a matrix product wrapped in a dozen element-wise passes (noise management, DAC,
-output noise, ADC bound and quantisation, scaling back) and one Gaussian draw per output. On the
-CPU those passes and torch's Mersenne-Twister normal draws (about 3.4 ns each) cost two to three
-times the product itself. ``read.c`` does them in two passes (a prologue before the product, an
-epilogue after it) with its own normal draws (a ziggurat on xoshiro256++ streams seeded from
-the tile's ``torch.Generator``, about 1 ns each), so a read is the product plus two passes.
+Reads. A tile read is a matrix product wrapped in a dozen element-wise passes (noise
+management, DAC, output noise, ADC bound and quantisation, scaling back) and one Gaussian draw
+per output. On the CPU those passes and torch's Mersenne-Twister normal draws (about 3.4 ns each)
+cost two to three times the product itself. ``fused.c`` does them in two passes (a prologue
+before the product, an epilogue after it) with its own normal draws (a 256-layer ziggurat on
+xoshiro256++ streams, about 2 ns each).
+
+Pulse bits. The pulsed update draws one uniform number per bit slot, sample and input / output
+(``ffebm.analog.pulses.sample_bits``); the kernel draws them from the same kind of streams and
+writes the signed bits in one pass.
+
+Every draw is seeded from the tile's ``torch.Generator`` (one number of it per call), so seeds,
+checkpoints and resumes work as before, and the numbers do not depend on the thread count.
 
 The C file is compiled with the system's C compiler (``$CC``, else ``cc``) into a per-user cache
 (``$FFEBM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ffebm/kernels``, else ``~/.cache/ffebm/kernels``),
 named by a hash of the source, the flags, the compiler and the machine, and loaded with
 :mod:`ctypes` (no torch headers, so a build takes about a second). Without a working compiler
-the reads stay on the torch path (one warning says why).
+everything stays on the torch path (one warning says why).
 
-Which path reads use: :func:`set_read_kernel` (``"auto"``: fused on the CPU for float32 /
-float64 where the kernel builds; ``"torch"``: never; ``"fused"``: required, an error if it
-cannot be built), or the environment variable ``FFEBM_READ_KERNEL`` with the same values.
-Both paths implement the same read model; their noise streams differ (each is reproducible from
-the tile's seed).
+Which path is used: :func:`set_cpu_kernels` (``"auto"``: fused for CPU float32 / float64 tensors
+where the kernel builds; ``"torch"``: never; ``"fused"``: required, an error if it cannot be
+built), or the environment variable ``FFEBM_CPU_KERNELS`` with the same values. Both paths
+implement the same model; their random streams differ (each is reproducible from its seed).
 """
 from __future__ import annotations
 
@@ -34,10 +40,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["set_read_kernel", "read_kernel", "kernel_library", "KernelUnavailable", "CHOICES"]
+__all__ = ["set_cpu_kernels", "cpu_kernels", "kernel_library", "KernelUnavailable", "CHOICES"]
 
 CHOICES = ("auto", "torch", "fused")
-_SOURCE = Path(__file__).with_name("read.c")
+_SOURCE = Path(__file__).with_name("fused.c")
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing",
           "-fno-trapping-math"]  # no FP traps: compares and selects vectorise
 
@@ -48,19 +54,19 @@ _choice: Optional[str] = None
 
 
 class KernelUnavailable(RuntimeError):
-    """The fused read kernel was required (``"fused"``) but cannot be built or loaded."""
+    """The fused CPU kernels were required (``"fused"``) but cannot be built or loaded."""
 
 
 def _env_choice() -> str:
-    v = os.environ.get("FFEBM_READ_KERNEL", "auto").strip().lower() or "auto"
+    v = os.environ.get("FFEBM_CPU_KERNELS", "auto").strip().lower() or "auto"
     if v not in CHOICES:
-        raise ValueError(f"FFEBM_READ_KERNEL={v!r} is not one of {', '.join(CHOICES)}")
+        raise ValueError(f"FFEBM_CPU_KERNELS={v!r} is not one of {', '.join(CHOICES)}")
     return v
 
 
-def set_read_kernel(choice: Optional[str]) -> None:
-    """Choose the CPU read path: ``"auto"`` (default), ``"torch"`` or ``"fused"`` (see the module
-    docstring); None: back to ``$FFEBM_READ_KERNEL`` (``"auto"`` when unset). ``"fused"`` builds
+def set_cpu_kernels(choice: Optional[str]) -> None:
+    """Choose the CPU path of reads and pulse bits: ``"auto"`` (default), ``"torch"`` or ``"fused"`` (see the module
+    docstring); None: back to ``$FFEBM_CPU_KERNELS`` (``"auto"`` when unset). ``"fused"`` builds
     the kernel now and raises :class:`KernelUnavailable` if it cannot."""
     global _choice
     if choice is None:
@@ -69,19 +75,19 @@ def set_read_kernel(choice: Optional[str]) -> None:
     if choice not in CHOICES:
         raise ValueError(f"read kernel {choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "fused" and kernel_library() is None:
-        raise KernelUnavailable(f"the fused read kernel cannot be used: {_failure}")
+        raise KernelUnavailable(f"the fused CPU kernels cannot be used: {_failure}")
     _choice = choice
 
 
-def read_kernel() -> str:
-    """The path CPU reads take now: ``"fused"`` or ``"torch"``."""
+def cpu_kernels() -> str:
+    """The path CPU reads and pulse bits take now: ``"fused"`` or ``"torch"``."""
     choice = _choice if _choice is not None else _env_choice()
     if choice == "torch":
         return "torch"
     if kernel_library() is not None:
         return "fused"
     if choice == "fused":
-        raise KernelUnavailable(f"FFEBM_READ_KERNEL=fused but the kernel cannot be used: {_failure}")
+        raise KernelUnavailable(f"FFEBM_CPU_KERNELS=fused but the fused CPU kernels cannot be used: {_failure}")
     return "torch"
 
 
@@ -106,7 +112,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version + platform.machine().encode()
                          + platform.platform().encode() + sys.version.encode()).hexdigest()[:16]
     folder = _cache_dir()
-    target = folder / f"read-{key}.so"
+    target = folder / f"fused-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, d, d, i, i, i, i], None
         f = getattr(lib, f"ffebm_epilogue_{sfx}")
         f.argtypes, f.restype = [p, p, i64, i64, i64, d, u64, d, d, d, p, i], i64
+        f = getattr(lib, f"ffebm_bits_{sfx}")
+        f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, u64, i], None
 
 
 def kernel_library() -> Optional[ctypes.CDLL]:
@@ -158,8 +166,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         except Exception as e:  # any failure leaves the torch path in place
             _failure = str(e) or type(e).__name__
             if (_choice or _env_choice()) != "torch":
-                warnings.warn(f"ffebm: the fused analog read kernel is unavailable, reads use the torch "
-                              f"path ({_failure})", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"ffebm: the fused analog CPU kernels are unavailable, reads and pulses use "
+                              f"the torch path ({_failure})", RuntimeWarning, stacklevel=2)
     return _lib
 
 
@@ -167,6 +175,7 @@ def _reset_for_tests() -> None:
     """Forget the loaded library and any failure (tests of the build and the fallback)."""
     global _lib, _failure, _choice
     _lib, _failure, _choice = None, None, None
+    _FNS.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,14 +185,35 @@ import torch  # noqa: E402  (below the build machinery, which does not need it)
 from torch import Tensor  # noqa: E402
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits) of the loaded library
+
+
+def _functions(dtype: torch.dtype):
+    fns = _FNS.get(dtype)
+    if fns is None:
+        sfx = _SUFFIX[dtype]
+        fns = _FNS[dtype] = tuple(getattr(_lib, f"ffebm_{k}_{sfx}")
+                                  for k in ("prologue", "epilogue", "randn", "bits"))
+    return fns
+
+
+def _fused_enabled() -> bool:
+    # the hot check of every read: the environment's plain values and a loaded library decide
+    # without the normalisation and build of cpu_kernels()
+    c = _choice if _choice is not None else os.environ.get("FFEBM_CPU_KERNELS", "auto")
+    if c == "torch":
+        return False
+    if _lib is not None and c in CHOICES:
+        return True
+    return cpu_kernels() == "fused"
 
 
 def supports(t: Tensor, generator: Optional[torch.Generator] = None) -> bool:
     """Whether a read of ``t`` may take the fused path now: a CPU float32 / float64 tensor, a CPU
-    generator (or none), the path chosen (:func:`read_kernel`) and the library loaded."""
+    generator (or none), the path chosen (:func:`cpu_kernels`) and the library loaded."""
     return (t.device.type == "cpu" and t.dtype in _SUFFIX
             and (generator is None or generator.device.type == "cpu")
-            and read_kernel() == "fused")
+            and _fused_enabled())
 
 
 def draw_seed(generator: Optional[torch.Generator]) -> int:
@@ -192,19 +222,11 @@ def draw_seed(generator: Optional[torch.Generator]) -> int:
     return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator))
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
-def _ptr(t: Tensor) -> int:
-    return t.data_ptr()
-
-
 def randn(shape, generator: Optional[torch.Generator], like: Tensor, std: float = 1.0) -> Tensor:
     """``N(0, std^2)`` draws of ``shape`` (ziggurat), seeded from ``generator``."""
     out = torch.empty(shape, dtype=like.dtype, device="cpu")
-    fn = getattr(_lib, f"ffebm_randn_{_SUFFIX[like.dtype]}")
-    fn(_ptr(out), out.numel(), draw_seed(generator), float(std), _threads())
+    _functions(like.dtype)[2](out.data_ptr(), out.numel(), draw_seed(generator), float(std),
+                              torch.get_num_threads())
     return out
 
 
@@ -213,13 +235,12 @@ def prologue(x3: Tensor, step: float, bound: float, absmax: bool, quant: bool):
     the noise-management scale, ``q = round(clamp(x (1 / alpha) / step, +-bound / step))``."""
     B, F, L = x3.shape
     q = torch.empty_like(x3)
-    alpha = torch.empty(B, L, dtype=x3.dtype)
-    rinv = torch.empty(B, L, dtype=x3.dtype)
-    clamp = bound > 0 and bound != float("inf")
-    fn = getattr(_lib, f"ffebm_prologue_{_SUFFIX[x3.dtype]}")
-    fn(_ptr(x3), _ptr(q), _ptr(alpha), _ptr(rinv), B, F, L, float(step), float(bound) if clamp else 0.0,
-       int(absmax), int(clamp), int(quant), _threads())
-    return q, alpha
+    ar = torch.empty(2, B, L, dtype=x3.dtype)  # alpha and (1 / alpha) / step
+    clamp = 0.0 < bound < float("inf")
+    _functions(x3.dtype)[0](x3.data_ptr(), q.data_ptr(), ar[0].data_ptr(), ar[1].data_ptr(), B, F, L,
+                            float(step), float(bound) if clamp else 0.0, int(absmax), int(clamp), int(quant),
+                            torch.get_num_threads())
+    return q, ar[0]
 
 
 def epilogue(y3: Tensor, alpha: Tensor, std: float, generator: Optional[torch.Generator],
@@ -230,9 +251,22 @@ def epilogue(y3: Tensor, alpha: Tensor, std: float, generator: Optional[torch.Ge
     when none did (or ``want_clipped`` is False)."""
     B, F, L = y3.shape
     mask = torch.empty(B, L, dtype=torch.uint8) if want_clipped else None
-    seed = draw_seed(generator) if std > 0 else 0
-    fn = getattr(_lib, f"ffebm_epilogue_{_SUFFIX[y3.dtype]}")
-    n = fn(_ptr(y3), _ptr(alpha), B, F, L, float(std), seed,
-           float(bound) if bound != float("inf") else 0.0, float(qscale), float(unit),
-           _ptr(mask) if mask is not None else None, _threads())
+    n = _functions(y3.dtype)[1](y3.data_ptr(), alpha.data_ptr(), B, F, L, float(std),
+                                draw_seed(generator) if std > 0 else 0,
+                                float(bound) if bound != float("inf") else 0.0, float(qscale), float(unit),
+                                mask.data_ptr() if mask is not None else None, torch.get_num_threads())
     return mask.bool() if (mask is not None and n > 0) else None
+
+
+def bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator], sign: Optional[Tensor]) -> Tensor:
+    """Pulse bits [B, L, n] of :func:`ffebm.analog.pulses.sample_bits`: ``sign`` ([B, n], or 1)
+    where a uniform draw is below ``p`` [B, n] in the slots ``t < bl[b]``, 0 elsewhere; in
+    ``p``'s dtype."""
+    B, n = p.shape
+    p = p.contiguous()
+    s = sign.to(p.dtype).contiguous() if sign is not None else None
+    bl = bl.to(torch.int64).contiguous()
+    out = torch.empty(B, L, n, dtype=p.dtype)
+    _functions(p.dtype)[3](p.data_ptr(), s.data_ptr() if s is not None else None, bl.data_ptr(), out.data_ptr(),
+                           B, L, n, draw_seed(generator), torch.get_num_threads())
+    return out

@@ -1,6 +1,6 @@
-"""The fused CPU read kernels (ffebm/analog/kernels): the same read model as the torch path,
-their own normal draws checked for distribution, independence and reproducibility, and a
-clear fallback when no compiler is there."""
+"""The fused CPU kernels (ffebm/analog/kernels): the same read model as the torch path, their
+own normal draws and pulse bits checked for distribution, independence and reproducibility, and
+a clear fallback when no compiler is there."""
 import math
 import os
 import subprocess
@@ -12,6 +12,8 @@ import torch
 
 from ffebm.analog import kernels
 from ffebm.analog.config import IOConfig
+from ffebm.analog.pulses import coincidence_counts, sample_bits
+from ffebm.analog.config import UpdateConfig
 from ffebm.analog.tile import read_backward, read_forward
 
 # Without any C compiler the kernel cannot exist (reads take the torch path, checked by the
@@ -23,11 +25,11 @@ needs_kernel = pytest.mark.skipif(kernels._compiler() is None, reason="no C comp
 def path():
     """Run a read on a chosen path, restoring the choice afterwards."""
     def run(choice, fn, *a, **kw):
-        kernels.set_read_kernel(choice)
+        kernels.set_cpu_kernels(choice)
         try:
             return fn(*a, **kw)
         finally:
-            kernels.set_read_kernel(None)
+            kernels.set_cpu_kernels(None)
     return run
 
 
@@ -84,11 +86,11 @@ def _noise(n_rows, out, seed, columns=False, io=None):
     g = torch.Generator().manual_seed(seed)
     W = torch.zeros(out, 6)
     x = torch.ones(n_rows, 6, 5) if columns else torch.ones(n_rows, 6)
-    kernels.set_read_kernel("fused")
+    kernels.set_cpu_kernels("fused")
     try:
         return read_forward(W, x, io, g, columns)
     finally:
-        kernels.set_read_kernel(None)
+        kernels.set_cpu_kernels(None)
 
 
 def _normal_cdf(z):
@@ -122,12 +124,12 @@ def test_noise_is_independent_across_outputs_vectors_and_reads():
     assert torch.equal(a, b)  # same seed, same numbers
     g = torch.Generator().manual_seed(2)
     io = IOConfig(out_noise=1.0, inp_res=0.0, out_res=0.0, out_bound=float("inf"))
-    kernels.set_read_kernel("fused")
+    kernels.set_cpu_kernels("fused")
     try:
         r1 = read_forward(torch.zeros(64, 6), torch.ones(2000, 6), io, g).double()
         r2 = read_forward(torch.zeros(64, 6), torch.ones(2000, 6), io, g).double()  # next read
     finally:
-        kernels.set_read_kernel(None)
+        kernels.set_cpu_kernels(None)
     n = r1.numel()
     lim = 5 / math.sqrt(n)
 
@@ -149,7 +151,7 @@ def test_noise_does_not_depend_on_the_thread_count():
         from ffebm.analog.config import IOConfig
         from ffebm.analog.tile import read_forward
         torch.set_num_threads(int(sys.argv[1]))
-        kernels.set_read_kernel("fused")
+        kernels.set_cpu_kernels("fused")
         g = torch.Generator().manual_seed(3)
         y = read_forward(torch.rand(64, 300, generator=g), torch.rand(3000, 300, generator=g), IOConfig(), g)
         torch.save(y, sys.argv[2])
@@ -193,21 +195,21 @@ def test_noisy_reads_match_the_torch_path_in_distribution(path):
 @needs_kernel
 def test_read_kernel_choice_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="not one of"):
-        kernels.set_read_kernel("fast")
-    monkeypatch.setenv("FFEBM_READ_KERNEL", "torch")
-    assert kernels.read_kernel() == "torch"
-    monkeypatch.setenv("FFEBM_READ_KERNEL", "bogus")
-    with pytest.raises(ValueError, match="FFEBM_READ_KERNEL"):
-        kernels.read_kernel()
-    monkeypatch.setenv("FFEBM_READ_KERNEL", "auto")
-    assert kernels.read_kernel() == "fused"
+        kernels.set_cpu_kernels("fast")
+    monkeypatch.setenv("FFEBM_CPU_KERNELS", "torch")
+    assert kernels.cpu_kernels() == "torch"
+    monkeypatch.setenv("FFEBM_CPU_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="FFEBM_CPU_KERNELS"):
+        kernels.cpu_kernels()
+    monkeypatch.setenv("FFEBM_CPU_KERNELS", "auto")
+    assert kernels.cpu_kernels() == "fused"
     # CPU float32 / float64 only
     assert kernels.supports(torch.rand(2, 3)) and not kernels.supports(torch.rand(2, 3, dtype=torch.bfloat16))
-    kernels.set_read_kernel("torch")
+    kernels.set_cpu_kernels("torch")
     try:
-        assert kernels.read_kernel() == "torch" and not kernels.supports(torch.rand(2, 3))
+        assert kernels.cpu_kernels() == "torch" and not kernels.supports(torch.rand(2, 3))
     finally:
-        kernels.set_read_kernel(None)
+        kernels.set_cpu_kernels(None)
 
 
 def test_without_a_compiler_reads_fall_back_with_one_warning(tmp_path):
@@ -220,11 +222,11 @@ def test_without_a_compiler_reads_fall_back_with_one_warning(tmp_path):
             warnings.simplefilter("always")
             y = read_forward(torch.rand(4, 8), torch.rand(3, 8), IOConfig())
             y = read_forward(torch.rand(4, 8), torch.rand(3, 8), IOConfig())
-        msgs = [str(m.message) for m in w if "fused analog read kernel" in str(m.message)]
+        msgs = [str(m.message) for m in w if "fused analog CPU kernels" in str(m.message)]
         assert len(msgs) == 1 and "no C compiler" in msgs[0], msgs
-        assert kernels.read_kernel() == "torch" and y.shape == (3, 4)
+        assert kernels.cpu_kernels() == "torch" and y.shape == (3, 4)
         try:
-            kernels.set_read_kernel("fused")
+            kernels.set_cpu_kernels("fused")
         except kernels.KernelUnavailable as e:
             assert "no C compiler" in str(e)
         else:
@@ -232,7 +234,7 @@ def test_without_a_compiler_reads_fall_back_with_one_warning(tmp_path):
         print("ok")
     """)
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), FFEBM_KERNEL_CACHE=str(tmp_path / "cache"))
-    env.pop("FFEBM_READ_KERNEL", None)
+    env.pop("FFEBM_CPU_KERNELS", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
@@ -245,7 +247,7 @@ def test_a_broken_compiler_is_reported(tmp_path):
         import os
         from ffebm.analog import kernels
         try:
-            kernels.set_read_kernel("fused")
+            kernels.set_cpu_kernels("fused")
         except kernels.KernelUnavailable as e:
             assert "something broke" in str(e), e
             assert not [f for f in os.listdir(os.environ["FFEBM_KERNEL_CACHE"]) if f.endswith(".so")]
@@ -254,3 +256,58 @@ def test_a_broken_compiler_is_reported(tmp_path):
     env = dict(os.environ, CC=str(cc), FFEBM_KERNEL_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pulse_bits_have_the_asked_probabilities_signs_and_lengths(path, dtype):
+    g = torch.Generator().manual_seed(7)
+    B, n, L = 3000, 40, 6
+    p = torch.rand(B, n, generator=g, dtype=dtype)
+    p[:, 0] = 0.0
+    p[:, 1] = 1.0
+    bl = torch.randint(1, L + 1, (B,), generator=g)
+    sign = torch.sign(torch.randn(B, n, generator=g, dtype=dtype))
+    bits = path("fused", sample_bits, p, bl, L, g, sign)
+    assert bits.shape == (B, L, n) and bits.dtype == dtype
+    slot = torch.arange(L).view(1, L, 1)
+    assert (bits[(slot >= bl.view(B, 1, 1)).expand(B, L, n)] == 0).all()  # nothing beyond BL
+    fired = bits != 0
+    assert torch.equal(bits[fired], sign.unsqueeze(1).expand(B, L, n)[fired])  # the sign of x / d
+    assert not fired[:, :, 0].any()  # p = 0 never fires, p = 1 always does (within BL)
+    assert fired[:, :, 1].sum() == bl.sum()
+    # per element: fired / BL estimates p; z-scores over all elements stay small
+    k = fired.sum(1).to(torch.float64)
+    m = bl.to(torch.float64).unsqueeze(1)
+    pd = p.to(torch.float64)
+    z = (k.sum(0) - (m * pd).sum(0)) / torch.sqrt((m * pd * (1 - pd)).sum(0)).clamp_min(1e-12)
+    assert z[2:].abs().max() < 5, z
+    # slots and samples independent: neighbouring slots' bits do not correlate beyond chance
+    a, b = fired[:, 0, 2:].double().flatten(), fired[:, 1, 2:].double().flatten()
+    keep = (bl >= 2).repeat_interleave(n - 2)
+    a, b = a[keep], b[keep]
+    pk = p[:, 2:].double().flatten()[keep]
+    cov = ((a - pk) * (b - pk)).mean()
+    assert abs(float(cov)) < 5 * float(torch.sqrt((pk * (1 - pk)) ** 2).mean().sqrt()) / math.sqrt(a.numel())
+
+
+@needs_kernel
+def test_fused_pulse_counts_match_the_torch_path_in_distribution(path):
+    # the fast pulsed update's coincidence counts: same mean and spread per device on both paths
+    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(9)
+    x = torch.rand(16, 12, generator=g1)
+    d = torch.randn(16, 10, generator=g1) * 0.05
+    cfg = UpdateConfig()
+    runs = {}
+    for choice, g in (("torch", g1), ("fused", g2)):
+        ups, downs = [], []
+        for _ in range(400):
+            up, down, _ = path(choice, coincidence_counts, x, d, 0.1, cfg, 0.001, g)
+            ups.append(up)
+            downs.append(down)
+        runs[choice] = (torch.stack(ups).double(), torch.stack(downs).double())
+    for k in range(2):
+        a, b = runs["torch"][k], runs["fused"][k]
+        se = torch.sqrt((a.var(0) + b.var(0)) / a.shape[0]).clamp_min(1e-3)
+        assert ((a.mean(0) - b.mean(0)).abs() / se).max() < 5
+        assert (a.mean(0) - b.mean(0)).abs().mean() < 0.05 * a.mean(0).abs().mean() + 1e-3

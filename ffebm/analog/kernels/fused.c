@@ -146,13 +146,19 @@ static inline void normals_f32(rng_t *r, rng_t *slow, float *restrict out, int64
         any |= rej[j];
         out[j] = (w[j] & 0x100) ? -z : z;
     }
-    if (any)
-        for (int64_t j = 0; j < n; ++j)
+    if (!any) return;
+    for (int64_t j0 = 0; j0 < n; j0 += 8) { /* eight flags at a time: most groups have none */
+        const int64_t j1 = j0 + 8 < n ? j0 + 8 : n;
+        int32_t group = 0;
+        for (int64_t j = j0; j < j1; ++j) group |= rej[j];
+        if (!group) continue;
+        for (int64_t j = j0; j < j1; ++j)
             if (rej[j]) {
                 uint32_t i = w[j] & 0xFF;
                 double z = (double)(int32_t)(w[j] >> 9) * (1.0 / 8388608.0) * zig_x[i];
                 out[j] = (float)normal_slow(slow, (int)i, z, (w[j] & 0x100) ? -1.0 : 1.0);
             }
+    }
 }
 
 static inline void normals_f64(rng_t *r, rng_t *slow, double *restrict out, int64_t n) {
@@ -341,6 +347,44 @@ CLONES int64_t ffebm_epilogue_##SFX(T *restrict y, const T *restrict alpha, int6
         }                                                                                         \
     }                                                                                             \
     return n_clipped;                                                                             \
+}                                                                                                  \
+/* signed pulse bits [B, L, n]: out = sign (1 when sign is NULL) where a uniform draw is below p    \
+ * [B, n] in slots t < bl[b], 0 elsewhere (24-bit uniforms, as torch's float32 ones); the draws of \
+ * sample b are the stream (seed, b) */                                                           \
+CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const int64_t *restrict bl, \
+                             T *restrict out, int64_t B, int64_t L, int64_t n, uint64_t seed,     \
+                             int nthreads) {                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
+    for (int64_t b = 0; b < B; ++b) {                                                             \
+        rng_t r;                                                                                  \
+        seed_block(&r, seed ^ 0x9E6C63D0676A9A99ULL, (uint64_t)b);                               \
+        uint32_t w[CHUNK + 1];                                                                    \
+        const T *restrict pb = p + b * n;                                                         \
+        const T *restrict sb = sign ? sign + b * n : NULL;                                        \
+        for (int64_t t = 0; t < L; ++t) {                                                         \
+            T *restrict ot = out + (b * L + t) * n;                                               \
+            if (t >= bl[b]) {                                                                     \
+                for (int64_t j = 0; j < n; ++j) ot[j] = (T)0;                                     \
+                continue;                                                                         \
+            }                                                                                     \
+            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {                                           \
+                const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;                                \
+                for (int64_t j = 0; j < m; j += 2) {                                              \
+                    uint64_t u = next_u64(&r);                                                    \
+                    w[j] = (uint32_t)u;                                                           \
+                    w[j + 1] = (uint32_t)(u >> 32);                                               \
+                }                                                                                 \
+                if (sb)                                                                           \
+                    for (int64_t j = 0; j < m; ++j)                                               \
+                        ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pb[j0 + j]) \
+                                     ? sb[j0 + j] : (T)0;                                         \
+                else                                                                              \
+                    for (int64_t j = 0; j < m; ++j)                                               \
+                        ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pb[j0 + j]) \
+                                     ? (T)1 : (T)0;                                               \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
 }
 
 GEN(float, int32_t, 0x7FFFFFFF, f32, round_f32, round_small_f32, normals_f32)
