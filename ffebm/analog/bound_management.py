@@ -38,7 +38,6 @@ from torch import Tensor
 
 from .config import IOConfig
 from .rng import randn
-from .kernels import supports as _fused_supports
 from .tile import dac, noise_management_scale, read_forward
 
 __all__ = ["read_forward_managed", "has_lazy_bound_management"]
@@ -58,8 +57,7 @@ def read_forward_managed(W: Tensor, x: Tensor, io: Optional[IOConfig] = None,
     distribution as :func:`~ffebm.analog.tile.read_forward` (without noise the same numbers up to
     rounding ties of the quantisers), bound management evaluated lazily (see the module docstring)."""
     io = io if io is not None else IOConfig()
-    if not has_lazy_bound_management(io) or _fused_supports(x, generator):
-        # the fused CPU kernels flag the clipped vectors in the read's own pass: faster still
+    if not has_lazy_bound_management(io):
         return read_forward(W, x, io, generator)
     if x.shape[-1] != W.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the matrix expects {W.shape[1]}")

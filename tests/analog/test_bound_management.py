@@ -9,21 +9,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import ffebm.analog.inference_layers as inference_layers
-from ffebm.analog import (InferenceConfig, InferenceLinear, IOConfig, kernels, read_forward, read_forward_managed,
-                          set_cpu_kernels)
+from ffebm.analog import InferenceConfig, InferenceLinear, IOConfig, read_forward, read_forward_managed
 from ffebm.analog.bound_management import has_lazy_bound_management
 from ffebm.analog.tile import adc, dac, noise_management_scale
-
-
-@pytest.fixture(autouse=True)
-def torch_path():
-    """These tests are about the lazy torch path: with the fused CPU kernels available,
-    read_forward_managed hands CPU reads to them (tests/analog/test_cpu_kernels.py), so the torch
-    path is chosen here; test_managed_reads_take_the_fused_kernels_when_available checks the
-    hand-over."""
-    set_cpu_kernels("torch")
-    yield
-    set_cpu_kernels(None)
 
 
 def reference_read(W, x, io):
@@ -217,27 +205,3 @@ def test_inference_layer_reads_as_with_the_reference_read(cfg, monkeypatch):
     y_ref = layer(x)
     gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), (x, layer.weight))
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
-
-
-@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
-def test_managed_reads_take_the_fused_kernels_when_available():
-    # same numbers as the fused tile read (same seed), which flags clipped vectors in its own pass;
-    # and without noise, the same numbers as the lazy torch path
-    set_cpu_kernels("fused")
-    W = torch.randn(16, 32) * 0.5
-    x = torch.rand(50, 32) * 3
-    io = IOConfig()
-    a = read_forward_managed(W, x, io, torch.Generator().manual_seed(1))
-    b = read_forward(W, x, io, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    quiet = IOConfig(out_noise=0.0, out_bound=2.0)  # clips: bound management at work
-    W, x = W.double(), x.double()
-    fused = read_forward_managed(W, x, quiet)
-    set_cpu_kernels("torch")
-    lazy = read_forward_managed(W, x, quiet)
-    # the tile's read works in DAC units: ties of a quantiser may round to the neighbouring
-    # level at their scale (as in the test above), every other output agrees
-    unit = noise_management_scale(x, quiet) * quiet.out_res * 2 * quiet.out_bound
-    levels = (fused - lazy).abs() / unit
-    assert float((levels > 1e-9).float().mean()) < 0.02
-    assert float(levels.max()) <= 2 ** int(math.log2(quiet.max_bm_factor)) + 1e-9
