@@ -23,6 +23,7 @@ from .errors import (AdjointNotConverged, ConvergenceWarning, FunctorchUnsupport
                      DifferenceFormUnsupported, RelaxationDiverged, UnsupportedGradient)
 from .gradients import EP, BackwardStats, BlockCall, GradientMethod, GradientResult, Implicit, Unrolled
 from .gradients.loss_nudge import loss_nudge
+from .warm_start import WarmStarts, warm_start
 from .solvers import STEPPERS, Relaxation, SolveStats, relax
 from .utils import block_stats, energy_blocks, set_acceleration, set_gradient, set_precision
 
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EnergyBlock", "DenseHopfield", "ConvHopfield",
     "Coupling", "DenseCoupling", "ConvCoupling", "SoftPool2d",
-    "EP", "loss_nudge", "Implicit", "Unrolled", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult",
+    "EP", "loss_nudge", "WarmStarts", "warm_start", "Implicit", "Unrolled", "GradientMethod", "BlockCall", "BackwardStats", "GradientResult",
     "Relaxation", "SolveStats", "relax", "STEPPERS",
     "RelaxationDiverged", "NotConverged", "ConvergenceWarning", "AdjointNotConverged",
     "NotTwiceDifferentiable", "FunctorchUnsupported", "UnsupportedGradient", "DifferenceFormUnsupported",

@@ -58,7 +58,7 @@ def _edges(params: Sequence[torch.Tensor]) -> list:
 class _Equilibrium(torch.autograd.Function):
     @staticmethod
     def forward(block, u: torch.Tensor, holder: dict, *params: torch.Tensor):  # type: ignore[override]
-        states, stats = block.solve(u.detach())
+        states, stats = block.solve(u.detach(), states=holder["init"])
         holder["stats"] = stats
         holder["states"] = states
         return states[-1].clone()
@@ -152,12 +152,13 @@ def _refuse_double_backward(block, method, ctx, delta) -> tuple:
     return out
 
 
-def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor]):
+def equilibrium(block, u: torch.Tensor, params: Sequence[torch.Tensor], init=None):
     """Top-layer equilibrium state of ``block`` driven by ``u``, differentiable by its method.
+    ``init``: the states the free relaxation starts from (None: the block's own start).
 
     Returns ``(top, states, stats)``: the differentiable top layer, and this call's free
     equilibrium and :class:`SolveStats` (detached, for inspection)."""
-    holder: dict = {"slots": parameter_slots(block)}
+    holder: dict = {"slots": parameter_slots(block), "init": init}
     top = _Equilibrium.apply(block, u, holder, *params)
     return top, holder["states"], holder["stats"]
 

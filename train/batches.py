@@ -94,11 +94,17 @@ class TrainBatches:
             raise UserError(f"training set of {len(dataset)} samples is smaller than one batch of {global_batch}")
 
     def epoch(self, epoch: int, start_step: int = 0):
+        """``(step, images, labels)`` of this rank's batches of ``epoch`` from ``start_step``."""
+        for step, _, x, y in self.indexed_epoch(epoch, start_step):
+            yield step, x, y
+
+    def indexed_epoch(self, epoch: int, start_step: int = 0):
+        """``(step, indices, images, labels)``: also the samples' indices in the data set."""
         self.sampler.set_epoch(epoch)
         idx = torch.tensor(list(self.sampler), dtype=torch.long)
         for step in range(start_step, self.steps_per_epoch):
             sel = idx[step * self.batch:(step + 1) * self.batch]
-            yield step, self.dataset.images[sel], self.dataset.labels[sel]
+            yield step, sel, self.dataset.images[sel], self.dataset.labels[sel]
 
 
 def shard_test_set(dataset: ArrayDataset, world: int, rank: int) -> ArrayDataset:

@@ -45,7 +45,7 @@ class TrainConfig:
     model_dtype: Optional[str] = None  # passed to the builder as dtype= (e.g. float32, float64)
     precision: str = "float32"       # energy blocks' relaxation: float32, or bfloat16 (free and nudged steps under
                                      # bf16 autocast, full-precision polish steps, read-out and digital layers)
-    relax_start: str = "zeros"       # where free relaxations start: zeros | feedforward (one bottom-up pass)
+    relax_start: str = "zeros"       # where free relaxations start: zeros | feedforward (one bottom-up pass) | previous (each training sample's last free equilibrium)
     overrelax: float = 1.0           # free relaxations: projected over-relaxation omega in (0, 2) (1: plain steps)
     anderson: int = 0                # free relaxations: Anderson mixing over this many sweeps (0: off; >= 2)
     model_options: str = ""          # extra builder keywords, "k=v,k2=v2" (e.g. "tol=none,hidden=128")
@@ -136,7 +136,7 @@ CHOICES: Dict[str, tuple] = {
     "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet32", "fake"),
     "grad_check_reference": ("implicit", "unrolled"),
     "precision": ("float32", "bfloat16"),
-    "relax_start": ("zeros", "feedforward"),
+    "relax_start": ("zeros", "feedforward", "previous"),
     "memory_format": ("auto", "channels_last", "contiguous"),
 }
 

@@ -16,6 +16,8 @@ models on analog tiles.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 import ffebm
 from ffebm import RelaxationDiverged
 from ffebm.errors import NonFiniteInput
+from ffebm.warm_start import WarmStartTooLarge
 from ffebm.couplings import ConvCoupling
 
 from . import checkpoint as ckpt_mod
@@ -61,8 +64,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
         except DifferenceFormUnsupported as e:
             raise ConfigError(" ".join(str(e).split())) from None
     ffebm.set_precision(model, PRECISIONS[cfg.precision])
-    if (cfg.relax_start, cfg.overrelax, cfg.anderson) != ("zeros", 1.0, 0):
-        ffebm.set_acceleration(model, init=cfg.relax_start, overrelax=cfg.overrelax, anderson=cfg.anderson)
+    # relax_start=previous: the trainer's warm starts (ffebm.warm_start); unseen samples start from zeros
+    init = "zeros" if cfg.relax_start == "previous" else cfg.relax_start
+    if (init, cfg.overrelax, cfg.anderson) != ("zeros", 1.0, 0):
+        ffebm.set_acceleration(model, init=init, overrelax=cfg.overrelax, anderson=cfg.anderson)
     if channels_last_wanted(model, cfg, device):
         model.to(memory_format=torch.channels_last)
         return torch.channels_last
@@ -74,8 +79,8 @@ def loss_of(t, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, label_smoothing=t.cfg.label_smoothing)
 
 
-def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Generator]
-               ) -> Tuple[float, int, int, Dict[str, Tuple[float, float]]]:
+def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Generator],
+               indices: Optional[torch.Tensor] = None) -> Tuple[float, int, int, Dict[str, Tuple[float, float]]]:
     """One optimiser step of trainer ``t`` on the stored batch ``(xb, yb)``: preprocessing
     (augmentation with ``gen``, scaling, memory format), forward (every block's free relaxation),
     loss, backward (the blocks' gradient methods), the checks that stop a run in words (diverged
@@ -89,14 +94,19 @@ def train_step(t, xb: torch.Tensor, yb: torch.Tensor, gen: Optional[torch.Genera
     t.model.train()
     problem = ""
     try:
-        # the loss travels with each block call, for a last block nudged by it (EP(nudge="loss"))
-        with ffebm.loss_nudge(t.core, lambda out, target: loss_of(t, out, target), y):
+        # the loss travels with each block call, for a last block nudged by it (EP(nudge="loss")),
+        # and with relax_start=previous the samples' last free equilibria (ffebm.warm_start)
+        warm = (ffebm.warm_start(t.warm_starts, indices) if getattr(t, "warm_starts", None) is not None
+                and indices is not None else contextlib.nullcontext())
+        with ffebm.loss_nudge(t.core, lambda out, target: loss_of(t, out, target), y), warm:
             logits = t.model(x)
         loss = loss_of(t, logits, y)
         if not torch.isfinite(loss):
             problem = f"loss is {loss.item()}{failures.nonfinite_block(t.blocks)}"
     except RelaxationDiverged as e:
         problem = f"relaxation diverged in energy block '{e.block}' (relaxation step {e.step})"
+    except WarmStartTooLarge as e:
+        raise TrainingStopped(f"error: relax_start=previous: {e}; use another relax_start", 2) from None
     except NonFiniteInput as e:
         # the layers before the block overflowed (a diverging run): stop in words, keep the last good checkpoint
         problem = f"non-finite input to energy block '{e.block}'{failures.nonfinite_block(t.blocks)}"

@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+import ffebm
+
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from . import failures, metrics, state
@@ -98,6 +100,9 @@ class Trainer:
             freeze_bn_affine(core)
         self.core = core
         self.blocks = energy_blocks(core)
+        # relax_start=previous: each training sample's free phases start from its last free
+        # equilibrium; a cache of this process, not saved (a resumed run starts its samples anew)
+        self.warm_starts = ffebm.WarmStarts(len(self.train_set)) if cfg.relax_start == "previous" else None
         self.block_paths = block_paths(core, self.blocks)
         self.signature = ckpt_mod.model_signature(core)
         for p in self.plugins:
@@ -189,7 +194,7 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                        disable=True if not (cfg.progress and ctx.is_main) else None,  # None: off when stderr is no terminal
                        dynamic_ncols=True, leave=False, file=sys.stderr)
-            for step, xb, yb in self.batches.epoch(self.epoch, self.step_in_epoch):
+            for step, idx, xb, yb in self.batches.indexed_epoch(self.epoch, self.step_in_epoch):
                 if cfg.grad_check_every and self.global_step % cfg.grad_check_every == 0 and ctx.is_main:
                     n = min(cfg.grad_check_batch, xb.shape[0])
                     cos = self.grad_check(self.pre(xb[:n]), yb[:n].to(self.device))
@@ -197,7 +202,7 @@ class Trainer:
                 gen = (torch.Generator().manual_seed(batch_seed(cfg.seed, self.epoch, step, ctx.rank))
                        if self.info.augment or cfg.input_noise > 0 else None)
                 t = time.time()
-                loss, correct, count, stats = self.train_step(xb, yb, gen)
+                loss, correct, count, stats = self.train_step(xb, yb, gen, idx)
                 dt = time.time() - t
                 self.global_step += 1
                 self.step_in_epoch = step + 1

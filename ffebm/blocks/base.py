@@ -148,6 +148,8 @@ class EnergyBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..function import equilibrium, under_functorch
+        from ..solvers import initial_states
+        from ..warm_start import active_warm_start
 
         if under_functorch():
             raise FunctorchUnsupported(self.name)
@@ -159,11 +161,18 @@ class EnergyBlock(nn.Module):
         u = self.input_map(x)
         params = self.energy_parameters()
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
+        warm = active_warm_start(u.shape[0])  # ffebm.warm_start: start from the samples' last equilibria
+        init = None
+        if warm is not None:
+            with torch.no_grad():
+                init = warm[0].initial(self, warm[1], initial_states(self, u.detach(), self.relaxation.init))
         if needs_grad:
-            top, states, stats = equilibrium(self, u, params)
+            top, states, stats = equilibrium(self, u, params, init)
         else:
-            states, stats = self.solve(u)
+            states, stats = self.solve(u, states=init)
             top = states[-1]
+        if warm is not None:
+            warm[0].store(self, warm[1], states)
         self.state, self.stats = states, stats
         return top
 

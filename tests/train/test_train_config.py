@@ -155,3 +155,45 @@ def test_keys_the_run_would_ignore_are_refused(recipe, over, words):
 def test_a_recipes_own_analog_keys_do_not_block_its_digital_twin():
     build_config("digits-analog", {"analog": ""})   # the README's "the same model digital"
     build_config("digits-hwa", {"analog_mode": "training"})
+
+
+def test_relax_start_previous_warm_starts_the_trainers_free_phases():
+    # the trainer's loop hands each batch's sample indices to ffebm.warm_start: the second visit
+    # of the same samples starts from their stored equilibria and needs fewer free sweeps
+    import torch
+
+    from train.recipes import build_config as bc
+    from train.trainer import Trainer
+
+    over = {"train_subset": "16", "test_subset": "8", "batch_size": "8", "progress": "false",
+            "tensorboard": "false", "num_threads": "1", "relax_start": "previous",
+            "lr": "1e-9"}  # the weights barely move: the stored equilibria are this step's
+    t = Trainer(bc("digits", over), None, log=lambda m: None).setup()
+    assert isinstance(t.warm_starts, __import__("ffebm").WarmStarts) and t.warm_starts.num_samples == 16
+    for _, b in t.blocks:
+        b.relaxation.check_every = 1
+    step, idx, xb, yb = next(iter(t.batches.indexed_epoch(0)))
+    assert torch.equal(t.batches.dataset.images[idx], xb)
+    first = t.train_step(xb, yb, None, idx)[3]
+    assert t.warm_starts.hits == 0 and t.warm_starts.misses > 0
+    second = t.train_step(xb, yb, None, idx)[3]
+    assert t.warm_starts.hits > 0
+    assert all(second[k][0] < first[k][0] for k in first), (first, second)
+    # without the key, no warm starts
+    t2 = Trainer(bc("digits", dict(over, relax_start="zeros")), None, log=lambda m: None).setup()
+    assert t2.warm_starts is None
+
+
+def test_relax_start_previous_too_large_stops_in_words(monkeypatch):
+    import ffebm
+    from train.failures import TrainingStopped
+    from train.recipes import build_config as bc
+    from train.trainer import Trainer
+
+    over = {"train_subset": "16", "test_subset": "8", "batch_size": "8", "progress": "false",
+            "tensorboard": "false", "num_threads": "1", "relax_start": "previous"}
+    t = Trainer(bc("digits", over), None, log=lambda m: None).setup()
+    t.warm_starts = ffebm.WarmStarts(16, max_bytes=64)
+    _, idx, xb, yb = next(iter(t.batches.indexed_epoch(0)))
+    with pytest.raises(TrainingStopped, match="relax_start=previous: WarmStarts: block .* MiB"):
+        t.train_step(xb, yb, None, idx)
