@@ -311,3 +311,17 @@ def test_fused_pulse_counts_match_the_torch_path_in_distribution(path):
         se = torch.sqrt((a.var(0) + b.var(0)) / a.shape[0]).clamp_min(1e-3)
         assert ((a.mean(0) - b.mean(0)).abs() / se).max() < 5
         assert (a.mean(0) - b.mean(0)).abs().mean() < 0.05 * a.mean(0).abs().mean() + 1e-3
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    code = "from ffebm.analog import kernels; assert kernels.kernel_library() is not None, kernels._failure"
+    env = dict(os.environ, FFEBM_KERNEL_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (so,) = (tmp_path / "cache").glob("fused-*.so")
+    so.write_bytes(b"not a shared library")  # e.g. a disk that filled up during a build
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert so.read_bytes()[:4] == b"\x7fELF"

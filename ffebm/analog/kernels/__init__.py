@@ -159,7 +159,13 @@ def kernel_library() -> Optional[ctypes.CDLL]:
             cc = _compiler()
             if cc is None:
                 raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
-            lib = ctypes.CDLL(str(_build(cc)))
+            path = _build(cc)
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                # a damaged cached file (a disk full during another build, say): build it again
+                path.unlink(missing_ok=True)
+                lib = ctypes.CDLL(str(_build(cc)))
             _declare(lib)
             lib.ffebm_init()
             _lib = lib
