@@ -35,7 +35,8 @@ from torch import Tensor
 from .config import UpdateConfig, check_range
 from .devices import DeviceParams, PulsedDevice
 from .integrate import apply_pulses
-from .kernels import bits as _fused_bits, supports as _fused_supports
+from .kernels import bits as _fused_bits, row_abs_max as _fused_row_abs_max, supports as _fused_supports
+from .kernels import value_bits as _fused_value_bits
 from .rng import rand
 
 __all__ = ["pulse_probabilities", "sample_bits", "coincidence_counts", "exact_update",
@@ -61,9 +62,25 @@ def pulse_probabilities(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig,
     the full ``cfg.bl``, the scale factors are infinite and a probability ``inf * |x_j|`` is 1,
     or 0 for ``x_j = 0`` (where ``inf * 0`` would be NaN); likewise for update management's
     ratio ``max|x| / max|d|`` overflowing or underflowing."""
-    xa, da = x.abs(), d.abs()
-    xmax = xa.amax(dim=1)
-    dmax = da.amax(dim=1)
+    bx, ad, bl = _pulse_scales(x, d, lr, cfg, dw_min)
+    return _probability(bx, x.abs()), _probability(ad, d.abs()), bl
+
+
+def _abs_max(v: Tensor) -> Tensor:
+    """``max_j |v_bj|`` per row, without a temporary of v's size."""
+    if v.shape[1] == 0:
+        return v.new_zeros(v.shape[0])
+    if _fused_supports(v):
+        return _fused_row_abs_max(v)
+    return v.abs().amax(dim=1)
+
+
+def _pulse_scales(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig, dw_min: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(bx, ad, bl)``: the per-sample factors with which ``|x_j|`` and ``|d_i|`` become bit
+    probabilities (before clipping to 1) and the bit lengths ([B], long); see
+    :func:`pulse_probabilities`."""
+    xmax = _abs_max(x)
+    dmax = _abs_max(d)
     bl_full = torch.full_like(xmax, float(cfg.bl))
     if cfg.bl_management:
         bl = torch.ceil(lr * xmax * dmax / dw_min).clamp(min=1.0, max=float(cfg.bl))
@@ -77,9 +94,7 @@ def pulse_probabilities(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig,
                            / torch.where(ok, dmax, torch.ones_like(dmax)))
     else:
         ratio = torch.ones_like(xmax)
-    bx = base / ratio
-    ad = base * ratio
-    return _probability(bx, xa), _probability(ad, da), bl.long()
+    return base / ratio, base * ratio, bl.long()
 
 
 def _probability(scale: Tensor, mag: Tensor) -> Tensor:
@@ -121,16 +136,25 @@ def coincidence_counts(x: Tensor, d: Tensor, lr: float, cfg: UpdateConfig, dw_mi
     """
     x = x.to(dtype)
     d = d.to(dtype)
-    px, pd, bl = pulse_probabilities(x, d, lr, cfg, dw_min)
     B = x.shape[0]
     out_n, in_n = d.shape[1], x.shape[1]
+    fused = _fused_supports(x, generator) and B > 0
+    if fused:  # probabilities and signs formed inside the kernel (ffebm.analog.kernels)
+        bx, ad, bl = _pulse_scales(x, d, lr, cfg, dw_min)
+    else:
+        px, pd, bl = pulse_probabilities(x, d, lr, cfg, dw_min)
     L = int(bl.max().item()) if B > 0 else 0
     if L == 0:
         z = torch.zeros(out_n, in_n, dtype=dtype, device=x.device)
         return z, z.clone(), bl
-    xs = sample_bits(px, bl, L, generator, torch.sign(x)).reshape(B * L, in_n)
-    ds = sample_bits(pd, bl, L, generator, torch.sign(d)).reshape(B * L, out_n)
-    x_nonneg = bool((x >= 0).all().item())
+    if fused:
+        xs = _fused_value_bits(x, bx, bl, L, generator).reshape(B * L, in_n)
+        ds = _fused_value_bits(d, ad, bl, L, generator).reshape(B * L, out_n)
+        x_nonneg = in_n == 0 or bool(x.amin() >= 0)
+    else:
+        xs = sample_bits(px, bl, L, generator, torch.sign(x)).reshape(B * L, in_n)
+        ds = sample_bits(pd, bl, L, generator, torch.sign(d)).reshape(B * L, out_n)
+        x_nonneg = bool((x >= 0).all().item())
     if x_nonneg:
         # |xs| = xs: one product of the stacked [ds, |ds|] gives both P and T
         both = _count_matmul(torch.cat([ds, ds.abs()], dim=1), xs)

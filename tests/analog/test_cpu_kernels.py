@@ -325,3 +325,33 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert so.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dw_min", [1e-3, 1e-300])
+def test_fused_counts_of_degenerate_scales_stay_finite(path, dw_min):
+    # dw_min so small that the probability factors overflow: inf * |x| is probability 1, inf * 0
+    # (a zero input) is no pulse, on both paths
+    x = torch.rand(6, 5)
+    x[:, 2] = 0.0
+    x[0, 0] = -0.5
+    d = torch.randn(6, 4)
+    cfg = UpdateConfig()
+    for choice in ("torch", "fused"):
+        up, down, bl = path(choice, coincidence_counts, x, d, 0.1, cfg, dw_min, torch.Generator().manual_seed(3))
+        assert torch.isfinite(up).all() and torch.isfinite(down).all() and (up >= 0).all() and (down >= 0).all()
+        assert (up[:, 2] == 0).all() and (down[:, 2] == 0).all()
+        if dw_min < 1e-100:  # every bit fires: counts are the full bit lengths
+            assert torch.equal(up + down, bl.sum().to(up.dtype).expand_as(up).clone().masked_fill(
+                torch.zeros_like(up, dtype=torch.bool).index_fill(1, torch.tensor([2]), True), 0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_abs_max_equals_torch(dtype):
+    v = torch.randn(300, 37, dtype=dtype)
+    v[4] = 0.0
+    v[7, 3] = -float("inf")
+    v[9, 1] = float("nan")
+    got, ref = kernels.row_abs_max(v), v.abs().amax(1)
+    assert torch.equal(got[torch.arange(300) != 9], ref[torch.arange(300) != 9]) and torch.isnan(got[9])

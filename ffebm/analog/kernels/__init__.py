@@ -142,8 +142,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, d, d, i, i, i, i], None
         f = getattr(lib, f"ffebm_epilogue_{sfx}")
         f.argtypes, f.restype = [p, p, i64, i64, i64, d, u64, d, d, d, p, i], i64
-        f = getattr(lib, f"ffebm_bits_{sfx}")
-        f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, u64, i], None
+        for name in ("bits", "vbits"):
+            f = getattr(lib, f"ffebm_{name}_{sfx}")
+            f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, u64, i], None
+        f = getattr(lib, f"ffebm_absmax_{sfx}")
+        f.argtypes, f.restype = [p, p, i64, i64, i], None
 
 
 def kernel_library() -> Optional[ctypes.CDLL]:
@@ -191,7 +194,7 @@ import torch  # noqa: E402  (below the build machinery, which does not need it)
 from torch import Tensor  # noqa: E402
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits) of the loaded library
+_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits, vbits, absmax) of the loaded library
 
 
 def _functions(dtype: torch.dtype):
@@ -199,7 +202,7 @@ def _functions(dtype: torch.dtype):
     if fns is None:
         sfx = _SUFFIX[dtype]
         fns = _FNS[dtype] = tuple(getattr(_lib, f"ffebm_{k}_{sfx}")
-                                  for k in ("prologue", "epilogue", "randn", "bits"))
+                                  for k in ("prologue", "epilogue", "randn", "bits", "vbits", "absmax"))
     return fns
 
 
@@ -275,4 +278,26 @@ def bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator], si
     out = torch.empty(B, L, n, dtype=p.dtype)
     _functions(p.dtype)[3](p.data_ptr(), s.data_ptr() if s is not None else None, bl.data_ptr(), out.data_ptr(),
                            B, L, n, draw_seed(generator), torch.get_num_threads())
+    return out
+
+
+def value_bits(v: Tensor, scale: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator]) -> Tensor:
+    """:func:`bits` with probabilities ``min(scale_b |v_bj|, 1)`` (0 where NaN) and signs
+    ``sign(v_bj)`` formed in the kernel from the values ``v`` [B, n] and per-sample ``scale`` [B]."""
+    B, n = v.shape
+    v = v.contiguous()
+    sc = scale.to(v.dtype).contiguous()
+    bl = bl.to(torch.int64).contiguous()
+    out = torch.empty(B, L, n, dtype=v.dtype)
+    _functions(v.dtype)[4](v.data_ptr(), sc.data_ptr(), bl.data_ptr(), out.data_ptr(), B, L, n,
+                           draw_seed(generator), torch.get_num_threads())
+    return out
+
+
+def row_abs_max(v: Tensor) -> Tensor:
+    """``max_j |v_bj|`` of each row of ``v`` [B, n] (NaN where a row has one)."""
+    B, n = v.shape
+    v = v.contiguous()
+    out = torch.empty(B, dtype=v.dtype)
+    _functions(v.dtype)[5](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())
     return out

@@ -385,6 +385,59 @@ CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const 
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
+} \
+                                                                                                  \
+/* max_j |v_bj| of each row of v [B, n] (the max of the bit patterns with the sign cleared, as in \
+ * the prologue: NaN propagates) */                                                               \
+CLONES void ffebm_absmax_##SFX(const T *restrict v, T *restrict out, int64_t B, int64_t n,        \
+                               int nthreads) {                                                    \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
+    for (int64_t b = 0; b < B; ++b) {                                                             \
+        const I *restrict vi = (const I *)(v + b * n);                                            \
+        I mb = 0;                                                                                 \
+        for (int64_t j = 0; j < n; ++j) {                                                         \
+            I a = vi[j] & MASK;                                                                   \
+            mb = a > mb ? a : mb;                                                                 \
+        }                                                                                         \
+        memcpy(out + b, &mb, sizeof mb);                                                          \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+/* the same bits from the values v [B, n] themselves: probability min(scale[b] |v|, 1) (0 where  \
+ * the product is NaN), sign of v; one pass instead of |v|, the product, the clamps and sign(v) */ \
+CLONES void ffebm_vbits_##SFX(const T *restrict v, const T *restrict scale, const int64_t *restrict bl, \
+                              T *restrict out, int64_t B, int64_t L, int64_t n, uint64_t seed,    \
+                              int nthreads) {                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
+    for (int64_t b = 0; b < B; ++b) {                                                             \
+        rng_t r;                                                                                  \
+        seed_block(&r, seed ^ 0x9E6C63D0676A9A99ULL, (uint64_t)b);                               \
+        uint32_t w[CHUNK + 1];                                                                    \
+        const T *restrict vb = v + b * n;                                                         \
+        const T sc = scale[b];                                                                    \
+        for (int64_t t = 0; t < L; ++t) {                                                         \
+            T *restrict ot = out + (b * L + t) * n;                                               \
+            if (t >= bl[b]) {                                                                     \
+                for (int64_t j = 0; j < n; ++j) ot[j] = (T)0;                                     \
+                continue;                                                                         \
+            }                                                                                     \
+            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {                                           \
+                const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;                                \
+                for (int64_t j = 0; j < m; j += 2) {                                              \
+                    uint64_t u = next_u64(&r);                                                    \
+                    w[j] = (uint32_t)u;                                                           \
+                    w[j + 1] = (uint32_t)(u >> 32);                                               \
+                }                                                                                 \
+                for (int64_t j = 0; j < m; ++j) {                                                 \
+                    const T x = vb[j0 + j];                                                       \
+                    T p = sc * (x < 0 ? -x : x);                                                  \
+                    p = p == p ? (p > (T)1 ? (T)1 : p) : (T)0;                                    \
+                    const T sg = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                           \
+                    ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < p) ? sg : (T)0; \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
 }
 
 GEN(float, int32_t, 0x7FFFFFFF, f32, round_f32, round_small_f32, normals_f32)
