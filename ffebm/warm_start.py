@@ -17,14 +17,16 @@ A :class:`WarmStarts` object is the explicit, typed holder of these states (one 
 of each energy block, ``[num_samples, *layer_shape]``, on the block's device, allocated at the
 block's first call); nothing is kept on the model. :func:`warm_start` makes it and the batch's
 indices known to the block calls made inside it (a context variable, as ``ffebm.loss_nudge``):
-each block's free relaxation starts from the stored states of the samples seen before (the
-others as the block's ``Relaxation.init`` says) and stores its free equilibrium. Nudged phases
-start from the free equilibrium as always. Outside the context, and for a batch whose size is
-not the number of indices, blocks start as usual.
+each block's free relaxation in training mode starts from the stored states of the samples seen
+before (the others as the block's ``Relaxation.init`` says) and stores its free equilibrium; a
+block called twice in one pass keeps one set of states per call. Nudged phases start from the
+free equilibrium as always. Outside the context, and in eval mode, blocks start as usual; a
+block called on another number of samples than the indices raises ``ValueError``.
 """
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from contextvars import ContextVar
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -47,18 +49,18 @@ class WarmStarts:
     """
 
     def __init__(self, num_samples: int, max_bytes: int = 2 ** 31) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"WarmStarts: num_samples must be a positive integer, got {num_samples!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"WarmStarts: max_bytes must be a positive integer, got {max_bytes!r}")
+        num_samples, max_bytes = _positive_int("num_samples", num_samples), _positive_int("max_bytes", max_bytes)
         self.num_samples, self.max_bytes = num_samples, max_bytes
-        self._blocks: "weakref.WeakKeyDictionary[torch.nn.Module, Tuple[List[torch.Tensor], torch.Tensor]]" = \
+        # block -> {k: (states, seen)}: k counts the block's calls within one forward pass (a block
+        # called twice per pass keeps one set of states per call)
+        self._blocks: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[int, Tuple[List[torch.Tensor], torch.Tensor]]]" = \
             weakref.WeakKeyDictionary()
         self.hits = 0
         self.misses = 0
 
-    def _slot(self, block, like: List[torch.Tensor]):
-        slot = self._blocks.get(block)
+    def _slot(self, block, call: int, like: List[torch.Tensor]):
+        slots = self._blocks.setdefault(block, {})
+        slot = slots.get(call)
         shapes = [tuple(t.shape[1:]) for t in like]
         if slot is not None and [tuple(t.shape[1:]) for t in slot[0]] == shapes \
                 and slot[0][0].dtype == like[0].dtype and slot[0][0].device == like[0].device:
@@ -70,13 +72,14 @@ class WarmStarts:
                              f"(layers {shapes}), more than max_bytes={self.max_bytes / 2 ** 20:.0f} MiB")
         slot = ([torch.zeros((self.num_samples, *s), dtype=like[0].dtype, device=like[0].device) for s in shapes],
                 torch.zeros(self.num_samples, dtype=torch.bool, device=like[0].device))
-        self._blocks[block] = slot
+        slots[call] = slot
         return slot
 
-    def initial(self, block, indices: torch.Tensor, fallback: List[torch.Tensor]) -> List[torch.Tensor]:
-        """The start of a free relaxation of ``block`` for the samples ``indices``: the stored
-        states where a sample was seen, ``fallback`` (the block's usual start) elsewhere."""
-        states, seen = self._slot(block, fallback)
+    def initial(self, block, indices: torch.Tensor, fallback: List[torch.Tensor], call: int = 0) -> List[torch.Tensor]:
+        """The start of a free relaxation of ``block`` (its ``call``-th call in the forward pass)
+        for the samples ``indices``: the stored states where a sample was seen, ``fallback`` (the
+        block's usual start) elsewhere."""
+        states, seen = self._slot(block, call, fallback)
         idx = indices.to(seen.device)
         known = seen[idx]
         n_known = int(known.sum())
@@ -91,9 +94,9 @@ class WarmStarts:
             out.append(torch.where(mask, rows.to(f.dtype), f))
         return out
 
-    def store(self, block, indices: torch.Tensor, free: List[torch.Tensor]) -> None:
-        """Keep ``free`` (the free equilibrium of a call for the samples ``indices``)."""
-        states, seen = self._slot(block, free)
+    def store(self, block, indices: torch.Tensor, free: List[torch.Tensor], call: int = 0) -> None:
+        """Keep ``free`` (the free equilibrium of the ``call``-th call for the samples ``indices``)."""
+        states, seen = self._slot(block, call, free)
         idx = indices.to(seen.device)
         for store, s in zip(states, free):
             store.index_copy_(0, idx, s.detach().to(store.dtype))
@@ -108,7 +111,36 @@ class WarmStarts:
                 f"misses={self.misses})")
 
 
-_ACTIVE: ContextVar[Optional[Tuple[WarmStarts, torch.Tensor]]] = ContextVar("ffebm_warm_start", default=None)
+def _positive_int(name: str, v) -> int:
+    """``v`` as a positive int (Python, numpy and 0-d torch integers); ValueError otherwise."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        n = operator.index(v)
+    except TypeError:
+        raise ValueError(f"WarmStarts: {name} must be a positive integer, got {v!r}") from None
+    if n < 1:
+        raise ValueError(f"WarmStarts: {name} must be a positive integer, got {v!r}")
+    return n
+
+
+class _Active:
+    """The warm start of one ``with warm_start(...)``: the states, the batch's indices and how
+    often each block was called inside (a block called twice per pass keeps two sets)."""
+
+    __slots__ = ("starts", "indices", "calls")
+
+    def __init__(self, starts: WarmStarts, indices: torch.Tensor) -> None:
+        self.starts, self.indices = starts, indices
+        self.calls: Dict[int, int] = {}
+
+    def next_call(self, block) -> int:
+        k = self.calls.get(id(block), 0)
+        self.calls[id(block)] = k + 1
+        return k
+
+
+_ACTIVE: ContextVar[Optional[_Active]] = ContextVar("ffebm_warm_start", default=None)
 
 
 @contextlib.contextmanager
@@ -127,17 +159,22 @@ def warm_start(starts: WarmStarts, indices) -> Iterator[None]:
                          f"[{int(idx.min())}, {int(idx.max())}]")
     if idx.numel() != torch.unique(idx).numel():
         raise ValueError("warm_start: indices repeat a sample (its stored state would be ambiguous)")
-    token = _ACTIVE.set((starts, idx))
+    token = _ACTIVE.set(_Active(starts, idx))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
 
 
-def active_warm_start(batch_size: int) -> Optional[Tuple[WarmStarts, torch.Tensor]]:
-    """``(starts, indices)`` of the :func:`warm_start` active now, when its indices fit a batch
-    of ``batch_size``; None otherwise."""
+def active_warm_start(block, batch_size: int) -> Optional[Tuple[WarmStarts, torch.Tensor, int]]:
+    """``(starts, indices, call)`` for a call of ``block`` on ``batch_size`` samples inside
+    :func:`warm_start` (``call``: how many calls of ``block`` came before it in the context), None
+    outside. A batch of another size than the indices raises ``ValueError`` (the indices would
+    not say which sample is which)."""
     act = _ACTIVE.get()
-    if act is None or act[1].numel() != batch_size:
+    if act is None:
         return None
-    return act
+    if act.indices.numel() != batch_size:
+        raise ValueError(f"warm_start: block '{getattr(block, 'name', type(block).__name__)}' was called on "
+                         f"{batch_size} samples inside a warm_start of {act.indices.numel()} indices")
+    return act.starts, act.indices, act.next_call(block)

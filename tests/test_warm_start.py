@@ -19,16 +19,17 @@ def test_second_visit_starts_at_the_stored_equilibrium_and_needs_fewer_sweeps():
     x = torch.rand(10, 12, dtype=torch.float64)
     starts = ffebm.WarmStarts(50)
     idx = torch.arange(20, 30)
-    with ffebm.warm_start(starts, idx):
+    with ffebm.warm_start(starts, idx):  # one training step's forward pass
         y1 = blk(x)
         cold = blk.stats.steps
+    with ffebm.warm_start(starts, idx):  # a later step with the same samples
         y2 = blk(x)
         warm = blk.stats.steps
     assert starts.misses == 10 and starts.hits == 10
     assert warm < cold / 3, (cold, warm)
     assert torch.allclose(y1, y2, atol=1e-7)
     # the stored rows are this call's free equilibrium, the other rows untouched
-    (stored, _, _), seen = starts._blocks[blk]
+    (stored, _, _), seen = starts._blocks[blk][0]
     assert torch.allclose(stored[20:30], blk.state[0], atol=1e-12) and seen.sum() == 10
     assert stored[:20].abs().sum() == 0
 
@@ -83,10 +84,36 @@ def test_nothing_is_kept_on_the_model_and_outside_the_context_nothing_changes():
     blk.relaxation.check_every = 1
     blk(x)
     assert blk.stats.steps > 10  # from zeros again
-    # a batch of another size inside the context (e.g. a probe) starts as usual
+    # eval mode inside the context: from zeros, nothing stored
+    before = starts.hits + starts.misses
+    blk.eval()
     with ffebm.warm_start(starts, torch.arange(4)):
-        blk(x[:2])
-    assert blk.stats.steps > 10
+        blk(x)
+    assert blk.stats.steps > 10 and starts.hits + starts.misses == before
+    blk.train()
+    # a batch of another size inside the context: an error naming the sizes
+    with pytest.raises(ValueError, match="called on 2 samples inside a warm_start of 4 indices"):
+        with ffebm.warm_start(starts, torch.arange(4)):
+            blk(x[:2])
+
+
+def test_a_block_called_twice_per_pass_keeps_a_state_per_call():
+    blk = _block()
+    blk.relaxation.check_every = 1
+    x1, x2 = torch.rand(5, 12, dtype=torch.float64), torch.rand(5, 12, dtype=torch.float64)
+    starts = ffebm.WarmStarts(5)
+    idx = torch.arange(5)
+    with ffebm.warm_start(starts, idx):
+        blk(x1)
+        cold2 = (blk(x2), blk.stats.steps)
+    with ffebm.warm_start(starts, idx):
+        blk(x1)
+        warm1 = blk.stats.steps
+        y2 = blk(x2)
+        warm2 = blk.stats.steps
+    assert warm1 < cold2[1] / 3 and warm2 < cold2[1] / 3
+    assert torch.allclose(y2, cold2[0], atol=1e-7)
+    assert len(starts._blocks[blk]) == 2
 
 
 def test_bad_input_is_refused_with_clear_errors():
@@ -105,6 +132,9 @@ def test_bad_input_is_refused_with_clear_errors():
             pass
     with pytest.raises(ValueError, match="num_samples"):
         ffebm.WarmStarts(0)
+    with pytest.raises(ValueError, match="num_samples"):
+        ffebm.WarmStarts(2.5)
+    assert ffebm.WarmStarts(__import__("numpy").int64(5)).num_samples == 5
     blk = _block()
     small = ffebm.WarmStarts(1000, max_bytes=1000)
     with pytest.raises(WarmStartTooLarge, match="MiB"):

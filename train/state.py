@@ -120,7 +120,9 @@ def restore(tr: Any, path: Path) -> None:
             from None
     tr.last_ckpt = (path, tr.global_step)
     tr.log(f"resumed from {path} at epoch {tr.epoch + 1}, batch {tr.step_in_epoch} "
-           f"(global step {tr.global_step})")
+           f"(global step {tr.global_step})"
+           + ("; relax_start=previous: the stored equilibria are not part of a checkpoint, each sample's "
+              "first free phase starts from zeros again" if getattr(tr, "warm_starts", None) is not None else ""))
 
 
 def _check_loaded_optimisers(tr: Any) -> None:

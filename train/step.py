@@ -63,6 +63,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
             check_before_use(blk)
         except DifferenceFormUnsupported as e:
             raise ConfigError(" ".join(str(e).split())) from None
+    check_cpu_kernels(model)
     ffebm.set_precision(model, PRECISIONS[cfg.precision])
     # relax_start=previous: the trainer's warm starts (ffebm.warm_start); unseen samples start from zeros
     init = "zeros" if cfg.relax_start == "previous" else cfg.relax_start
@@ -72,6 +73,22 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> t
         model.to(memory_format=torch.channels_last)
         return torch.channels_last
     return torch.contiguous_format
+
+
+def check_cpu_kernels(model: torch.nn.Module) -> None:
+    """The analog CPU kernels' setting (``FFEBM_CPU_KERNELS``), checked before the first step: a
+    bad value, or ``fused`` where the kernels cannot be built, stops the run in words naming it
+    (not as a model that cannot take its batches)."""
+    from ffebm.analog import KernelUnavailable, cpu_kernels, find_analog_tiles, inference_modules
+
+    try:
+        if find_analog_tiles(model) or inference_modules(model):
+            cpu_kernels()
+        else:  # digital: only the value itself
+            from ffebm.analog.kernels import _env_choice
+            _env_choice()
+    except (ValueError, KernelUnavailable) as e:
+        raise ConfigError(str(e)) from None
 
 
 def loss_of(t, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -60,12 +60,28 @@ def adc(y: Tensor, io: IOConfig, inplace: bool = False) -> Tensor:
     return _quantise(y, io.out_res, ob, inplace)
 
 
+def _dac_step(io: IOConfig) -> float:
+    """The DAC's step (1 without input quantisation): the unit the reads compute in."""
+    ib = io.inp_bound
+    return io.inp_res * 2.0 * ib if io.inp_res > 0 and math.isfinite(ib) else 1.0
+
+
+def _usable_scale(alpha: Tensor, io: IOConfig) -> Tensor:
+    """Noise management's ``alpha``: 1 for an all-zero vector, NaN kept, and otherwise at least
+    ``4 tiny / min(step, 1)`` (``tiny``: the dtype's smallest normal number), so that the read's
+    factor ``(1 / alpha) / step`` stays finite for subnormal inputs (which are then read as
+    ``x / alpha`` within the DAC's range instead of overflowing)."""
+    lo = 4.0 * torch.finfo(alpha.dtype).tiny / min(_dac_step(io), 1.0)
+    return torch.where(alpha > 0, alpha.clamp_min(lo), torch.where(alpha.isnan(), alpha, torch.ones_like(alpha)))
+
+
 def noise_management_scale(x2: Tensor, io: IOConfig) -> Tensor:
     """``alpha`` [N, 1] of the inputs ``x2`` [N, in]: ``max_j |x_j|`` per sample (1 for an all-zero
-    sample) with ``noise_management="abs_max"``, else 1. The read sees ``x / alpha``."""
+    sample, at least the smallest normal number otherwise) with ``noise_management="abs_max"``,
+    else 1. The read sees ``x / alpha``."""
     if io.noise_management == "abs_max":
         alpha = x2.abs().amax(dim=1, keepdim=True)
-        return torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        return _usable_scale(alpha, io)
     return torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)
 
 
@@ -184,12 +200,12 @@ def _read(W: Tensor, x: Tensor, io: IOConfig, generator: Optional[torch.Generato
         return _mvm(W, x) if columns else x @ W.t()
     lead = x.shape[:-1]
     x2 = x if columns else x.reshape(-1, x.shape[-1])
-    if io.inp_noise == 0 and io.w_noise == 0 and _fused_supports(x2, generator):
+    if io.inp_noise == 0 and io.w_noise == 0 and x2.numel() and W.numel() and _fused_supports(x2, generator):
         y = _fused_read(W, x2, io, generator, allow_bm, columns)
         return y if columns else y.reshape(*lead, W.shape[0])
     if io.noise_management == "abs_max":
         alpha = x2.abs().amax(dim=1, keepdim=True) if x2.numel() > 0 else x2.sum(dim=1, keepdim=True)
-        alpha = torch.where(alpha > 0, alpha, 1.0)
+        alpha = _usable_scale(alpha, io)
     else:
         alpha = torch.ones_like(x2.sum(dim=1, keepdim=True))
     inv = 1.0 / alpha

@@ -161,18 +161,19 @@ class EnergyBlock(nn.Module):
         u = self.input_map(x)
         params = self.energy_parameters()
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))
-        warm = active_warm_start(u.shape[0])  # ffebm.warm_start: start from the samples' last equilibria
+        # ffebm.warm_start (training mode): start from the samples' last equilibria
+        warm = active_warm_start(self, u.shape[0]) if self.training else None
         init = None
         if warm is not None:
             with torch.no_grad():
-                init = warm[0].initial(self, warm[1], initial_states(self, u.detach(), self.relaxation.init))
+                init = warm[0].initial(self, warm[1], initial_states(self, u.detach(), self.relaxation.init), warm[2])
         if needs_grad:
             top, states, stats = equilibrium(self, u, params, init)
         else:
             states, stats = self.solve(u, states=init)
             top = states[-1]
         if warm is not None:
-            warm[0].store(self, warm[1], states)
+            warm[0].store(self, warm[1], states, warm[2])
         self.state, self.stats = states, stats
         return top
 

@@ -197,3 +197,15 @@ def test_relax_start_previous_too_large_stops_in_words(monkeypatch):
     _, idx, xb, yb = next(iter(t.batches.indexed_epoch(0)))
     with pytest.raises(TrainingStopped, match="relax_start=previous: WarmStarts: block .* MiB"):
         t.train_step(xb, yb, None, idx)
+
+
+def test_a_bad_cpu_kernel_setting_stops_before_the_first_step(monkeypatch):
+    from train.recipes import build_config as bc
+    from train.trainer import Trainer
+
+    monkeypatch.setenv("FFEBM_CPU_KERNELS", "bogus")
+    over = {"train_subset": "16", "test_subset": "8", "batch_size": "8", "progress": "false",
+            "tensorboard": "false", "num_threads": "1"}
+    for recipe in ("digits", "digits-analog"):
+        with pytest.raises(ConfigError, match="FFEBM_CPU_KERNELS='bogus' is not one of"):
+            Trainer(bc(recipe, over), None, log=lambda m: None).setup()

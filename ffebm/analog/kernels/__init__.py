@@ -31,14 +31,16 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 __all__ = ["set_cpu_kernels", "cpu_kernels", "kernel_library", "KernelUnavailable", "CHOICES"]
 
@@ -72,6 +74,8 @@ def set_cpu_kernels(choice: Optional[str]) -> None:
     if choice is None:
         _choice = None
         return
+    if isinstance(choice, str):
+        choice = choice.strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"read kernel {choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "fused" and kernel_library() is None:
@@ -93,42 +97,92 @@ def cpu_kernels() -> str:
 
 def _cache_dir() -> Path:
     if os.environ.get("FFEBM_KERNEL_CACHE"):
-        return Path(os.environ["FFEBM_KERNEL_CACHE"])
+        return Path(os.path.expanduser(os.environ["FFEBM_KERNEL_CACHE"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ffebm" / "kernels"
+    return Path(os.path.expanduser(base)) / "ffebm" / "kernels"
 
 
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc) or (shutil.which("gcc") if not os.environ.get("CC") else None)
+def _compiler() -> Optional[List[str]]:
+    """The compiler command: ``$CC`` (split like a shell word list: ``ccache gcc`` works), else
+    ``cc``, else ``gcc``; None when none is found."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        words = shlex.split(cc)
+        exe = shutil.which(words[0]) if words else None
+        return [exe, *words[1:]] if exe else None
+    exe = shutil.which("cc") or shutil.which("gcc")
+    return [exe] if exe else None
 
 
-def _build(cc: str) -> Path:
+def _no_compiler_message() -> str:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return f"$CC={cc!r} is not an executable compiler"
+    return "no C compiler found (install gcc or clang, or set $CC)"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` is the library its build wrote (the digest recorded next to it): a file
+    cut short (a full disk, a killed copy) would crash the process that maps it (SIGBUS)."""
+    record = target.with_suffix(".sha256")
+    try:
+        return target.is_file() and record.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _build(cc: List[str]) -> Path:
     src = _SOURCE.read_bytes()
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cc} --version failed: {e}") from None
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + version + platform.machine().encode()
+        raise RuntimeError(f"`{' '.join(cc)} --version` failed: {e}") from None
+    key = hashlib.sha256(src + " ".join([*cc[1:], *_FLAGS]).encode() + version + platform.machine().encode()
                          + platform.platform().encode() + sys.version.encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"fused-{key}.so"
-    if target.is_file():
+    if _intact(target):
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    # build into a temporary name and rename: concurrent processes (torchrun) never load half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    _remove_leftovers(folder)
+    # build into a temporary name and rename: concurrent processes (torchrun) never load half a
+    # file; the digest is written first and checked before every load
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        cmd = [*cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"`{' '.join(cmd)}` did not finish within 120 s") from None
         if r.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()[-600:]}")
+            out = (r.stderr or r.stdout).strip()[-600:]
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit code {r.returncode})" + (f": {out}" if out else ""))
+        digest = _digest(Path(tmp))
+        record_tmp = tmp + ".sha256"
+        Path(record_tmp).write_text(digest + "\n")
+        os.replace(record_tmp, target.with_suffix(".sha256"))
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for t in (tmp, tmp + ".sha256"):
+            if os.path.exists(t):
+                os.unlink(t)
     return target
+
+
+def _remove_leftovers(folder: Path, age_s: float = 3600.0) -> None:
+    """Temporary files of builds killed part-way (older than an hour: not a build running now)."""
+    now = time.time()
+    for f in folder.glob("*.so.tmp*"):
+        try:
+            if now - f.stat().st_mtime > age_s:
+                f.unlink()
+        except OSError:
+            pass
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -161,20 +215,22 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         try:
             cc = _compiler()
             if cc is None:
-                raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
+                raise RuntimeError(_no_compiler_message())
             path = _build(cc)
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError:
-                # a damaged cached file (a disk full during another build, say): build it again
+                _declare(lib)
+            except (OSError, AttributeError):
+                # not our library after all (replaced by hand, say): build it again, once
                 path.unlink(missing_ok=True)
+                path.with_suffix(".sha256").unlink(missing_ok=True)
                 lib = ctypes.CDLL(str(_build(cc)))
-            _declare(lib)
+                _declare(lib)
             lib.ffebm_init()
             _lib = lib
         except Exception as e:  # any failure leaves the torch path in place
             _failure = str(e) or type(e).__name__
-            if (_choice or _env_choice()) != "torch":
+            if (_choice or _env_choice()) == "auto":  # "fused" raises where it is asked for
                 warnings.warn(f"ffebm: the fused analog CPU kernels are unavailable, reads and pulses use "
                               f"the torch path ({_failure})", RuntimeWarning, stacklevel=2)
     return _lib
@@ -243,6 +299,8 @@ def prologue(x3: Tensor, step: float, bound: float, absmax: bool, quant: bool):
     """``(q, alpha)`` of the input vectors of ``x3`` [B, F, L] (contiguous): ``alpha`` [B, L]
     the noise-management scale, ``q = round(clamp(x (1 / alpha) / step, +-bound / step))``."""
     B, F, L = x3.shape
+    if B * F * L == 0:
+        raise ValueError(f"prologue: empty input {list(x3.shape)} (the caller reads empty batches itself)")
     q = torch.empty_like(x3)
     ar = torch.empty(2, B, L, dtype=x3.dtype)  # alpha and (1 / alpha) / step
     clamp = 0.0 < bound < float("inf")
@@ -259,6 +317,8 @@ def epilogue(y3: Tensor, alpha: Tensor, std: float, generator: Optional[torch.Ge
     ``alpha * unit``. Returns the [B, L] bool mask of vectors that reached the bound, or None
     when none did (or ``want_clipped`` is False)."""
     B, F, L = y3.shape
+    if B * F * L == 0:
+        return None
     mask = torch.empty(B, L, dtype=torch.uint8) if want_clipped else None
     n = _functions(y3.dtype)[1](y3.data_ptr(), alpha.data_ptr(), B, F, L, float(std),
                                 draw_seed(generator) if std > 0 else 0,
@@ -272,6 +332,8 @@ def bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator], si
     where a uniform draw is below ``p`` [B, n] in the slots ``t < bl[b]``, 0 elsewhere; in
     ``p``'s dtype."""
     B, n = p.shape
+    if B * n * L == 0:
+        return p.new_zeros(B, L, n)
     p = p.contiguous()
     s = sign.to(p.dtype).contiguous() if sign is not None else None
     bl = bl.to(torch.int64).contiguous()
@@ -285,6 +347,8 @@ def value_bits(v: Tensor, scale: Tensor, bl: Tensor, L: int, generator: Optional
     """:func:`bits` with probabilities ``min(scale_b |v_bj|, 1)`` (0 where NaN) and signs
     ``sign(v_bj)`` formed in the kernel from the values ``v`` [B, n] and per-sample ``scale`` [B]."""
     B, n = v.shape
+    if B * n * L == 0:
+        return v.new_zeros(B, L, n)
     v = v.contiguous()
     sc = scale.to(v.dtype).contiguous()
     bl = bl.to(torch.int64).contiguous()
@@ -297,6 +361,8 @@ def value_bits(v: Tensor, scale: Tensor, bl: Tensor, L: int, generator: Optional
 def row_abs_max(v: Tensor) -> Tensor:
     """``max_j |v_bj|`` of each row of ``v`` [B, n] (NaN where a row has one)."""
     B, n = v.shape
+    if B * n == 0:
+        return v.new_zeros(B)
     v = v.contiguous()
     out = torch.empty(B, dtype=v.dtype)
     _functions(v.dtype)[5](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())

@@ -2,7 +2,8 @@
  *
  * A read of W for the input vectors of x (ffebm/analog/tile.py) is, per vector v:
  *
- *   prologue:  alpha_v = max_f |x_fv|  (1 for an all-zero vector; 1 without noise management;
+ *   prologue:  alpha_v = max_f |x_fv|  (1 for an all-zero vector, at least 4 tiny / min(step, 1)
+ *              otherwise so that (1 / alpha) / step is finite; 1 without noise management;
  *              a NaN input is not seen by the max, it reaches every output through the product)
  *              q_fv    = round(clamp(x_fv * ((1 / alpha_v) / step), +-ib))      (the DAC)
  *   product:   y = W q                                       (torch, outside this file)
@@ -19,6 +20,7 @@
  * (seed, block), and the rare slow part of a draw (tail, wedge) from a second stream of the
  * block: the numbers depend on the seed only, not on the number of threads.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -187,7 +189,7 @@ static inline double round_f64(double v) {
 #define CLONES
 #endif
 
-#define GEN(T, I, MASK, SFX, ROUND, ROUND_SMALL, NORMALS)                                                                        \
+#define GEN(T, I, MASK, TINY, SFX, ROUND, ROUND_SMALL, NORMALS)                                                                        \
 /* normal draws N(0, std^2) into out[0..n) */                                                     \
 CLONES void ffebm_randn_##SFX(T *out, int64_t n, uint64_t seed, double std, int nthreads) {              \
     ffebm_init();                                                                                 \
@@ -212,6 +214,7 @@ CLONES void ffebm_prologue_##SFX(const T *restrict x, T *restrict q, T *restrict
                           int64_t B, int64_t F, int64_t L, double step, double bound, int absmax, \
                           int clamp, int quant, int nthreads) {                                   \
     const T st = (T)step, ib = (T)(bound / step);                                                 \
+    const T lo = (T)(4.0 * (double)TINY / (step < 1.0 ? step : 1.0)); /* least alpha, as the torch path */ \
     if (L == 1) { /* rows: one vector per row, features contiguous */                             \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")       \
         for (int64_t b = 0; b < B; ++b) {                                                         \
@@ -232,6 +235,7 @@ CLONES void ffebm_prologue_##SFX(const T *restrict x, T *restrict q, T *restrict
             memcpy(&acc0, &mb, sizeof acc0);                                                      \
             T a = acc0;                                                                         \
             if (!(a > 0) && a == a) a = (T)1;                                                     \
+            else if (a < lo) a = lo; /* a subnormal max: (1 / a) / step would overflow */         \
             const T r = ((T)1 / a) / st;                                                          \
             alpha[b] = a;                                                                         \
             rinv[b] = r;                                                                          \
@@ -268,6 +272,7 @@ CLONES void ffebm_prologue_##SFX(const T *restrict x, T *restrict q, T *restrict
         }                                                                                         \
         for (int64_t l = 0; l < L; ++l) {                                                         \
             if (!(ab[l] > 0) && ab[l] == ab[l]) ab[l] = (T)1;                                     \
+            else if (ab[l] < lo) ab[l] = lo;                                                      \
             rb[l] = ((T)1 / ab[l]) / st;                                                          \
         }                                                                                         \
         for (int64_t f = 0; f < F; ++f) {                                                         \
@@ -440,5 +445,5 @@ CLONES void ffebm_vbits_##SFX(const T *restrict v, const T *restrict scale, cons
     }                                                                                             \
 }
 
-GEN(float, int32_t, 0x7FFFFFFF, f32, round_f32, round_small_f32, normals_f32)
-GEN(double, int64_t, 0x7FFFFFFFFFFFFFFFLL, f64, round_f64, round_small_f64, normals_f64)
+GEN(float, int32_t, 0x7FFFFFFF, FLT_MIN, f32, round_f32, round_small_f32, normals_f32)
+GEN(double, int64_t, 0x7FFFFFFFFFFFFFFFLL, DBL_MIN, f64, round_f64, round_small_f64, normals_f64)
