@@ -3,7 +3,7 @@ anything of it is loaded into a run.
 
 Saving: a non-finite model or optimiser state is never written (the run stops as diverged, and the
 last good checkpoint stays the last one).  Resuming continues the *same* run: its configuration may
-differ in runtime keys only (and ``epochs``, which extends a run), every field has its type, every
+differ in runtime keys only (and ``epochs`` or ``max_steps``, larger or 0, which extend a run), every field has its type, every
 number is finite, and the position lies inside the run.  A checkpoint that fails a check raises
 :class:`train.checkpoint.CheckpointError` naming the file and the reason.
 """
@@ -94,9 +94,14 @@ def restore(tr: Any, path: Path) -> None:
     except UserError as e:
         raise ckpt_mod.CheckpointError(str(e)) from None
     diff = differing_keys(theirs, tr.cfg)
-    extended = "epochs" in diff and tr.cfg.epochs > theirs.epochs  # --resume RUN epochs=N
-    if extended:
-        diff.remove("epochs")
+    more_epochs = "epochs" in diff and tr.cfg.epochs > theirs.epochs  # --resume RUN epochs=N
+    # --resume RUN max_steps=M (larger) or max_steps=0 (none): a run stopped by max_steps goes on
+    more_steps = "max_steps" in diff and bool(theirs.max_steps) and (
+        tr.cfg.max_steps == 0 or tr.cfg.max_steps > theirs.max_steps)
+    extended = more_epochs or more_steps
+    for key, more in (("epochs", more_epochs), ("max_steps", more_steps)):
+        if more:
+            diff.remove(key)
     if diff:
         shown = ", ".join(f"{k}: {getattr(theirs, k)!r} -> {getattr(tr.cfg, k)!r}" for k in diff[:6])
         raise ckpt_mod.CheckpointError(
@@ -107,6 +112,10 @@ def restore(tr: Any, path: Path) -> None:
         raise ckpt_mod.CheckpointError(f"{path}: '{bad}' holds NaN or inf; a checkpoint of a diverged state is "
                                        "not resumable (use the previous checkpoint)")
     pos = ck["position"]
+    if extended and tr.cfg.max_steps and pos["global_step"] >= tr.cfg.max_steps:
+        raise ckpt_mod.CheckpointError(
+            f"{path} stopped at max_steps={tr.cfg.max_steps} (global step {pos['global_step']}): more epochs add "
+            f"no step; resume with max_steps=0 (no limit) or a larger max_steps as well")
     if pos["epoch"] > tr.cfg.epochs or pos["step_in_epoch"] > tr.steps_per_epoch:
         raise ckpt_mod.CheckpointError(f"{path}: position epoch {pos['epoch']}, batch {pos['step_in_epoch']} is "
                                        f"outside this run ({tr.cfg.epochs} epochs of {tr.steps_per_epoch} batches)")
@@ -170,6 +179,11 @@ def _load_position(tr: Any, ck: Dict[str, Any], extended: bool, theirs: TrainCon
         raise ValueError("a finished run must hold its final metrics ('final' with a finite test_accuracy)")
     if not (finite_number(tr.elapsed_before) and finite_number(tr.train_seconds)):
         raise ValueError("'elapsed' and 'train_seconds' must be finite numbers")
-    if extended:  # more epochs: a finished run continues (the schedule spans the new length)
+    if extended:  # more epochs or steps: a finished run continues (the schedule spans the new length)
         tr.finished, tr.final = False, None
-        tr.log(f"extending the run from {theirs.epochs} to {tr.cfg.epochs} epochs")
+        what = []
+        if tr.cfg.epochs != theirs.epochs:
+            what.append(f"from {theirs.epochs} to {tr.cfg.epochs} epochs")
+        if tr.cfg.max_steps != theirs.max_steps:
+            what.append(f"max_steps {theirs.max_steps} -> {tr.cfg.max_steps or 'none'}")
+        tr.log(f"extending the run {', '.join(what)}")

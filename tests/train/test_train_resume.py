@@ -156,3 +156,24 @@ def test_extending_a_finished_run_follows_the_longer_cosine_schedule(tmp_path):
     fresh = train(build_config("digits", dict(over, epochs="8")), tmp_path / "f", log=lambda s: None)
     assert abs(lrs[-1] - fresh["history"][-1]["lr"]) < 1e-12 and lrs[-1] < 1e-9
     assert [round(x, 12) for x in lrs[3:]] == [round(h["lr"], 12) for h in fresh["history"][3:]]
+
+
+def test_a_run_stopped_by_max_steps_is_extended_by_max_steps_and_refused_without(tmp_path):
+    """--resume RUN epochs=N on a run that max_steps stopped would add no step: refused in words;
+    with max_steps=0 (or a larger max_steps) the run goes on to its epochs."""
+    from train.checkpoint import CheckpointError
+    from train.recipes import build_config
+    from train.trainer import train
+
+    over = {"train_subset": "64", "test_subset": "32", "batch_size": "32", "progress": "false",
+            "tensorboard": "false", "num_threads": "1", "t1": "10", "t2": "4"}
+    run = tmp_path / "r"
+    m = train(build_config("digits", dict(over, epochs="4", max_steps="3")), run, log=lambda s: None)
+    assert m["steps"] == 3
+    with pytest.raises(CheckpointError, match="stopped at max_steps=3 .* max_steps=0"):
+        train(build_config("digits", dict(over, epochs="6", max_steps="3")), run, resume=True, log=lambda s: None)
+    logs = []
+    m = train(build_config("digits", dict(over, epochs="6", max_steps="0")), run, resume=True, log=logs.append)
+    # max_steps ended epoch 2 after its first batch (marked partial); the run goes on from epoch 3
+    assert m["steps"] == 11 and len(m["history"]) == 6 and m["history"][1].get("partial")
+    assert any("max_steps 3 -> none" in line for line in logs), logs
