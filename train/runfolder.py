@@ -80,14 +80,19 @@ def plan_run(cfg: Optional[TrainConfig], out: Optional[str], resume: Optional[st
             raise UserError(f"--resume {resume}: no such run folder")
         stored = read_config(run_dir)
         check_trusted(stored, str(run_dir / CONFIG_FILE), trust_code)
-        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS and k != "epochs")
+        fixed = sorted(k for k in overrides if k not in RUNTIME_KEYS and k not in ("epochs", "max_steps"))
         if fixed:
             raise ConfigError(f"--resume keeps the stored configuration; only runtime keys may be changed "
-                              f"({', '.join(sorted(RUNTIME_KEYS))}) and epochs extended, not {', '.join(fixed)}")
+                              f"({', '.join(sorted(RUNTIME_KEYS))}) and epochs or max_steps extended, "
+                              f"not {', '.join(fixed)}")
         cfg = validate(apply_overrides(stored, overrides))
         if cfg.epochs < stored.epochs:
             raise ConfigError(f"--resume epochs={cfg.epochs}: a run can be extended, not shortened "
                               f"(it has epochs={stored.epochs})")
+        if cfg.max_steps != stored.max_steps and not (
+                stored.max_steps and (cfg.max_steps == 0 or cfg.max_steps > stored.max_steps)):
+            raise ConfigError(f"--resume max_steps={cfg.max_steps}: a run can be extended (max_steps=0 for no "
+                              f"limit, or more than its max_steps={stored.max_steps}), not shortened")
         found = ckpt_mod.find(run_dir)
         note = "" if found else f"no checkpoint in {run_dir} yet: starting from step 0"
         return RunPlan(cfg, run_dir, found, True, note)

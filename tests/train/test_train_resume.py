@@ -177,3 +177,19 @@ def test_a_run_stopped_by_max_steps_is_extended_by_max_steps_and_refused_without
     # max_steps ended epoch 2 after its first batch (marked partial); the run goes on from epoch 3
     assert m["steps"] == 11 and len(m["history"]) == 6 and m["history"][1].get("partial")
     assert any("max_steps 3 -> none" in line for line in logs), logs
+
+
+def test_the_command_line_extends_a_run_stopped_by_max_steps(tmp_path, monkeypatch, capsys):
+    from train.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    small = ["train_subset=64", "test_subset=32", "batch_size=32", "progress=false", "tensorboard=false",
+             "num_threads=1", "t1=10", "t2=4"]
+    assert main(["digits", "epochs=4", "max_steps=3", *small, "--out", "r"]) == 0
+    assert main(["--resume", "r", "epochs=6"]) == 2
+    assert "max_steps=0" in capsys.readouterr().err
+    assert main(["--resume", "r", "max_steps=2"]) == 2  # not shortened
+    assert "not shortened" in capsys.readouterr().err
+    assert main(["--resume", "r", "epochs=6", "max_steps=0"]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["steps"] == 11 and len(m["history"]) == 6

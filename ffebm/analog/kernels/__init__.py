@@ -107,7 +107,10 @@ def _compiler() -> Optional[List[str]]:
     ``cc``, else ``gcc``; None when none is found."""
     cc = os.environ.get("CC", "").strip()
     if cc:
-        words = shlex.split(cc)
+        try:
+            words = shlex.split(cc)
+        except ValueError as e:  # an unclosed quote, say
+            raise RuntimeError(f"$CC={cc!r} cannot be split into a command: {e}") from None
         exe = shutil.which(words[0]) if words else None
         return [exe, *words[1:]] if exe else None
     exe = shutil.which("cc") or shutil.which("gcc")
