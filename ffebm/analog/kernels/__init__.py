@@ -199,9 +199,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, d, d, i, i, i, i], None
         f = getattr(lib, f"ffebm_epilogue_{sfx}")
         f.argtypes, f.restype = [p, p, i64, i64, i64, d, u64, d, d, d, p, i], i64
-        for name in ("bits", "vbits"):
-            f = getattr(lib, f"ffebm_{name}_{sfx}")
-            f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, u64, i], None
+        f = getattr(lib, f"ffebm_bits_{sfx}")
+        f.argtypes, f.restype = [p, p, p, p, p, i64, i64, i64, u64, i], None
         f = getattr(lib, f"ffebm_absmax_{sfx}")
         f.argtypes, f.restype = [p, p, i64, i64, i], None
 
@@ -253,7 +252,7 @@ import torch  # noqa: E402  (below the build machinery, which does not need it)
 from torch import Tensor  # noqa: E402
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits, vbits, absmax) of the loaded library
+_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits, absmax) of the loaded library
 
 
 def _functions(dtype: torch.dtype):
@@ -261,7 +260,7 @@ def _functions(dtype: torch.dtype):
     if fns is None:
         sfx = _SUFFIX[dtype]
         fns = _FNS[dtype] = tuple(getattr(_lib, f"ffebm_{k}_{sfx}")
-                                  for k in ("prologue", "epilogue", "randn", "bits", "vbits", "absmax"))
+                                  for k in ("prologue", "epilogue", "randn", "bits", "absmax"))
     return fns
 
 
@@ -341,8 +340,8 @@ def bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator], si
     s = sign.to(p.dtype).contiguous() if sign is not None else None
     bl = bl.to(torch.int64).contiguous()
     out = torch.empty(B, L, n, dtype=p.dtype)
-    _functions(p.dtype)[3](p.data_ptr(), s.data_ptr() if s is not None else None, bl.data_ptr(), out.data_ptr(),
-                           B, L, n, draw_seed(generator), torch.get_num_threads())
+    _functions(p.dtype)[3](p.data_ptr(), s.data_ptr() if s is not None else None, None, bl.data_ptr(),
+                           out.data_ptr(), B, L, n, draw_seed(generator), torch.get_num_threads())
     return out
 
 
@@ -356,7 +355,7 @@ def value_bits(v: Tensor, scale: Tensor, bl: Tensor, L: int, generator: Optional
     sc = scale.to(v.dtype).contiguous()
     bl = bl.to(torch.int64).contiguous()
     out = torch.empty(B, L, n, dtype=v.dtype)
-    _functions(v.dtype)[4](v.data_ptr(), sc.data_ptr(), bl.data_ptr(), out.data_ptr(), B, L, n,
+    _functions(v.dtype)[3](v.data_ptr(), None, sc.data_ptr(), bl.data_ptr(), out.data_ptr(), B, L, n,
                            draw_seed(generator), torch.get_num_threads())
     return out
 
@@ -368,5 +367,5 @@ def row_abs_max(v: Tensor) -> Tensor:
         return v.new_zeros(B)
     v = v.contiguous()
     out = torch.empty(B, dtype=v.dtype)
-    _functions(v.dtype)[5](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())
+    _functions(v.dtype)[4](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())
     return out

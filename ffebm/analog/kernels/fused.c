@@ -127,19 +127,24 @@ static inline double normal_from(rng_t *slow, uint64_t u) {
 static double next_normal(rng_t *r) { return normal_from(r, next_u64(r)); }
 
 
+/* m (rounded up to even) 32-bit random words, two per 64-bit draw */
+static inline void words32(rng_t *r, uint32_t *w, int64_t m) {
+    for (int64_t j = 0; j < m; j += 2) {
+        uint64_t u = next_u64(r);
+        w[j] = (uint32_t)u;
+        w[j + 1] = (uint32_t)(u >> 32);
+    }
+}
+
 /* n <= CHUNK normal draws in single precision: two per 64-bit number (per 32 bits: 8 for the
  * layer, 1 for the sign, 23 for the abscissa); the table lookups, products and compares of a
  * whole chunk run as one loop (vectorised), and the few draws outside the layers' inner parts
  * (about 1.2 %) go through the double-precision tail / wedge test afterwards. */
 #define CHUNK 256
 static inline void normals_f32(rng_t *r, rng_t *slow, float *restrict out, int64_t n) {
-    uint32_t w[CHUNK];
+    uint32_t w[CHUNK + 1]; /* room for an odd n's extra draw */
     int32_t rej[CHUNK];
-    for (int64_t j = 0; j < n; j += 2) {
-        uint64_t u = next_u64(r);
-        w[j] = (uint32_t)u;
-        w[j + 1] = (uint32_t)(u >> 32); /* w has room for an odd n's extra draw */
-    }
+    words32(r, w, n);
     int32_t any = 0;
     for (int64_t j = 0; j < n; ++j) {
         uint32_t i = w[j] & 0xFF;
@@ -353,12 +358,14 @@ CLONES int64_t ffebm_epilogue_##SFX(T *restrict y, const T *restrict alpha, int6
     }                                                                                             \
     return n_clipped;                                                                             \
 }                                                                                                  \
-/* signed pulse bits [B, L, n]: out = sign (1 when sign is NULL) where a uniform draw is below p    \
- * [B, n] in slots t < bl[b], 0 elsewhere (24-bit uniforms, as torch's float32 ones); the draws of \
- * sample b are the stream (seed, b) */                                                           \
-CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const int64_t *restrict bl, \
-                             T *restrict out, int64_t B, int64_t L, int64_t n, uint64_t seed,     \
-                             int nthreads) {                                                      \
+/* signed pulse bits [B, L, n]: out = sign where a uniform draw is below the probability, in     \
+ * slots t < bl[b], 0 elsewhere (24-bit uniforms, as torch's float32 ones). Probabilities: p      \
+ * [B, n] with sign [B, n] (1 when NULL); or, with scale [B], formed from the values p itself:     \
+ * min(scale[b] |p|, 1) (0 where the product is NaN) with the sign of p (one pass instead of |v|,  \
+ * the product, the clamps and sign(v)). The draws of sample b are the stream (seed, b). */        \
+CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const T *restrict scale,  \
+                             const int64_t *restrict bl, T *restrict out, int64_t B, int64_t L,   \
+                             int64_t n, uint64_t seed, int nthreads) {                            \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
     for (int64_t b = 0; b < B; ++b) {                                                             \
         rng_t r;                                                                                  \
@@ -366,6 +373,7 @@ CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const 
         uint32_t w[CHUNK + 1];                                                                    \
         const T *restrict pb = p + b * n;                                                         \
         const T *restrict sb = sign ? sign + b * n : NULL;                                        \
+        const T sc = scale ? scale[b] : (T)0;                                                     \
         for (int64_t t = 0; t < L; ++t) {                                                         \
             T *restrict ot = out + (b * L + t) * n;                                               \
             if (t >= bl[b]) {                                                                     \
@@ -374,23 +382,27 @@ CLONES void ffebm_bits_##SFX(const T *restrict p, const T *restrict sign, const 
             }                                                                                     \
             for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {                                           \
                 const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;                                \
-                for (int64_t j = 0; j < m; j += 2) {                                              \
-                    uint64_t u = next_u64(&r);                                                    \
-                    w[j] = (uint32_t)u;                                                           \
-                    w[j + 1] = (uint32_t)(u >> 32);                                               \
-                }                                                                                 \
-                if (sb)                                                                           \
+                words32(&r, w, m);                                                                \
+                const T *restrict pc = pb + j0;                                                   \
+                T *restrict oc = ot + j0;                                                         \
+                if (scale)                                                                        \
+                    for (int64_t j = 0; j < m; ++j) {                                             \
+                        const T x = pc[j];                                                        \
+                        T q = sc * (x < 0 ? -x : x);                                              \
+                        q = q == q ? (q > (T)1 ? (T)1 : q) : (T)0;                                \
+                        const T sg = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                       \
+                        oc[j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < q) ? sg : (T)0; \
+                    }                                                                             \
+                else if (sb)                                                                      \
                     for (int64_t j = 0; j < m; ++j)                                               \
-                        ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pb[j0 + j]) \
-                                     ? sb[j0 + j] : (T)0;                                         \
+                        oc[j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pc[j]) ? sb[j0 + j] : (T)0; \
                 else                                                                              \
                     for (int64_t j = 0; j < m; ++j)                                               \
-                        ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pb[j0 + j]) \
-                                     ? (T)1 : (T)0;                                               \
+                        oc[j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < pc[j]) ? (T)1 : (T)0; \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-} \
+}                                                                                                 \
                                                                                                   \
 /* max_j |v_bj| of each row of v [B, n] (the max of the bit patterns with the sign cleared, as in \
  * the prologue: NaN propagates) */                                                               \
@@ -406,44 +418,8 @@ CLONES void ffebm_absmax_##SFX(const T *restrict v, T *restrict out, int64_t B, 
         }                                                                                         \
         memcpy(out + b, &mb, sizeof mb);                                                          \
     }                                                                                             \
-}                                                                                                 \
-                                                                                                  \
-/* the same bits from the values v [B, n] themselves: probability min(scale[b] |v|, 1) (0 where  \
- * the product is NaN), sign of v; one pass instead of |v|, the product, the clamps and sign(v) */ \
-CLONES void ffebm_vbits_##SFX(const T *restrict v, const T *restrict scale, const int64_t *restrict bl, \
-                              T *restrict out, int64_t B, int64_t L, int64_t n, uint64_t seed,    \
-                              int nthreads) {                                                     \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
-    for (int64_t b = 0; b < B; ++b) {                                                             \
-        rng_t r;                                                                                  \
-        seed_block(&r, seed ^ 0x9E6C63D0676A9A99ULL, (uint64_t)b);                               \
-        uint32_t w[CHUNK + 1];                                                                    \
-        const T *restrict vb = v + b * n;                                                         \
-        const T sc = scale[b];                                                                    \
-        for (int64_t t = 0; t < L; ++t) {                                                         \
-            T *restrict ot = out + (b * L + t) * n;                                               \
-            if (t >= bl[b]) {                                                                     \
-                for (int64_t j = 0; j < n; ++j) ot[j] = (T)0;                                     \
-                continue;                                                                         \
-            }                                                                                     \
-            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {                                           \
-                const int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;                                \
-                for (int64_t j = 0; j < m; j += 2) {                                              \
-                    uint64_t u = next_u64(&r);                                                    \
-                    w[j] = (uint32_t)u;                                                           \
-                    w[j + 1] = (uint32_t)(u >> 32);                                               \
-                }                                                                                 \
-                for (int64_t j = 0; j < m; ++j) {                                                 \
-                    const T x = vb[j0 + j];                                                       \
-                    T p = sc * (x < 0 ? -x : x);                                                  \
-                    p = p == p ? (p > (T)1 ? (T)1 : p) : (T)0;                                    \
-                    const T sg = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                           \
-                    ot[j0 + j] = ((T)(int32_t)(w[j] >> 8) * (T)(1.0 / 16777216.0) < p) ? sg : (T)0; \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
 }
+
 
 GEN(float, int32_t, 0x7FFFFFFF, FLT_MIN, f32, round_f32, round_small_f32, normals_f32)
 GEN(double, int64_t, 0x7FFFFFFFFFFFFFFFLL, DBL_MIN, f64, round_f64, round_small_f64, normals_f64)
