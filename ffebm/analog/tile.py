@@ -153,17 +153,16 @@ def _fused_read(W: Tensor, x2: Tensor, io: IOConfig, generator: Optional[torch.G
     draws (seeded from ``generator``). For reads without input or weight noise. ``x2``: rows
     [N, in] or columns [B, in, L]; returns [N, out] / [B, out, L]."""
     ib, ob = io.inp_bound, io.out_bound
-    quant_in = io.inp_res > 0 and math.isfinite(ib)
-    step = io.inp_res * 2.0 * ib if quant_in else 1.0
+    step = _dac_step(io)
     x3 = (x2 if columns else x2.unsqueeze(2)).contiguous()
-    q, alpha = _prologue(x3, step, ib, io.noise_management == "abs_max", quant_in)
+    q, alpha = _prologue(x3, step, ib, io.noise_management == "abs_max", io.inp_res > 0 and math.isfinite(ib))
     y = torch.matmul(W, q) if columns else (q.squeeze(2) @ W.t()).unsqueeze(2)
     bounded = math.isfinite(ob)
     quant_out = io.out_res > 0 and bounded
     so = io.out_res * 2.0 * ob if quant_out else step
     bm = allow_bm and io.bound_management and bounded
     clipped = _epilogue(y, alpha, io.out_noise / step, generator, ob / step if bounded else math.inf,
-                               step / so if quant_out else 0.0, so, bm)
+                        step / so if quant_out else 0.0, so, bm)
     if clipped is not None:
         # bound management: the vectors that reached the ADC bound are read again with the input
         # halved, up to max_bm_factor (the torch path's loop, on these few vectors only)
