@@ -191,10 +191,7 @@ def _remove_leftovers(folder: Path, age_s: float = 3600.0) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, u64, d, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_double, ctypes.c_int
     lib.ffebm_init.restype = i
-    lib.ffebm_zig_top.restype = d
     for sfx in ("f32", "f64"):
-        f = getattr(lib, f"ffebm_randn_{sfx}")
-        f.argtypes, f.restype = [p, i64, u64, d, i], None
         f = getattr(lib, f"ffebm_prologue_{sfx}")
         f.argtypes, f.restype = [p, p, p, p, i64, i64, i64, d, d, i, i, i, i], None
         f = getattr(lib, f"ffebm_epilogue_{sfx}")
@@ -238,13 +235,6 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     return _lib
 
 
-def _reset_for_tests() -> None:
-    """Forget the loaded library and any failure (tests of the build and the fallback)."""
-    global _lib, _failure, _choice
-    _lib, _failure, _choice = None, None, None
-    _FNS.clear()
-
-
 # ----------------------------------------------------------------------------------------------
 # torch-facing calls (CPU tensors, float32 / float64, contiguous)
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +242,7 @@ import torch  # noqa: E402  (below the build machinery, which does not need it)
 from torch import Tensor  # noqa: E402
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_FNS: dict = {}  # dtype -> (prologue, epilogue, randn, bits, absmax) of the loaded library
+_FNS: dict = {}  # dtype -> (prologue, epilogue, bits, absmax) of the loaded library
 
 
 def _functions(dtype: torch.dtype):
@@ -260,7 +250,7 @@ def _functions(dtype: torch.dtype):
     if fns is None:
         sfx = _SUFFIX[dtype]
         fns = _FNS[dtype] = tuple(getattr(_lib, f"ffebm_{k}_{sfx}")
-                                  for k in ("prologue", "epilogue", "randn", "bits", "absmax"))
+                                  for k in ("prologue", "epilogue", "bits", "absmax"))
     return fns
 
 
@@ -287,14 +277,6 @@ def draw_seed(generator: Optional[torch.Generator]) -> int:
     """One 63-bit seed from ``generator`` (torch's global RNG if None): each fused draw advances
     the tile's generator by one number, so seeds, checkpoints and forks of it keep working."""
     return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator))
-
-
-def randn(shape, generator: Optional[torch.Generator], like: Tensor, std: float = 1.0) -> Tensor:
-    """``N(0, std^2)`` draws of ``shape`` (ziggurat), seeded from ``generator``."""
-    out = torch.empty(shape, dtype=like.dtype, device="cpu")
-    _functions(like.dtype)[2](out.data_ptr(), out.numel(), draw_seed(generator), float(std),
-                              torch.get_num_threads())
-    return out
 
 
 def prologue(x3: Tensor, step: float, bound: float, absmax: bool, quant: bool):
@@ -340,7 +322,7 @@ def bits(p: Tensor, bl: Tensor, L: int, generator: Optional[torch.Generator], si
     s = sign.to(p.dtype).contiguous() if sign is not None else None
     bl = bl.to(torch.int64).contiguous()
     out = torch.empty(B, L, n, dtype=p.dtype)
-    _functions(p.dtype)[3](p.data_ptr(), s.data_ptr() if s is not None else None, None, bl.data_ptr(),
+    _functions(p.dtype)[2](p.data_ptr(), s.data_ptr() if s is not None else None, None, bl.data_ptr(),
                            out.data_ptr(), B, L, n, draw_seed(generator), torch.get_num_threads())
     return out
 
@@ -355,7 +337,7 @@ def value_bits(v: Tensor, scale: Tensor, bl: Tensor, L: int, generator: Optional
     sc = scale.to(v.dtype).contiguous()
     bl = bl.to(torch.int64).contiguous()
     out = torch.empty(B, L, n, dtype=v.dtype)
-    _functions(v.dtype)[3](v.data_ptr(), None, sc.data_ptr(), bl.data_ptr(), out.data_ptr(), B, L, n,
+    _functions(v.dtype)[2](v.data_ptr(), None, sc.data_ptr(), bl.data_ptr(), out.data_ptr(), B, L, n,
                            draw_seed(generator), torch.get_num_threads())
     return out
 
@@ -367,5 +349,5 @@ def row_abs_max(v: Tensor) -> Tensor:
         return v.new_zeros(B)
     v = v.contiguous()
     out = torch.empty(B, dtype=v.dtype)
-    _functions(v.dtype)[4](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())
+    _functions(v.dtype)[3](v.data_ptr(), out.data_ptr(), B, n, torch.get_num_threads())
     return out

@@ -1,10 +1,10 @@
-/* Fused element-wise passes of an analog tile read (CPU), for float32 and float64.
+/* Fused CPU kernels of the analog simulation, for float32 and float64.
  *
  * A read of W for the input vectors of x (ffebm/analog/tile.py) is, per vector v:
  *
  *   prologue:  alpha_v = max_f |x_fv|  (1 for an all-zero vector, at least 4 tiny / min(step, 1)
  *              otherwise so that (1 / alpha) / step is finite; 1 without noise management;
- *              a NaN input is not seen by the max, it reaches every output through the product)
+ *              NaN propagates)
  *              q_fv    = round(clamp(x_fv * ((1 / alpha_v) / step), +-ib))      (the DAC)
  *   product:   y = W q                                       (torch, outside this file)
  *   epilogue:  y_ov    = y_ov + std * n_ov,  n_ov ~ N(0, 1)  (output noise)
@@ -13,12 +13,12 @@
  *
  * Tensors are [B, F, L] contiguous: vectors are indexed (b, l), features f run with stride L
  * (rows of [N, F] are the case L = 1; the im2col columns of a convolution are L > 1).
+ * Besides: the pulsed update's signed bit trains (ffebm_bits) and row maxima of |v| (ffebm_absmax).
  *
- * Normal draws: 256-layer ziggurat (Marsaglia and Tsang's construction, with the layer index,
- * the sign and the 53-bit abscissa taken from disjoint bits of one 64-bit draw) on xoshiro256++
- * streams. The element e belongs to the stream of block e / 4096, seeded by splitmix64 from
- * (seed, block), and the rare slow part of a draw (tail, wedge) from a second stream of the
- * block: the numbers depend on the seed only, not on the number of threads.
+ * Random numbers: xoshiro256++ streams seeded by splitmix64 from (seed, sample b), so the numbers
+ * depend on the seed only, not on the number of threads. Normal draws: a 256-layer ziggurat
+ * (Marsaglia and Tsang's construction; layer index, sign and abscissa from disjoint bits of one
+ * draw), its rare slow part (tail, wedge) from a second stream of the sample.
  */
 #include <float.h>
 #include <math.h>
@@ -29,7 +29,6 @@
 #define ZIG_N 256
 #define ZIG_R 3.6541528853610088
 #define ZIG_V 0.00492867323399
-#define BLOCK 4096 /* elements per noise stream of ffebm_randn */
 
 static double zig_x[ZIG_N + 1]; /* zig_x[0] = V / f(R), zig_x[1] = R, ..., zig_x[N] = 0 */
 static double zig_f[ZIG_N + 1]; /* f(zig_x[i]) = exp(-zig_x[i]^2 / 2) */
@@ -55,12 +54,6 @@ int ffebm_init(void) {
     for (int i = 0; i <= ZIG_N; ++i) zig_xf[i] = (float)zig_x[i];
     zig_ready = 1;
     return ZIG_N;
-}
-
-/* the top of the last layer: f(x_{N-1}) + V / x_{N-1}, 1 up to the constants' precision */
-double ffebm_zig_top(void) {
-    ffebm_init();
-    return zig_f[ZIG_N - 1] + ZIG_V / zig_x[ZIG_N - 1];
 }
 
 typedef struct { uint64_t s[4]; } rng_t;
@@ -195,25 +188,6 @@ static inline double round_f64(double v) {
 #endif
 
 #define GEN(T, I, MASK, TINY, SFX, ROUND, ROUND_SMALL, NORMALS)                                                                        \
-/* normal draws N(0, std^2) into out[0..n) */                                                     \
-CLONES void ffebm_randn_##SFX(T *out, int64_t n, uint64_t seed, double std, int nthreads) {              \
-    ffebm_init();                                                                                 \
-    int64_t nblocks = (n + BLOCK - 1) / BLOCK;                                                    \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)")           \
-    for (int64_t blk = 0; blk < nblocks; ++blk) {                                                 \
-        rng_t r = {{0}}, rs = {{0}};                                                                        \
-        seed_block(&r, seed, 2 * (uint64_t)blk);                                                  \
-        seed_block(&rs, seed, 2 * (uint64_t)blk + 1);                                             \
-        int64_t end = (blk + 1) * BLOCK < n ? (blk + 1) * BLOCK : n;                              \
-        T tmp[CHUNK];                                                                             \
-        for (int64_t e = blk * BLOCK; e < end; e += CHUNK) {                                      \
-            const int64_t n_c = end - e < CHUNK ? end - e : CHUNK;                                \
-            NORMALS(&r, &rs, tmp, n_c);                                                           \
-            for (int64_t j = 0; j < n_c; ++j) out[e + j] = (T)(std * tmp[j]);                     \
-        }                                                                                         \
-    }                                                                                             \
-}                                                                                                 \
-                                                                                                  \
 /* the DAC side of a read: alpha and rinv = (1 / alpha) / step [B * L], q [B, F, L] from x [B, F, L] */ \
 CLONES void ffebm_prologue_##SFX(const T *restrict x, T *restrict q, T *restrict alpha, T *restrict rinv,    \
                           int64_t B, int64_t F, int64_t L, double step, double bound, int absmax, \
